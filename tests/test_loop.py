@@ -1,0 +1,134 @@
+"""The training loop: schedule, learning on a separable set, resume equality, feature cache."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from training.data import SampleDataset, build_train_transform, load_dataset, sample_few_shot, split_base_novel
+from training.loop import TrainConfig, learning_rate, train
+from training.methods import Capabilities, create_method, get_method
+from training.methods.coop import CoOp
+from training.runs import CHECKPOINT_FILE, LEARNED_FILE, LOG_FILE, RunDir
+
+
+def test_schedule_is_constant_warmup_then_cosine():
+    cfg = TrainConfig(epochs=10, lr=0.002, warmup_epochs=1, warmup_lr=1e-5)
+    assert learning_rate(cfg, 0) == 1e-5
+    # Dassl steps CosineAnnealingLR(T_max=epochs) once per epoch after the warm-up.
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.002)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    for epoch in range(1, 10):
+        cos.step()
+        assert learning_rate(cfg, epoch) == pytest.approx(cos.get_last_lr()[0], rel=1e-9)
+    assert learning_rate(cfg, 9) > 0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError):
+        TrainConfig(optimizer="rmsprop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        TrainConfig(precision="fp8")  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def base_split(colour_root):
+    ds = load_dataset(f"folder:{colour_root}")
+    base, _ = split_base_novel(ds)
+    return base
+
+
+def _setup(backbone, base, shots=4, seed=1, method="coop", init_seed=0, **options):
+    torch.manual_seed(init_seed)
+    m = create_method(method, backbone, options or {"ctx_init": "", "n_ctx": 4}, base.classnames)
+    ds = SampleDataset(sample_few_shot(base.train, shots, seed), build_train_transform(backbone.preprocess))
+    return m, ds, m.tokenize(base.classnames)
+
+
+def test_coop_loss_falls_and_base_accuracy_rises(tiny_backbone, base_split, tmp_path):
+    # a random frozen backbone: the colours separate, but only the learned context can align names to them
+    m, ds, tokens = _setup(tiny_backbone, base_split, shots=8, ctx_init="", n_ctx=8)
+    cfg = TrainConfig(epochs=12, batch_size=8, lr=0.01, optimizer="adamw")
+    train(m, ds, tokens, cfg, RunDir(tmp_path), seed=1, progress=False)
+    log = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert len(log) == 12
+    assert log[-1]["loss"] < 0.7 * log[0]["loss"]
+    assert log[-1]["acc"] > log[0]["acc"] + 30
+    assert (tmp_path / LEARNED_FILE).is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+class _KillAt(torch.utils.data.Dataset):
+    """Wraps a dataset and dies at the n-th item read, like a process killed mid-epoch."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n, self.reads = inner, n, 0
+        self.samples = inner.samples
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.n:
+            raise _Boom("killed")
+        return self.inner[i]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_after_kill_reaches_identical_tensors(tiny_backbone, base_split, tmp_path, optimizer):
+    cfg = TrainConfig(epochs=3, batch_size=4, lr=0.01, optimizer=optimizer)
+    m, ds, tokens = _setup(tiny_backbone, base_split)
+    full = train(m, ds, tokens, cfg, RunDir(tmp_path / "full"), seed=1, progress=False)
+
+    m2, ds2, _ = _setup(tiny_backbone, base_split)
+    with pytest.raises(_Boom):  # dies in the middle of epoch 2
+        train(m2, _KillAt(ds2, len(ds2) + 3), tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
+    assert (tmp_path / "killed" / CHECKPOINT_FILE).is_file()
+    assert not (tmp_path / "killed" / LEARNED_FILE).exists()
+
+    m3, ds3, _ = _setup(tiny_backbone, base_split, init_seed=99)  # a different init: the checkpoint must win
+    resumed = train(m3, ds3, tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
+    assert resumed.keys() == full.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_feature_cache_trains_and_refuses_visual_methods(tiny_backbone, base_split, tmp_path):
+    m, ds, tokens = _setup(tiny_backbone, base_split, shots=8)
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=0.002, feature_cache_views=3)
+    train(m, ds, tokens, cfg, RunDir(tmp_path / "cached"), seed=1, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "cached" / LOG_FILE).read_text().splitlines()]
+    assert log[-1]["loss"] < log[0]["loss"]
+
+    class Visual(CoOp):
+        @classmethod
+        def capabilities_for(cls, config):
+            return Capabilities(changes_image_graph=True)
+
+    v = Visual(tiny_backbone, get_method("coop").config_cls(), base_split.classnames)
+    with pytest.raises(ValueError, match="cannot be cached"):
+        train(v, ds, tokens, cfg, RunDir(tmp_path / "visual"), seed=1, progress=False)
+
+
+def test_amp_needs_cuda(tiny_backbone, base_split, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the refusal is for CPU-only machines")
+    m, ds, tokens = _setup(tiny_backbone, base_split)
+    with pytest.raises(ValueError, match="CUDA"):
+        train(m, ds, tokens, TrainConfig(epochs=1, precision="amp"), RunDir(tmp_path), seed=1, progress=False)
+
+
+def test_zero_epochs_and_untrainable_methods_write_learned_file(tiny_backbone, base_split, tmp_path):
+    m, ds, tokens = _setup(tiny_backbone, base_split, method="zeroshot", templates=("a photo of a {}.",))
+    learned = train(m, ds, tokens, TrainConfig(epochs=0), RunDir(tmp_path), seed=1, progress=False)
+    assert learned == {} and (tmp_path / LEARNED_FILE).is_file()
+    assert math.isfinite(float(m.logit_scale()))

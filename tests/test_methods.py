@@ -1,0 +1,157 @@
+"""Contract tests run for every registered method, plus method-specific behaviour."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from training.methods import Capabilities, PromptMethod, create_method, get_method, list_methods, register_method
+from training.methods.coop import CoOp
+from training.methods.text import eot_positions
+from training.runs import atomic_save_tensors, load_tensors
+
+METHODS = [spec.name for spec in list_methods()]
+CLASSES = ["red apple", "dog", "tent"]
+
+
+def _make(name, backbone, **options):
+    torch.manual_seed(0)
+    return create_method(name, backbone, options or None, CLASSES)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_train_step_changes_only_learned_tensors(name, tiny_backbone):
+    method = _make(name, tiny_backbone)
+    frozen_before = {k: v.clone() for k, v in method.clip.state_dict().items()}
+    tokens = method.tokenize(CLASSES)
+    images = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, 1, 2, 0])
+    loss, logits = method.compute_loss(images, labels, tokens)
+    assert logits.shape == (4, len(CLASSES)) and torch.isfinite(loss)
+    params = [p for p in method.parameters() if p.requires_grad]
+    assert bool(params) == method.capabilities.trainable
+    if params:
+        before = {k: v.clone() for k, v in method.learned_state().items()}
+        opt = torch.optim.SGD(params, lr=0.1)
+        loss.backward()
+        opt.step()
+        assert any(not torch.equal(before[k], v) for k, v in method.learned_state().items())
+    for k, v in method.clip.state_dict().items():
+        assert torch.equal(frozen_before[k], v), f"backbone tensor {k} changed"
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_config_round_trip(name):
+    spec = get_method(name)
+    cfg = spec.config_cls()
+    assert spec.config_cls.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown option"):
+        spec.config_cls.from_dict({**cfg.to_dict(), "no_such_option": 1})
+    assert isinstance(spec.method_cls.capabilities_for(cfg), Capabilities)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_learned_state_save_load(name, tiny_backbone, tmp_path):
+    a = _make(name, tiny_backbone)
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    atomic_save_tensors(tmp_path / "learned.safetensors", a.learned_state())
+    torch.manual_seed(123)
+    b = create_method(name, tiny_backbone, a.config, CLASSES)
+    b.load_learned_state(load_tensors(tmp_path / "learned.safetensors")[0])
+    tokens = a.tokenize(CLASSES)
+    assert torch.equal(a.class_embeddings(tokens), b.class_embeddings(tokens))
+    if a.learned_state():
+        with pytest.raises(ValueError, match="does not fit"):
+            b.load_learned_state({})
+
+
+def test_registry_refuses_duplicates_and_suggests():
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("coop", "again")(CoOp)
+    with pytest.raises(ValueError, match="lowercase"):
+        register_method("CoOp", "bad")
+    with pytest.raises(KeyError, match="Did you mean coop"):
+        get_method("coopp")
+
+
+def _reference_layout(method: CoOp, tokens: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """CoOp's PromptLearner.forward (KaiyangZhou/CoOp trainers/coop.py), per class."""
+    emb = method.clip.token_embedding(tokens)
+    n, half = method.n_ctx, method.n_ctx // 2
+    pos = method.config.class_token_position
+    rows = []
+    for i, name in enumerate(names):
+        nl = len(method.backbone.tokenizer.encode(name))
+        prefix, suffix = emb[i : i + 1, :1], emb[i : i + 1, 1 + n :]
+        ctx = method.ctx if method.ctx.dim() == 3 else method.ctx.unsqueeze(0).expand(len(names), -1, -1)
+        ctx = ctx[i : i + 1]
+        if pos == "end":
+            rows.append(torch.cat([prefix, ctx, suffix], 1))
+        elif pos == "front":
+            rows.append(torch.cat([prefix, suffix[:, :nl], ctx, suffix[:, nl:]], 1))
+        else:
+            rows.append(torch.cat([prefix, ctx[:, :half], suffix[:, :nl], ctx[:, half:], suffix[:, nl:]], 1))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+@pytest.mark.parametrize("n_ctx", [4, 5])
+def test_coop_prompt_layout_matches_reference(position, n_ctx, tiny_backbone):
+    names = ["red apple", "dog", "a much longer class name with many words", "x"]
+    m = _make("coop", tiny_backbone, ctx_init="", n_ctx=n_ctx, class_token_position=position)
+    tokens = m.tokenize(names)[0]
+    emb, eot = m.prompt_embeddings(tokens)
+    assert torch.equal(emb, _reference_layout(m, tokens, names))
+    assert torch.equal(eot, tokens.argmax(-1))
+
+
+def test_coop_ctx_init_from_phrase(tiny_backbone):
+    m = _make("coop", tiny_backbone, ctx_init="a photo of a")
+    ids = tiny_backbone.tokenizer(["a photo of a"])[0]
+    assert m.n_ctx == 4
+    assert torch.equal(m.ctx, tiny_backbone.model.token_embedding(ids[1:5]))
+    # the unchanged init reproduces the hand-written prompt exactly
+    tokens = m.tokenize(["dog"])[0]
+    written = tiny_backbone.tokenizer(["a photo of a dog."])
+    assert torch.allclose(m.encode_text(tokens), tiny_backbone.model.encode_text(written), atol=1e-6)
+    with pytest.raises(ValueError, match="4 tokens but n_ctx=8"):
+        _make("coop", tiny_backbone, ctx_init="a photo of a", n_ctx=8)
+
+
+def test_coop_class_specific_is_not_open_vocabulary(tiny_backbone):
+    m = _make("coop", tiny_backbone, ctx_init="", n_ctx=4, class_specific=True)
+    assert m.ctx.shape[:2] == (len(CLASSES), 4)
+    assert not m.capabilities.open_vocabulary
+    m.encode_text(m.tokenize(CLASSES)[0])
+    with pytest.raises(ValueError, match="cannot embed"):
+        m.encode_text(m.tokenize(["new", "names"])[0])
+
+
+def test_zeroshot_matches_open_clip_and_ensembles(tiny_backbone):
+    zs = _make("zeroshot", tiny_backbone)
+    tokens = zs.tokenize(CLASSES)
+    assert tokens.shape[0] == 1
+    ref = torch.nn.functional.normalize(tiny_backbone.model.encode_text(tiny_backbone.tokenizer([f"a photo of a {c}." for c in CLASSES])), dim=-1)
+    assert torch.allclose(zs.class_embeddings(tokens), ref, atol=1e-6)
+    ens = _make("zeroshot", tiny_backbone, ensemble=True)
+    assert len(ens.prompt_templates()) == 7
+    emb = ens.class_embeddings(ens.tokenize(CLASSES))
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(len(CLASSES)), atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one"):
+        get_method("zeroshot").config_cls(templates=("no slot",))
+
+
+def test_eot_positions_matches_argmax(tiny_backbone):
+    tokens = tiny_backbone.tokenizer(["", "a", "a b c d e f", "word " * 100])
+    assert torch.equal(eot_positions(tokens, tiny_backbone.eot_token_id), tokens.argmax(-1))
+
+
+def test_configs_are_frozen():
+    cfg = get_method("coop").config_cls()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.n_ctx = 3  # type: ignore[misc]
+

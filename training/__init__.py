@@ -1,0 +1,1 @@
+"""promptbake training: backbones, data, prompt methods, the training loop and evaluation."""

@@ -1,0 +1,191 @@
+"""Frozen CLIP backbones from one spec string.
+
+Spec forms:
+    ``MODEL:TAG``            an open_clip architecture with its pretrained tag (``ViT-B-16:openai``);
+                             open_clip downloads the weights, so this needs internet or a warm cache.
+    ``MODEL:/path/weights``  an open_clip architecture with a local ``.safetensors`` file, or a
+                             ``.pt``/``.bin``/``.pth`` state dict read with ``weights_only=True``.
+    ``NAME``                 a project backbone registered with :func:`register_backbone`
+                             (``test-tiny``: a tiny random ViT CLIP for tests).
+
+Every backbone carries its preprocessing (size, mean, std, interpolation, resize mode) and its
+tokenizer, so nothing downstream guesses them.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import open_clip
+import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+from exports.preprocess import PreprocessConfig
+
+logger = logging.getLogger(__name__)
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+class BackboneError(ValueError):
+    """A backbone spec that cannot be resolved; the message names the alternatives."""
+
+
+@dataclass
+class Backbone:
+    """A frozen CLIP with everything needed to feed it.
+
+    Attributes:
+        spec: the spec string it was created from (stored in runs and manifests).
+        model: the open_clip ``CLIP`` module, in eval mode with gradients off.
+        tokenizer: open_clip's tokenizer (callable: list of str -> LongTensor [N, context_length]).
+        preprocess: the eval-time image preprocessing the model was trained with.
+    """
+
+    spec: str
+    model: CLIP
+    tokenizer: open_clip.tokenizer.SimpleTokenizer
+    preprocess: PreprocessConfig
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.text_projection.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.context_length)
+
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.tokenizer.eot_token_id)
+
+    @property
+    def sot_token_id(self) -> int:
+        return int(self.tokenizer.sot_token_id)
+
+
+_PROJECT_BACKBONES: dict[str, tuple[Callable[[], Backbone], str]] = {}
+
+
+def register_backbone(name: str, description: str) -> Callable[[Callable[[], Backbone]], Callable[[], Backbone]]:
+    """Decorator registering a named project backbone builder (no arguments, returns a Backbone)."""
+
+    def deco(fn: Callable[[], Backbone]) -> Callable[[], Backbone]:
+        if name in _PROJECT_BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _PROJECT_BACKBONES[name] = (fn, description)
+        return fn
+
+    return deco
+
+
+def list_backbones() -> list[tuple[str, str]]:
+    """Named project backbones with a one-line description."""
+    return [(name, desc) for name, (_, desc) in sorted(_PROJECT_BACKBONES.items())]
+
+
+def _freeze(model: CLIP) -> CLIP:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_clip(embed_dim: int, vision: dict, text: dict, seed: int = 0) -> CLIP:
+    """An open_clip ``CLIP`` with a deterministic random initialisation."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIP(embed_dim=embed_dim, vision_cfg=CLIPVisionCfg(**vision), text_cfg=CLIPTextCfg(**text))
+
+
+@register_backbone("test-tiny", "tiny random-initialised ViT CLIP (32 px, 2+2 layers) for tests")
+def _test_tiny() -> Backbone:
+    model = build_clip(
+        embed_dim=32,
+        vision=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32),
+        text=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2),
+    )
+    pre = PreprocessConfig(image_size=32, mean=OPENAI_MEAN, std=OPENAI_STD)
+    return Backbone("test-tiny", _freeze(model), open_clip.get_tokenizer("ViT-B-16"), pre)
+
+
+def _alternatives() -> str:
+    named = ", ".join(name for name, _ in list_backbones())
+    return (
+        f"named backbones: {named}; or MODEL:TAG for an open_clip model with a pretrained tag "
+        f"(needs internet), e.g. ViT-B-16:openai; or MODEL:/path/to/weights.safetensors"
+    )
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # TorchScript archives and pickles with code land here
+            raise BackboneError(
+                f"cannot read {path} as a plain state dict with weights_only=True ({e.__class__.__name__}: {e}); "
+                "convert it to .safetensors, or use MODEL:TAG"
+            ) from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BackboneError(f"{path} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _open_clip_backbone(spec: str, model_name: str, source: str) -> Backbone:
+    known = open_clip.list_models()
+    if model_name not in known:
+        close = difflib.get_close_matches(model_name, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise BackboneError(f"unknown open_clip model {model_name!r} in backbone spec {spec!r}.{hint} ({_alternatives()})")
+    is_path = source.endswith(WEIGHT_SUFFIXES) or "/" in source or source.startswith(".")
+    if is_path:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise BackboneError(f"weights file not found: {path} (backbone spec {spec!r}; {_alternatives()})")
+        model = open_clip.create_model(model_name, pretrained=None)
+        state = _load_state_dict(path)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise BackboneError(
+                f"{path} does not match open_clip {model_name}: {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            )
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if source not in tags:
+            raise BackboneError(f"unknown pretrained tag {source!r} for {model_name}; known tags: {', '.join(tags) or 'none'}")
+        try:
+            model = open_clip.create_model(model_name, pretrained=source)
+        except Exception as e:  # offline hub, missing cache, partial download
+            raise BackboneError(
+                f"could not load {model_name} weights {source!r} ({e.__class__.__name__}: {e}). "
+                f"This machine may be offline. Alternatives: {_alternatives()}"
+            ) from e
+    model = model.float()
+    pre = PreprocessConfig.from_open_clip(open_clip.get_model_preprocess_cfg(model))
+    tokenizer = open_clip.get_tokenizer(model_name)
+    return Backbone(spec, _freeze(model), tokenizer, pre)
+
+
+def create_backbone(spec: str) -> Backbone:
+    """Resolve a backbone spec (see module docstring) to a frozen :class:`Backbone` on CPU."""
+    spec = spec.strip()
+    if spec in _PROJECT_BACKBONES:
+        return _PROJECT_BACKBONES[spec][0]()
+    if ":" not in spec:
+        close = difflib.get_close_matches(spec, list(_PROJECT_BACKBONES), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise BackboneError(f"unknown backbone {spec!r}.{hint} ({_alternatives()})")
+    model_name, source = spec.split(":", 1)
+    return _open_clip_backbone(spec, model_name, source)

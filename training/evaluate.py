@@ -1,0 +1,64 @@
+"""Base-to-novel evaluation, as the CoCoOp protocol defines it.
+
+Base accuracy: base test images classified among the base names only. Novel accuracy: novel test
+images among the novel names only. HM = 2·B·N / (B + N). Accuracies are in percent.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from training.data import Sample, SampleDataset, build_eval_transform
+from training.methods.base import PromptMethod
+
+logger = logging.getLogger(__name__)
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    return 0.0 if base + novel == 0 else 2.0 * base * novel / (base + novel)
+
+
+@torch.no_grad()
+def predict_samples(
+    method: PromptMethod,
+    samples: Sequence[Sample],
+    classnames: Sequence[str],
+    batch_size: int = 100,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    progress: bool = False,
+    desc: str = "eval",
+) -> torch.Tensor:
+    """Predicted label (index into ``classnames``) for every sample."""
+    device = torch.device(device)
+    method.to(device).eval()
+    tokens = method.tokenize(classnames).to(device)
+    text_feats = None if method.capabilities.text_depends_on_image else method.class_embeddings(tokens)
+    loader = DataLoader(SampleDataset(samples, build_eval_transform(method.backbone.preprocess)),
+                        batch_size=batch_size, shuffle=False, num_workers=workers)
+    preds = []
+    for x, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        x = x.to(device)
+        if text_feats is None:
+            logits = method(x, tokens)
+        else:
+            logits = F.normalize(method.encode_image(x), dim=-1) @ text_feats.t()
+        preds.append(logits.argmax(-1).cpu())
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def accuracy_report(preds: torch.Tensor, samples: Sequence[Sample], classnames: Sequence[str]) -> dict:
+    """Overall accuracy and per-class accuracy (percent) of predictions against sample labels."""
+    labels = torch.tensor([s.label for s in samples], dtype=torch.long)
+    correct = preds == labels
+    per_class = {}
+    for i, name in enumerate(classnames):
+        mask = labels == i
+        per_class[name] = 100.0 * float(correct[mask].float().mean()) if mask.any() else math.nan
+    return {"acc": 100.0 * float(correct.float().mean()) if len(samples) else math.nan, "n": len(samples), "per_class": per_class}

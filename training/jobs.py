@@ -1,0 +1,155 @@
+"""Train and evaluate jobs: the glue between specs on the command line and the library.
+
+``train_job`` writes a run directory (see :mod:`training.runs`); ``eval_job`` reads one back,
+re-derives the base/novel split from the dataset spec, and writes ``metrics.json``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from training.backbones import create_backbone
+from training.data import SampleDataset, build_train_transform, load_dataset, sample_few_shot, split_base_novel
+from training.evaluate import accuracy_report, harmonic_mean, predict_samples
+from training.loop import TrainConfig, resolve_device, train
+from training.methods import PromptMethod, create_method, get_method
+from training.runs import (
+    CHECKPOINT_FILE,
+    LEARNED_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    RunDir,
+    RunError,
+    RunInfo,
+    atomic_write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def make_train_config(method: str, overrides: Mapping[str, Any]) -> TrainConfig:
+    """The method's reference training defaults, then the caller's overrides."""
+    defaults = dict(get_method(method).method_cls.train_defaults)
+    return TrainConfig(**{**defaults, **overrides})
+
+
+def train_job(
+    method: str,
+    backbone: str,
+    dataset: str,
+    shots: int,
+    seed: int,
+    out: str | Path,
+    method_options: Mapping[str, Any] | None = None,
+    train_options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> RunDir:
+    """Train ``method`` on the ``shots``-shot base classes of ``dataset``; resumes an interrupted run."""
+    spec = get_method(method)
+    method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
+    train_cfg = make_train_config(method, train_options or {})
+    ds = load_dataset(dataset)
+    base, _ = split_base_novel(ds)
+    info = RunInfo(
+        method=method,
+        method_config=method_cfg.to_dict(),
+        train=train_cfg.to_dict(),
+        backbone=backbone,
+        dataset=dataset,
+        shots=shots,
+        seed=seed,
+        base_classnames=list(base.classnames),
+        capabilities=spec.method_cls.capabilities_for(method_cfg).to_dict(),
+    )
+    run = RunDir(out)
+    if run.file("run.json").exists():
+        previous = run.read_info()
+        if not previous.same_job(info):
+            if not overwrite:
+                raise RunError(
+                    f"{run.path} holds a different run ({previous.method} on {previous.dataset}, seed {previous.seed}); "
+                    "pick another --out or pass --overwrite"
+                )
+            for name in (CHECKPOINT_FILE, LEARNED_FILE, LOG_FILE, METRICS_FILE):
+                run.file(name).unlink(missing_ok=True)
+        elif run.is_complete():
+            logger.info("%s is already trained; nothing to do", run.path)
+            return run
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_info(info)
+
+    torch.manual_seed(seed)  # random context initialisation
+    bb = create_backbone(backbone)
+    model = spec.method_cls(bb, method_cfg, base.classnames)
+    train_samples = sample_few_shot(base.train, shots, seed)
+    logger.info("training %s on %d base classes, %d images (%d-shot, seed %d)", method, len(base.classnames), len(train_samples), shots, seed)
+    train_set = SampleDataset(train_samples, build_train_transform(bb.preprocess))
+    tokens = model.tokenize(base.classnames)
+    train(model, train_set, tokens, train_cfg, run, seed, progress=progress)
+    return run
+
+
+def load_run_method(run: RunDir | str | Path) -> tuple[PromptMethod, RunInfo]:
+    """Rebuild the trained method of a run directory (backbone + learned tensors)."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    info = run.read_info()
+    bb = create_backbone(info.backbone)
+    model = create_method(info.method, bb, info.method_config, info.base_classnames)
+    model.load_learned_state(run.load_learned())
+    return model.eval(), info
+
+
+def eval_job(run: str | Path, batch_size: int = 100, device: str = "auto", workers: int = 0, progress: bool = True) -> dict:
+    """Base and novel accuracy of a trained run; writes and returns ``metrics.json``'s content."""
+    rd = RunDir(run)
+    model, info = load_run_method(rd)
+    ds = load_dataset(info.dataset)
+    base, novel = split_base_novel(ds)
+    if list(base.classnames) != info.base_classnames:
+        raise RunError(f"{info.dataset} no longer has the base classes {rd.path} was trained on")
+    dev = resolve_device(device)
+    results = {}
+    for subset in (base, novel):
+        preds = predict_samples(model, subset.test, subset.classnames, batch_size, dev, workers, progress, desc=subset.name)
+        results[subset.name] = accuracy_report(preds, subset.test, subset.classnames)
+    metrics = {
+        "method": info.method,
+        "backbone": info.backbone,
+        "dataset": info.dataset,
+        "shots": info.shots,
+        "seed": info.seed,
+        "base_acc": results["base"]["acc"],
+        "novel_acc": results["novel"]["acc"],
+        "hm": harmonic_mean(results["base"]["acc"], results["novel"]["acc"]),
+        "n_test": {"base": results["base"]["n"], "novel": results["novel"]["n"]},
+        "per_class": {"base": results["base"]["per_class"], "novel": results["novel"]["per_class"]},
+    }
+    atomic_write_json(rd.file(METRICS_FILE), metrics)
+    return metrics
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def format_metrics_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A markdown table of runs, with a mean ± std row when there are several."""
+    lines = ["| method | dataset | seed | base | novel | HM |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['dataset']} | {r['seed']} | {r['base_acc']:.2f} | {r['novel_acc']:.2f} | {r['hm']:.2f} |")
+    if len(rows) > 1:
+        cells = []
+        for key in ("base_acc", "novel_acc", "hm"):
+            m, s = mean_std([r[key] for r in rows])
+            cells.append(f"{m:.2f} ± {s:.2f}")
+        lines.append(f"| mean ± std | | {len(rows)} seeds | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,261 @@
+"""The one training loop every method uses.
+
+Written once, after Dassl's ``TrainerX`` as CoOp configures it (KaiyangZhou/Dassl.pytorch): SGD
+(momentum 0.9, weight decay 5e-4) or AdamW over the method's trainable tensors only, a per-epoch
+cosine schedule preceded by a constant warm-up learning rate (``ConstantWarmupScheduler``: epoch 0
+runs at 1e-5), the reference augmentations, AMP on CUDA and fp32 on CPU.
+
+Reproducibility: every epoch reseeds its shuffling and augmentation from ``(seed, epoch)``, and the
+checkpoint written after each epoch holds the learned tensors and the optimizer state. A run killed
+at any point and resumed therefore reaches the same final tensors as an uninterrupted run (for the
+same device and worker count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from training.data import SampleDataset, build_train_transform
+from training.methods.base import PromptMethod
+from training.runs import CHECKPOINT_FILE, LEARNED_FILE, RunDir, atomic_save_tensors, load_tensors
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Args:
+    epochs: passes over the few-shot training set.
+    batch_size: images per step (CoOp: 32; CoCoOp: 1).
+    optimizer: "sgd" (the reference) or "adamw".
+    lr: peak learning rate after warm-up.
+    weight_decay, momentum: optimizer settings (Dassl defaults).
+    warmup_epochs, warmup_lr: the reference's constant warm-up.
+    precision: "auto" = AMP (fp16 autocast + grad scaling) on CUDA, fp32 on CPU.
+    device: "auto", "cpu" or "cuda".
+    workers: data-loading worker processes.
+    feature_cache_views: 0 = off (the reference protocol). N > 0 precomputes the image features of
+        N augmented views per training image once, then samples one view per image per epoch;
+        only for methods that leave the image encoder untouched.
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.002
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    precision: Literal["auto", "fp32", "amp"] = "auto"
+    device: str = "auto"
+    workers: int = 0
+    feature_cache_views: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError("epochs must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.lr <= 0 or self.warmup_lr <= 0:
+            raise ValueError("lr and warmup_lr must be > 0")
+        if self.precision not in ("auto", "fp32", "amp"):
+            raise ValueError(f"precision must be auto, fp32 or amp, got {self.precision!r}")
+        if self.workers < 0 or self.feature_cache_views < 0 or self.warmup_epochs < 0:
+            raise ValueError("workers, feature_cache_views and warmup_epochs must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        return cls(**data)
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """Dassl's ConstantWarmupScheduler over CosineAnnealingLR(T_max=epochs), stepped per epoch."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr
+    t = epoch - cfg.warmup_epochs + 1  # the cosine successor starts stepping after the warm-up
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * t / max(cfg.epochs, 1)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
+
+
+def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for idx, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"optim/{idx}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim/"):
+            _, idx, key = name.split("/", 2)
+            state.setdefault(int(idx), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+class _FeatureCache:
+    """Image features of ``views`` augmented views per training image, computed once."""
+
+    def __init__(self, method: PromptMethod, dataset: SampleDataset, views: int, seed: int, device: torch.device, workers: int):
+        feats = []
+        for v in range(views):
+            torch.manual_seed(epoch_seed(seed, 10_000 + v))
+            loader = DataLoader(dataset, batch_size=64, shuffle=False, num_workers=workers,
+                                generator=torch.Generator().manual_seed(epoch_seed(seed, 10_000 + v)))
+            with torch.no_grad():
+                feats.append(torch.cat([method.encode_image(x.to(device)).float() for x, _ in loader]))
+        self.features = torch.stack(feats, dim=1)  # [N, views, D]
+        self.labels = torch.tensor([s.label for s in dataset.samples])
+
+    def batches(self, batch_size: int, generator: torch.Generator):
+        n, views = self.features.shape[:2]
+        order = torch.randperm(n, generator=generator)
+        view = torch.randint(views, (n,), generator=generator)
+        stop = n - n % batch_size if n >= batch_size else n  # drop_last, like the image loader
+        for i in range(0, stop, batch_size):
+            idx = order[i : i + batch_size]
+            yield self.features[idx, view[idx]], self.labels[idx]
+
+
+def train(
+    method: PromptMethod,
+    train_set: SampleDataset,
+    tokens: torch.Tensor,
+    cfg: TrainConfig,
+    run: RunDir,
+    seed: int,
+    progress: bool = True,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Fit ``method`` on ``train_set`` (labels index the classes of ``tokens`` [T, C, L]).
+
+    Resumes from ``run``'s checkpoint when there is one. Returns the final learned tensors, which
+    are also written to ``run/learned.safetensors``.
+    """
+    device = resolve_device(cfg.device)
+    use_amp = device.type == "cuda" and cfg.precision in ("auto", "amp")
+    if cfg.precision == "amp" and device.type != "cuda":
+        raise ValueError("precision 'amp' needs a CUDA device; use fp32 on CPU")
+    method.to(device)
+    tokens = tokens.to(device)
+    params = [p for p in method.parameters() if p.requires_grad]
+    if not params or cfg.epochs == 0:
+        if params and cfg.epochs == 0:
+            logger.warning("epochs=0: the learned tensors stay at their initialisation")
+        learned = method.learned_state()
+        atomic_save_tensors(run.file(LEARNED_FILE), learned, {"epoch": "0"})
+        return learned
+    optimizer = _make_optimizer(cfg, params)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch = 0
+    if run.has_checkpoint():
+        tensors, meta = load_tensors(run.file(CHECKPOINT_FILE))
+        method.load_learned_state({k.removeprefix("learned/"): v for k, v in tensors.items() if k.startswith("learned/")})
+        _load_optimizer_tensors(optimizer, tensors)
+        start_epoch = int(meta["epoch"])
+        if meta.get("scaler"):
+            scaler.load_state_dict(json.loads(meta["scaler"]))
+        logger.info("resuming %s from epoch %d/%d", run.path, start_epoch, cfg.epochs)
+
+    cache = None
+    if cfg.feature_cache_views:
+        if method.capabilities.changes_image_graph:
+            raise ValueError(f"{method.name} changes the image graph: its image features cannot be cached")
+        t0 = time.perf_counter()
+        method.eval()
+        cache = _FeatureCache(method, train_set, cfg.feature_cache_views, seed, device, cfg.workers)
+        logger.info("cached %d views of %d images in %.1fs", cfg.feature_cache_views, len(train_set), time.perf_counter() - t0)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        lr = learning_rate(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        es = epoch_seed(seed, epoch)
+        torch.manual_seed(es)  # augmentations in the main process
+        generator = torch.Generator().manual_seed(es)
+        if cache is not None:
+            batches = cache.batches(cfg.batch_size, generator)
+            n_batches = max(len(train_set) // cfg.batch_size, 1)
+        else:
+            batches = DataLoader(
+                train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator, num_workers=cfg.workers,
+                drop_last=len(train_set) >= cfg.batch_size, persistent_workers=False,
+            )
+            n_batches = len(batches)
+        method.train()
+        t0 = time.perf_counter()
+        tot_loss, tot_correct, tot_n = 0.0, 0, 0
+        bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                loss, logits = method.compute_loss(x, y, tokens, are_features=cache is not None)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            tot_loss += loss.item() * y.shape[0]
+            tot_correct += int((logits.argmax(-1) == y).sum())
+            tot_n += y.shape[0]
+            bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{100 * tot_correct / tot_n:.1f}", lr=f"{lr:.2e}")
+        bar.close()
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "loss": tot_loss / max(tot_n, 1),
+            "acc": 100.0 * tot_correct / max(tot_n, 1),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        logger.info("epoch %d/%d loss %.4f acc %.1f%% lr %.2e (%.1fs)", epoch + 1, cfg.epochs, record["loss"], record["acc"], lr, record["seconds"])
+        _save_checkpoint(run, method, optimizer, scaler, epoch + 1)
+        run.append_log(record)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1)
+
+    learned = method.learned_state()
+    atomic_save_tensors(run.file(LEARNED_FILE), learned, {"epoch": str(cfg.epochs)})
+    return learned
+
+
+def _save_checkpoint(run: RunDir, method: PromptMethod, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int) -> None:
+    tensors = {f"learned/{k}": v for k, v in method.learned_state().items()}
+    tensors.update(_optimizer_tensors(optimizer))
+    meta = {"epoch": str(epoch)}
+    if scaler.is_enabled():
+        meta["scaler"] = json.dumps(scaler.state_dict())
+    atomic_save_tensors(run.file(CHECKPOINT_FILE), tensors, meta)
+

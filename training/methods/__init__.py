@@ -1,0 +1,23 @@
+"""Registered prompt methods. Each module registers itself on import; this file is the only list."""
+from training.methods.base import (
+    Capabilities,
+    MethodConfig,
+    MethodSpec,
+    PromptMethod,
+    create_method,
+    get_method,
+    list_methods,
+    register_method,
+)
+from training.methods import coop, zeroshot  # noqa: F401  (registration)
+
+__all__ = [
+    "Capabilities",
+    "MethodConfig",
+    "MethodSpec",
+    "PromptMethod",
+    "create_method",
+    "get_method",
+    "list_methods",
+    "register_method",
+]

@@ -1,0 +1,220 @@
+"""The prompt-method protocol and registry.
+
+A method is one small module: a frozen, typed config dataclass and a :class:`PromptMethod`
+subclass, registered under an explicit lowercase name with :func:`register_method`. The trainer,
+evaluator and exporter only talk to this protocol and read the declared :class:`Capabilities`;
+nothing anywhere branches on a method's name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.backbones import Backbone
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method is, declared by the method itself.
+
+    Attributes:
+        changes_image_graph: learned tensors enter the image encoder (visual prompts), so the image
+            graph differs from the backbone's and image features cannot be cached across training.
+        text_depends_on_image: class embeddings are a function of the image (CoCoOp); they cannot
+            be computed once per class list.
+        base_novel_switch: the method treats names it was trained on differently from new ones.
+        needs_class_descriptions: class descriptions (not just names) are needed at test time.
+        open_vocabulary: the learned state applies to class names never seen in training.
+        trainable: the method has tensors to learn (zero-shot CLIP has none).
+    """
+
+    changes_image_graph: bool = False
+    text_depends_on_image: bool = False
+    base_novel_switch: bool = False
+    needs_class_descriptions: bool = False
+    open_vocabulary: bool = True
+    trainable: bool = True
+
+    def to_dict(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config: frozen, typed, validated in ``__post_init__``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MethodConfig":
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**kwargs)
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+class PromptMethod(nn.Module):
+    """A frozen CLIP plus a method's learned tensors.
+
+    Subclasses set ``config_cls`` and implement :meth:`encode_text` (and :meth:`encode_image` if
+    they change the image graph). Class names are not part of the learned state: they are
+    tokenized through :meth:`prompt_templates` whenever embeddings are needed.
+
+    Args:
+        backbone: the frozen CLIP; its parameters stay frozen.
+        config: the method's config.
+        train_classnames: class names of the training set. Only methods whose state is tied to
+            them (class-specific context, knowledge-guided losses) use them.
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    #: training hyper-parameters of the reference config (epochs, batch_size, lr, ...)
+    train_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, backbone: Backbone, config: MethodConfig, train_classnames: Sequence[str]):
+        super().__init__()
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
+        self.backbone = backbone
+        self.config = config
+        self.train_classnames = tuple(train_classnames)
+        self.clip = backbone.model
+        for p in self.clip.parameters():
+            p.requires_grad_(False)
+
+    # -- declared properties -------------------------------------------------------------------
+    @classmethod
+    def capabilities_for(cls, config: MethodConfig) -> Capabilities:
+        """Capabilities of this method under ``config`` (override when a config option changes them)."""
+        return Capabilities()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self.capabilities_for(self.config)
+
+    def prompt_templates(self) -> list[str]:
+        """Templates with one ``{}`` for the class name; embeddings are averaged over them."""
+        return ["{}"]
+
+    # -- encoders --------------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] preprocessed pixels -> [B, D] (not normalised)."""
+        return self.clip.visual(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[C, L] token ids of templated class names -> [C, D] (not normalised)."""
+        raise NotImplementedError
+
+    def tokenize(self, classnames: Sequence[str]) -> torch.Tensor:
+        """[T, C, L] token ids: every template filled with every class name."""
+        return torch.stack([self.backbone.tokenizer([t.format(c) for c in classnames]) for t in self.prompt_templates()])
+
+    def class_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[T, C, L] tokens -> [C, D] L2-normalised, averaged over templates (open_clip's recipe)."""
+        feats = torch.stack([F.normalize(self.encode_text(t), dim=-1) for t in tokens])
+        return F.normalize(feats.mean(dim=0), dim=-1)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def logits_from_features(self, image_features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] from image features [B, D] (not normalised) and class tokens [T, C, L]."""
+        image_feats = F.normalize(image_features, dim=-1)
+        text_feats = self.class_embeddings(tokens)
+        return self.logit_scale() * image_feats @ text_feats.t()
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] of images against the classes whose templated tokens are [T, C, L]."""
+        return self.logits_from_features(self.encode_image(images), tokens)
+
+    def compute_loss(
+        self, inputs: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, *, are_features: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training loss and logits for one batch; methods add their regularisers here.
+
+        ``inputs`` are images, or cached image features when ``are_features`` (only offered to
+        methods that do not change the image graph).
+        """
+        feats = inputs if are_features else self.encode_image(inputs)
+        logits = self.logits_from_features(feats, tokens)
+        return F.cross_entropy(logits, labels), logits
+
+    # -- learned state ---------------------------------------------------------------------------
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """Only the tensors the method learns (what a checkpoint holds)."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_learned_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        params = dict(self.named_parameters())
+        expected = {n for n, p in params.items() if p.requires_grad}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"learned state does not fit {self.name}: missing {missing}, unexpected {unexpected}")
+        with torch.no_grad():
+            for n, t in state.items():
+                if params[n].shape != t.shape:
+                    raise ValueError(f"learned tensor {n!r} has shape {tuple(t.shape)}, expected {tuple(params[n].shape)}")
+                params[n].copy_(t)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    method_cls: type[PromptMethod]
+    config_cls: type[MethodConfig]
+    description: str
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, description: str) -> Callable[[type[PromptMethod]], type[PromptMethod]]:
+    """Class decorator: register a method under an explicit lowercase name (duplicates refused)."""
+    if name != name.lower() or not name.isidentifier():
+        raise ValueError(f"method names are lowercase identifiers, got {name!r}")
+
+    def deco(cls: type[PromptMethod]) -> type[PromptMethod]:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].method_cls.__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = MethodSpec(name, cls, cls.config_cls, description)
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"unknown method {name!r}.{hint} Registered: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_methods() -> list[MethodSpec]:
+    return [_REGISTRY[n] for n in sorted(_REGISTRY)]
+
+
+def create_method(name: str, backbone: Backbone, config: MethodConfig | Mapping[str, Any] | None, train_classnames: Sequence[str]) -> PromptMethod:
+    """Build a registered method; ``config`` may be a config object, a dict of options, or None (defaults)."""
+    spec = get_method(name)
+    if config is None:
+        config = spec.config_cls()
+    elif not isinstance(config, MethodConfig):
+        config = spec.config_cls.from_dict(config)
+    return spec.method_cls(backbone, config, train_classnames)

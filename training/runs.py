@@ -1,0 +1,151 @@
+"""A run directory: what was trained, on what, and the learned tensors — nothing else.
+
+Layout of ``RUN_DIR``:
+    run.json                 method, its config, training config, backbone and dataset specs,
+                             shots, seed and the base class names trained on
+    checkpoint.safetensors   learned tensors + optimizer state after the last finished epoch
+    learned.safetensors      final learned tensors (written when training completes)
+    train_log.jsonl          one line per epoch
+    metrics.json             written by evaluation
+
+Every file is written to a temporary name and renamed, so a kill never leaves a torn file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+RUN_FORMAT_VERSION = 1
+RUN_FILE = "run.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+LEARNED_FILE = "learned.safetensors"
+LOG_FILE = "train_log.jsonl"
+METRICS_FILE = "metrics.json"
+
+
+class RunError(ValueError):
+    """A run directory that is missing, incomplete or inconsistent."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        # a non-empty metadata block also keeps a file with no tensors readable (zero-shot runs)
+        meta = {"format": "pt", **(metadata or {})}
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a torn or foreign file is a RunError naming it."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, ValueError) as e:
+        raise RunError(f"cannot read {path}: {e}") from e
+
+
+@dataclass
+class RunInfo:
+    """Contents of ``run.json``."""
+
+    method: str
+    method_config: dict[str, Any]
+    train: dict[str, Any]
+    backbone: str
+    dataset: str
+    shots: int
+    seed: int
+    base_classnames: list[str]
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    format_version: int = RUN_FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "run.json") -> "RunInfo":
+        version = data.get("format_version")
+        if version != RUN_FORMAT_VERSION:
+            raise RunError(f"{source}: format_version {version!r} is not supported (expected {RUN_FORMAT_VERSION})")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise RunError(f"{source}: {e}") from e
+
+    def same_job(self, other: "RunInfo") -> bool:
+        """Whether two run.json describe the same training job (resume is only allowed then)."""
+        return self.to_dict() == other.to_dict()
+
+
+class RunDir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def read_info(self) -> RunInfo:
+        p = self.file(RUN_FILE)
+        if not p.is_file():
+            raise RunError(f"{self.path} is not a promptbake run: {RUN_FILE} is missing")
+        try:
+            data = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise RunError(f"{p}: not valid JSON ({e})") from e
+        return RunInfo.from_dict(data, str(p))
+
+    def write_info(self, info: RunInfo) -> None:
+        atomic_write_json(self.file(RUN_FILE), info.to_dict())
+
+    def has_checkpoint(self) -> bool:
+        return self.file(CHECKPOINT_FILE).is_file()
+
+    def is_complete(self) -> bool:
+        return self.file(LEARNED_FILE).is_file()
+
+    def load_learned(self) -> dict[str, torch.Tensor]:
+        p = self.file(LEARNED_FILE)
+        if not p.is_file():
+            raise RunError(f"{self.path} has no {LEARNED_FILE}: training did not finish (resume it with the same train command)")
+        return load_tensors(p)[0]
+
+    def append_log(self, record: Mapping[str, Any]) -> None:
+        with open(self.file(LOG_FILE), "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
