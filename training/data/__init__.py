@@ -1,0 +1,112 @@
+"""Datasets for promptbake: one spec string -> an :class:`ImageDataset`.
+
+Spec forms:
+    ``coop:NAME:ROOT``  one of CoOp's 11 datasets in CoOp's layout (``coop:oxford_pets:/data``).
+    ``folder:ROOT``     class folders ``ROOT/{train,test[,val]}/<class>/<image>``.
+    ``NAME``            a benchmark from ``training.benchmark`` (``load_benchmark(NAME)``).
+"""
+from __future__ import annotations
+
+import difflib
+
+from training.data.coop import COOP_DATASETS, get_coop_layout, load_coop_dataset
+from training.data.core import (
+    IMAGE_EXTENSIONS,
+    ClassSubset,
+    DatasetError,
+    ImageDataset,
+    Sample,
+    sample_few_shot,
+    split_base_novel,
+    subset_classes,
+)
+from training.data.folder import load_folder_dataset
+from training.data.transforms import SampleDataset, build_eval_transform, build_train_transform
+
+__all__ = [
+    "COOP_DATASETS",
+    "IMAGE_EXTENSIONS",
+    "ClassSubset",
+    "DatasetError",
+    "ImageDataset",
+    "Sample",
+    "SampleDataset",
+    "build_eval_transform",
+    "build_train_transform",
+    "list_dataset_specs",
+    "load_coop_dataset",
+    "load_dataset",
+    "load_folder_dataset",
+    "sample_few_shot",
+    "split_base_novel",
+    "subset_classes",
+]
+
+_PREFIXES = ("coop", "folder")
+SPEC_FORMS = "coop:NAME:ROOT (NAME one of " + ", ".join(COOP_DATASETS) + "), folder:ROOT, or a benchmark name"
+
+
+def _benchmark_rows() -> list[tuple[str, str]]:
+    """``(name, description)`` of training.benchmark's benchmarks; empty if it is not importable."""
+    try:
+        from training.benchmark import list_benchmarks
+    except ImportError:
+        return []
+    return [entry if isinstance(entry, tuple) else (str(entry), "benchmark") for entry in list_benchmarks()]
+
+
+def load_dataset(spec: str) -> ImageDataset:
+    """Resolve a dataset spec (see the module docstring).
+
+    Raises:
+        DatasetError: an unknown prefix or dataset name (with close matches), or any missing or
+            malformed file, naming it.
+    """
+    prefix, sep, rest = spec.partition(":")
+    prefix = prefix.lower()
+    if sep:
+        if prefix == "coop":
+            name, sep, root = rest.partition(":")
+            if not sep or not name or not root:
+                raise DatasetError(f"dataset spec {spec!r}: expected coop:NAME:ROOT")
+            return load_coop_dataset(name, root)
+        if prefix == "folder":
+            if not rest:
+                raise DatasetError(f"dataset spec {spec!r}: expected folder:ROOT")
+            return load_folder_dataset(rest)
+        close = difflib.get_close_matches(prefix, _PREFIXES, n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}:'?" if close else ""
+        raise DatasetError(f"unknown dataset spec prefix {prefix!r} in {spec!r}{hint} (valid: {SPEC_FORMS})")
+    return _load_benchmark(spec)
+
+
+def _load_benchmark(name: str) -> ImageDataset:
+    try:
+        coop_hint = f"; CoOp datasets need a root: coop:{get_coop_layout(name).name}:ROOT"
+    except DatasetError:
+        coop_hint = ""
+    try:
+        from training.benchmark import load_benchmark
+    except ImportError as exc:
+        raise DatasetError(
+            f"dataset spec {name!r} is not coop:/folder: and benchmarks are unavailable ({exc}){coop_hint}; "
+            f"valid: {SPEC_FORMS}"
+        ) from exc
+    names = [n for n, _ in _benchmark_rows()]
+    if names and name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = coop_hint + (f"; did you mean {', '.join(close)}?" if close else "")
+        raise DatasetError(f"unknown benchmark {name!r}{hint} (benchmarks: {', '.join(names)}; valid: {SPEC_FORMS})")
+    return load_benchmark(name)
+
+
+def list_dataset_specs() -> list[tuple[str, str]]:
+    """``(spec or spec form, description)`` rows for ``promptbake datasets``."""
+    rows = [
+        ("folder:ROOT", "class folders ROOT/train/<class>/*, ROOT/test/<class>/*, optional ROOT/val/<class>/*"),
+    ]
+    for layout in COOP_DATASETS.values():
+        source = layout.split_file or ("classnames.txt + images/{train,val}/" if layout.name == "imagenet"
+                                      else "variants.txt + images_variant_*.txt")
+        rows.append((f"coop:{layout.name}:ROOT", f"{layout.title}; ROOT/{layout.dir_name}/ with {source}"))
+    return rows + _benchmark_rows()

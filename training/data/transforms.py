@@ -1,0 +1,120 @@
+"""Image transforms and a torch ``Dataset`` over :class:`Sample` lists.
+
+The train transform is CoOp's (``random_resized_crop``, ``random_flip``, ``normalize`` with Dassl's
+default crop scale ``(0.08, 1.0)``). The eval transform *is* open_clip's eval transform, so
+evaluation here sees the same tensors as ``exports.preprocess`` and the service.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Protocol, Sequence
+
+import open_clip
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from training.data.core import DatasetError, Sample
+
+logger = logging.getLogger(__name__)
+
+TRAIN_CROP_SCALE = (0.08, 1.0)
+_INTERPOLATION = {
+    "bicubic": T.InterpolationMode.BICUBIC,
+    "bilinear": T.InterpolationMode.BILINEAR,
+    "random": T.InterpolationMode.BICUBIC,  # open_clip evaluates 'random' as bicubic too
+}
+
+
+class PreprocessLike(Protocol):
+    """What the transforms read from ``exports.preprocess.PreprocessConfig`` (duck-typed)."""
+
+    image_size: int | tuple[int, int]
+    mean: Sequence[float]
+    std: Sequence[float]
+    interpolation: str
+    resize_mode: str
+
+
+class ToRGB:
+    """``PIL.Image.convert("RGB")``; a class rather than a lambda so DataLoader workers can pickle it."""
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.convert("RGB")
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
+
+
+def _interpolation(pre: PreprocessLike) -> T.InterpolationMode:
+    name = pre.interpolation or "bicubic"
+    if name not in _INTERPOLATION:
+        raise ValueError(f"unknown interpolation {name!r}; expected one of {sorted(_INTERPOLATION)}")
+    return _INTERPOLATION[name]
+
+
+def build_train_transform(pre: PreprocessLike) -> Callable[[Image.Image], torch.Tensor]:
+    """CoOp's training augmentation: RGB -> RandomResizedCrop -> flip -> tensor -> normalise.
+
+    Returns:
+        PIL image -> float32 tensor ``[3, S, S]``.
+    """
+    return T.Compose([
+        ToRGB(),
+        T.RandomResizedCrop(pre.image_size, scale=TRAIN_CROP_SCALE, interpolation=_interpolation(pre)),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean=tuple(pre.mean), std=tuple(pre.std)),
+    ])
+
+
+def build_eval_transform(pre: PreprocessLike) -> Callable[[Image.Image], torch.Tensor]:
+    """open_clip's eval transform for this preprocessing (resize, centre crop, RGB, tensor, normalise).
+
+    Returns:
+        PIL image -> float32 tensor ``[3, S, S]``.
+    """
+    _interpolation(pre)  # same error as the train transform for an unknown name
+    return open_clip.image_transform(
+        pre.image_size,
+        is_train=False,
+        mean=tuple(pre.mean),
+        std=tuple(pre.std),
+        interpolation=pre.interpolation,
+        resize_mode=pre.resize_mode,
+    )
+
+
+def load_image(path: str) -> Image.Image:
+    """Read an image fully into memory, in its file's mode; failures are DatasetErrors naming the path.
+
+    The mode is kept because open_clip (and ``exports.preprocess``) convert to RGB *after* resizing.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    # PIL signals corrupt files with OSError, ValueError, SyntaxError (some PNG chunks) and its own
+    # DecompressionBombError.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"cannot read image {path}: {exc}") from exc
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """``samples[i]`` -> ``(transform(image), label)``.
+
+    Args:
+        samples: the images and labels to serve.
+        transform: PIL image -> tensor, e.g. :func:`build_train_transform`.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.samples = tuple(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        return self.transform(load_image(sample.path)), sample.label
