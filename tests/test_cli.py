@@ -1,0 +1,119 @@
+"""The CLI contract: methods, datasets, train, eval, and one-line errors."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from training.cli import main
+
+
+def test_methods_lists_registry_with_capabilities(capsys):
+    assert main(["methods", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {"zeroshot", "coop"} <= set(rows)
+    assert rows["zeroshot"]["capabilities"]["trainable"] is False
+    assert rows["coop"]["capabilities"]["open_vocabulary"] is True
+    assert main(["methods"]) == 0
+    assert "coop" in capsys.readouterr().out
+
+
+def test_datasets_lists_spec_forms(capsys):
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "folder:" in out and "oxford_pets" in out
+
+
+def test_train_then_eval_writes_metrics(colour_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--method", "coop", "--backbone", "test-tiny", "--dataset", f"folder:{colour_root}",
+            "--shots", "4", "--seed", "1", "--epochs", "2", "--batch-size", "4", "--n-ctx", "4", "--ctx-init", "",
+            "--out", str(run), "--no-progress"]
+    assert main(args) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["method_config"]["n_ctx"] == 4 and info["train"]["epochs"] == 2
+    assert info["base_classnames"] == ["blue", "cyan", "green"]
+    assert main(["eval", "--run", str(run), "--no-progress"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m["per_class"]["base"]) == {"blue", "cyan", "green"}
+    assert set(m["per_class"]["novel"]) == {"magenta", "red", "yellow"}
+    b, n = m["base_acc"], m["novel_acc"]
+    assert m["hm"] == pytest.approx(0 if b + n == 0 else 2 * b * n / (b + n))
+    assert m["base_acc"] == pytest.approx(sum(m["per_class"]["base"].values()) / 3)  # equal class sizes
+    assert "| coop |" in capsys.readouterr().out
+    # the same command again finds the run complete and changes nothing
+    before = (run / "learned.safetensors").read_bytes()
+    assert main(args) == 0
+    assert (run / "learned.safetensors").read_bytes() == before
+    # a different job into the same directory is refused without --overwrite
+    other = [a if a != "1" else "2" for a in args]
+    assert main(other) == 2
+    assert "different run" in capsys.readouterr().err
+
+
+def test_zeroshot_eval_and_seed_summary(colour_root, tmp_path, capsys):
+    runs = []
+    for seed in (1, 2):
+        run = tmp_path / f"zs{seed}"
+        assert main(["train", "--method", "zeroshot", "--backbone", "test-tiny", "--dataset", f"folder:{colour_root}",
+                     "--seed", str(seed), "--out", str(run), "--no-progress"]) == 0
+        runs.append(str(run))
+    assert main(["eval", "--run", *runs, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "mean ± std" in out and "2 seeds" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backbone", "no-such-backbone"], "unknown backbone"),
+        (["--backbone", "ViT-B-16:/nonexistent/weights.safetensors"], "weights file not found"),
+        (["--dataset", "folder:/nonexistent"], "/nonexistent"),
+        (["--method", "coopp"], "Did you mean coop"),
+        (["--n-ctx", "0"], "n_ctx must be >= 1"),
+        (["--epochs", "-1"], "epochs must be >= 0"),
+    ],
+)
+def test_bad_input_is_one_line_error(argv, message, colour_root, tmp_path, capsys):
+    base = {"--method": "coop", "--backbone": "test-tiny", "--dataset": f"folder:{colour_root}", "--out": str(tmp_path / "r")}
+    extra = []
+    it = iter(argv)
+    for flag in it:
+        value = next(it)
+        if flag in base:
+            base[flag] = value
+        else:
+            extra += [flag, value]
+    args = ["train", *[x for kv in base.items() for x in kv], *extra, "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r" / "learned.safetensors").exists()
+
+
+def test_unknown_method_option_fails(colour_root, tmp_path):
+    with pytest.raises(SystemExit, match="unknown option"):
+        main(["train", "--method", "zeroshot", "--backbone", "test-tiny", "--dataset", f"folder:{colour_root}",
+              "--out", str(tmp_path / "r"), "--n-ctx", "4"])
+
+
+def test_eval_of_unfinished_run_says_so(tmp_path, capsys):
+    assert main(["eval", "--run", str(tmp_path)]) == 2
+    assert "not a promptbake run" in capsys.readouterr().err
+
+
+def test_method_help_lists_method_options(capsys):
+    assert main(["train", "--method", "coop", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--n-ctx" in out and "--class-token-position" in out
+
+
+def test_console_script_runs():
+    exe = os.path.join(os.path.dirname(sys.executable), "promptbake")
+    out = subprocess.run([exe, "methods"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "coop" in out.stdout and not math.isnan(len(out.stdout))
