@@ -185,6 +185,7 @@ def train(
     if run.has_checkpoint():
         tensors, meta = load_tensors(run.file(CHECKPOINT_FILE))
         method.load_learned_state({k.removeprefix("learned/"): v for k, v in tensors.items() if k.startswith("learned/")})
+        method.load_training_state({k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")})
         _load_optimizer_tensors(optimizer, tensors)
         start_epoch = int(meta["epoch"])
         if meta.get("scaler"):
@@ -222,10 +223,8 @@ def train(
         bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                loss, logits = method.compute_loss(x, y, tokens, are_features=cache is not None)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            loss, logits = method.backward_step(x, y, tokens, are_features=cache is not None, scaler=scaler, amp=use_amp)
             scaler.step(optimizer)
             scaler.update()
             tot_loss += loss.item() * y.shape[0]
@@ -241,18 +240,20 @@ def train(
             "seconds": round(time.perf_counter() - t0, 3),
         }
         logger.info("epoch %d/%d loss %.4f acc %.1f%% lr %.2e (%.1fs)", epoch + 1, cfg.epochs, record["loss"], record["acc"], lr, record["seconds"])
+        method.on_epoch_end(epoch + 1, cfg.epochs)
         _save_checkpoint(run, method, optimizer, scaler, epoch + 1)
         run.append_log(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
 
-    learned = method.learned_state()
+    learned = method.final_learned_state()
     atomic_save_tensors(run.file(LEARNED_FILE), learned, {"epoch": str(cfg.epochs)})
     return learned
 
 
 def _save_checkpoint(run: RunDir, method: PromptMethod, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int) -> None:
     tensors = {f"learned/{k}": v for k, v in method.learned_state().items()}
+    tensors.update({f"state/{k}": v for k, v in method.training_state().items()})
     tensors.update(_optimizer_tensors(optimizer))
     meta = {"epoch": str(epoch)}
     if scaler.is_enabled():

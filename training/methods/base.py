@@ -153,6 +153,42 @@ class PromptMethod(nn.Module):
         logits = self.logits_from_features(feats, tokens)
         return F.cross_entropy(logits, labels), logits
 
+    def backward_step(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        tokens: torch.Tensor,
+        *,
+        are_features: bool,
+        scaler: torch.amp.GradScaler,
+        amp: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and logits of one batch, with gradients accumulated into the learned tensors.
+
+        The loop zeroes gradients before and steps the optimizer after. The default is
+        ``compute_loss`` under autocast (forward only) + a scaled backward; methods that edit
+        gradients (ProGrad) override this.
+        """
+        with torch.autocast(inputs.device.type, dtype=torch.float16, enabled=amp):
+            loss, logits = self.compute_loss(inputs, labels, tokens, are_features=are_features)
+        scaler.scale(loss).backward()
+        return loss, logits
+
+    def on_epoch_end(self, epoch: int, epochs: int) -> None:
+        """Called after each finished epoch (1-based), before the checkpoint is written."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Extra tensors a resumed run needs besides the learned ones (e.g. running aggregates)."""
+        return {}
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no training state, got {sorted(state)}")
+
+    def final_learned_state(self) -> dict[str, torch.Tensor]:
+        """The learned tensors a finished run keeps (PromptSRC: its Gaussian-weighted aggregate)."""
+        return self.learned_state()
+
     # -- learned state ---------------------------------------------------------------------------
     def learned_state(self) -> dict[str, torch.Tensor]:
         """Only the tensors the method learns (what a checkpoint holds)."""
