@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from training.backbones import create_backbone
-from training.data import SampleDataset, build_train_transform, load_dataset, sample_few_shot, split_base_novel
+from training.data import Sample, SampleDataset, build_train_transform, load_dataset, sample_few_shot, split_base_novel
 from training.evaluate import accuracy_report, harmonic_mean, predict_samples
 from training.loop import TrainConfig, resolve_device, train
 from training.methods import PromptMethod, create_method, get_method
@@ -105,8 +105,33 @@ def load_run_method(run: RunDir | str | Path) -> tuple[PromptMethod, RunInfo]:
     return model.eval(), info
 
 
-def eval_job(run: str | Path, batch_size: int = 100, device: str = "auto", workers: int = 0, progress: bool = True) -> dict:
-    """Base and novel accuracy of a trained run; writes and returns ``metrics.json``'s content."""
+def limit_per_class(samples: Sequence[Sample], n: int | None) -> tuple[Sample, ...]:
+    """The first ``n`` samples of every class (all when ``n`` is None), in their original order."""
+    if n is None:
+        return tuple(samples)
+    seen: dict[int, int] = {}
+    kept = []
+    for s in samples:
+        if seen.get(s.label, 0) < n:
+            seen[s.label] = seen.get(s.label, 0) + 1
+            kept.append(s)
+    return tuple(kept)
+
+
+def eval_job(
+    run: str | Path,
+    batch_size: int = 100,
+    device: str = "auto",
+    workers: int = 0,
+    progress: bool = True,
+    test_per_class: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Base and novel accuracy of a trained run; writes and returns ``metrics.json``'s content.
+
+    ``test_per_class`` evaluates on the first N test images of each class only (quick checks);
+    ``extra`` is merged into the metrics (e.g. training time).
+    """
     rd = RunDir(run)
     model, info = load_run_method(rd)
     ds = load_dataset(info.dataset)
@@ -116,8 +141,9 @@ def eval_job(run: str | Path, batch_size: int = 100, device: str = "auto", worke
     dev = resolve_device(device)
     results = {}
     for subset in (base, novel):
-        preds = predict_samples(model, subset.test, subset.classnames, batch_size, dev, workers, progress, desc=subset.name)
-        results[subset.name] = accuracy_report(preds, subset.test, subset.classnames)
+        test = limit_per_class(subset.test, test_per_class)
+        preds = predict_samples(model, test, subset.classnames, batch_size, dev, workers, progress, desc=subset.name)
+        results[subset.name] = accuracy_report(preds, test, subset.classnames)
     metrics = {
         "method": info.method,
         "backbone": info.backbone,
@@ -129,6 +155,7 @@ def eval_job(run: str | Path, batch_size: int = 100, device: str = "auto", worke
         "hm": harmonic_mean(results["base"]["acc"], results["novel"]["acc"]),
         "n_test": {"base": results["base"]["n"], "novel": results["novel"]["n"]},
         "per_class": {"base": results["base"]["per_class"], "novel": results["novel"]["per_class"]},
+        **(extra or {}),
     }
     atomic_write_json(rd.file(METRICS_FILE), metrics)
     return metrics

@@ -1,0 +1,26 @@
+"""The benchmark grid: every cell trained and evaluated once, results resumable."""
+from __future__ import annotations
+
+import json
+
+from training.grid import run_grid
+
+
+def test_grid_runs_every_cell_once_and_resumes(colour_root, tmp_path):
+    ds = f"folder:{colour_root}"
+    opts = {"epochs": 1, "batch_size": 4}
+    rows = run_grid(["zeroshot", "coop"], [ds], [1, 2], tmp_path, "test-tiny", shots=2, train_options=opts,
+                    test_per_class=2, progress=False)
+    assert [(r["method"], r["seed"]) for r in rows] == [("zeroshot", 1), ("zeroshot", 2), ("coop", 1), ("coop", 2)]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == rows
+    for r in rows:
+        assert 0 <= r["base_acc"] <= 100 and 0 <= r["novel_acc"] <= 100 and r["train_seconds"] >= 0
+    metrics = tmp_path / "runs" / "coop" / ds.replace("/", "_").replace(":", "_") / "seed1" / "metrics.json"
+    assert json.loads(metrics.read_text())["n_test"] == {"base": 6, "novel": 6}  # 2 per class x 3 classes
+    stamp = metrics.stat().st_mtime_ns
+    again = run_grid(["zeroshot", "coop"], [ds], [1, 2], tmp_path, "test-tiny", shots=2, train_options=opts,
+                     test_per_class=2, progress=False)
+    assert again == rows and metrics.stat().st_mtime_ns == stamp
+    table = (tmp_path / "results.md").read_text()
+    assert "**average** | coop" in table and "± " in table

@@ -1,0 +1,81 @@
+"""``promptbake benchmark``: the base-to-novel protocol over methods × datasets × seeds.
+
+Every cell is an ordinary run directory (``DIR/runs/METHOD/DATASET/seedS``) trained by
+:func:`training.jobs.train_job` and evaluated by :func:`training.jobs.eval_job`, so a finished cell
+(one with ``metrics.json``) is never redone and an interrupted one resumes from its checkpoint.
+After every cell ``DIR/results.json`` and ``DIR/results.md`` are rewritten.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from training.jobs import eval_job, mean_std, train_job
+from training.runs import METRICS_FILE, atomic_write_bytes, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+ROW_KEYS = ("method", "dataset", "seed", "base_acc", "novel_acc", "hm", "train_seconds")
+
+
+def run_grid(
+    methods: Sequence[str],
+    datasets: Sequence[str],
+    seeds: Sequence[int],
+    out: str | Path,
+    backbone: str,
+    shots: int = 16,
+    train_options: Mapping[str, Any] | None = None,
+    test_per_class: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train and evaluate every (method, dataset, seed); returns the result rows."""
+    out = Path(out)
+    cells = [(m, d, s) for d in datasets for m in methods for s in seeds]
+    rows: list[dict[str, Any]] = []
+    for i, (method, dataset, seed) in enumerate(cells, 1):
+        run = out / "runs" / method / dataset.replace("/", "_").replace(":", "_") / f"seed{seed}"
+        metrics_file = run / METRICS_FILE
+        if metrics_file.is_file():
+            metrics = json.loads(metrics_file.read_text())
+            logger.info("[%d/%d] %s on %s seed %d: done before", i, len(cells), method, dataset, seed)
+        else:
+            logger.info("[%d/%d] %s on %s seed %d", i, len(cells), method, dataset, seed)
+            t0 = time.perf_counter()
+            train_job(method, backbone, dataset, shots, seed, run, train_options=train_options, progress=progress)
+            seconds = time.perf_counter() - t0
+            metrics = eval_job(run, progress=progress, test_per_class=test_per_class, extra={"train_seconds": round(seconds, 1)})
+        rows.append({k: metrics.get(k) for k in ROW_KEYS})
+        logger.info("    base %.2f  novel %.2f  HM %.2f", metrics["base_acc"], metrics["novel_acc"], metrics["hm"])
+        write_results(out, rows, methods, datasets)
+    return rows
+
+
+def results_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], datasets: Sequence[str]) -> str:
+    """Markdown: per dataset and method, mean ± std over seeds, then the average over datasets."""
+    lines = ["| dataset | method | seeds | base | novel | HM | train s/run |", "|---|---|---|---|---|---|---|"]
+    per_method_avg: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
+    for d in datasets:
+        for m in methods:
+            cell = [r for r in rows if r["method"] == m and r["dataset"] == d]
+            if not cell:
+                continue
+            stats = [mean_std([r[k] for r in cell]) for k in ("base_acc", "novel_acc", "hm")]
+            secs = [r["train_seconds"] for r in cell if r.get("train_seconds") is not None]
+            t = f"{sum(secs) / len(secs):.0f}" if secs else "-"
+            lines.append(f"| {d} | {m} | {len(cell)} | " + " | ".join(f"{mu:.2f} ± {sd:.2f}" for mu, sd in stats) + f" | {t} |")
+            per_method_avg[m].append(tuple(mu for mu, _ in stats))
+    for m in methods:
+        avg = per_method_avg[m]
+        if len(avg) == len(datasets) and avg:
+            b, n, h = (sum(x[i] for x in avg) / len(avg) for i in range(3))
+            lines.append(f"| **average** | {m} | | {b:.2f} | {n:.2f} | {h:.2f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence[str], datasets: Sequence[str]) -> None:
+    atomic_write_json(out / "results.json", list(rows))
+    atomic_write_bytes(out / "results.md", results_table(rows, methods, datasets).encode())
