@@ -84,8 +84,14 @@ def register_backbone(name: str, description: str) -> Callable[[Callable[[], Bac
     return deco
 
 
+def _register_builtin() -> None:
+    """Import the modules that register the project's own backbones (lazily: they import more)."""
+    import training.benchmark.emoji_backbone  # noqa: F401  (registers "emoji-vit-s")
+
+
 def list_backbones() -> list[tuple[str, str]]:
     """Named project backbones with a one-line description."""
+    _register_builtin()
     return [(name, desc) for name, (_, desc) in sorted(_PROJECT_BACKBONES.items())]
 
 
@@ -181,6 +187,7 @@ def _open_clip_backbone(spec: str, model_name: str, source: str) -> Backbone:
 def create_backbone(spec: str) -> Backbone:
     """Resolve a backbone spec (see module docstring) to a frozen :class:`Backbone` on CPU."""
     spec = spec.strip()
+    _register_builtin()
     if spec in _PROJECT_BACKBONES:
         return _PROJECT_BACKBONES[spec][0]()
     if ":" not in spec:
