@@ -10,6 +10,7 @@ from training.methods.base import (
     register_method,
 )
 from training.methods import coop, zeroshot  # noqa: F401  (registration)
+from training.methods import ivlp, maple, promptsrc, vpt  # noqa: F401
 from training.methods import cocoop, kgcoop, prograd, tcp  # noqa: F401
 
 __all__ = [
