@@ -21,6 +21,7 @@ def test_schedule_is_constant_warmup_then_cosine():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.002)
     cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
     for epoch in range(1, 10):
+        opt.step()
         cos.step()
         assert learning_rate(cfg, epoch) == pytest.approx(cos.get_last_lr()[0], rel=1e-9)
     assert learning_rate(cfg, 9) > 0
