@@ -1,0 +1,247 @@
+"""The artifact manifest: what an exported directory holds, and the check before anything uses it.
+
+Layout of ``ART_DIR``::
+
+    manifest.json                  this module's :class:`Manifest` (the only file not listed in it)
+    image.onnx                     pixels [B, 3, S, S] float32 -> L2-normalised image embeddings [B, D]
+    text.onnx                      token ids [T, C, L] int64 -> L2-normalised class embeddings [C, D]
+                                   (image-conditioned methods: + image embeddings [B, D] -> logits [B, C])
+    bpe_simple_vocab_16e6.txt.gz   the tokenizer's merges file
+
+:func:`load_artifact` refuses a directory whose schema version is unknown, or whose files differ
+from ``files`` in any way: missing, truncated, altered, or an extra file nobody listed. Extra
+files are refused because onnxruntime reads files next to a graph (external data), so an
+unlisted file could change what runs.
+
+Torch-free: the service imports this with only pydantic and the standard library.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from exports.preprocess import PreprocessConfig
+
+SCHEMA_VERSION = 1
+MANIFEST_FILENAME = "manifest.json"
+IMAGE_GRAPH_FILENAME = "image.onnx"
+TEXT_GRAPH_FILENAME = "text.onnx"
+Precision = Literal["fp32", "fp16", "int8"]
+
+_CHUNK = 1 << 20
+
+
+class ArtifactError(ValueError):
+    """An artifact directory that cannot be used; the message names the file and what is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FileEntry(_Strict):
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    bytes: Annotated[int, Field(ge=0)]
+
+
+class CapabilitiesInfo(_Strict):
+    """The method's declared capabilities (``training.methods.Capabilities``), all flags required.
+
+    A new flag in training is a schema change: the runtime must know what it means before it
+    loads an artifact that has it.
+    """
+
+    changes_image_graph: bool
+    text_depends_on_image: bool
+    base_novel_switch: bool
+    needs_class_descriptions: bool
+    open_vocabulary: bool
+    trainable: bool
+
+
+class TokenizerInfo(_Strict):
+    file: str
+    context_length: Annotated[int, Field(ge=2)]
+    sot_token_id: int
+    eot_token_id: int
+
+
+class GraphInfo(_Strict):
+    """One graph file and its tensor names.
+
+    Attributes:
+        image_input_name: text graph only, for methods with ``text_depends_on_image``: the input
+            fed with the image graph's output; the output is then logits ``[B, C]``.
+    """
+
+    file: str
+    input_name: str
+    output_name: str
+    image_input_name: str | None = None
+
+
+class Graphs(_Strict):
+    image: GraphInfo
+    text: GraphInfo
+
+
+class Parity(_Strict):
+    """onnxruntime against torch (fp32 eager), measured at export time on the given inputs.
+
+    Attributes:
+        max_abs_diff_image: largest element difference of the normalised image embeddings.
+        max_abs_diff_text: largest element difference of the normalised class embeddings.
+        top1_agreement: fraction of images whose top-1 class is the same under both.
+        n_images, n_classes: the parity set.
+        tolerance: the bound ``max_abs_diff_*`` had to meet (None when precision is judged by
+            ``min_top1_agreement`` instead).
+        min_top1_agreement: the bound on ``top1_agreement``.
+        providers: the onnxruntime execution providers used.
+    """
+
+    max_abs_diff_image: float
+    max_abs_diff_text: float
+    top1_agreement: Annotated[float, Field(ge=0, le=1)]
+    n_images: Annotated[int, Field(ge=1)]
+    n_classes: Annotated[int, Field(ge=1)]
+    tolerance: float | None = None
+    min_top1_agreement: float = 0.0
+    providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
+
+
+class Manifest(_Strict):
+    """Everything the runtime needs to turn images and class names into predictions.
+
+    The runtime tokenizes ``template.format(name)`` for every template in ``prompt_templates``
+    and every class name into token ids ``[T, C, L]`` (template-major) and runs the text graph,
+    which is the method's whole ``class_embeddings`` (template averaging, or whatever roles the
+    method gives its templates, is inside the graph). Scores are
+    ``softmax(logit_scale * image_emb @ class_emb.T)``. When ``capabilities.text_depends_on_image``
+    the text graph also takes the image embeddings (``graphs.text.image_input_name``) and returns
+    the logits ``[B, C]`` itself; scores are their softmax.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    method: str
+    capabilities: CapabilitiesInfo
+    backbone: str
+    run_config: dict[str, Any] = Field(default_factory=dict)
+    base_classnames: list[str] = Field(default_factory=list)
+    preprocess: PreprocessConfig
+    tokenizer: TokenizerInfo
+    prompt_templates: Annotated[list[str], Field(min_length=1)]
+    logit_scale: float
+    embed_dim: Annotated[int, Field(ge=1)]
+    opset: int
+    exporter: str
+    precision: Precision
+    graphs: Graphs
+    files: dict[str, FileEntry]
+    parity: Parity
+
+    @field_validator("prompt_templates")
+    @classmethod
+    def _one_slot(cls, templates: list[str]) -> list[str]:
+        for t in templates:
+            if t.count("{}") != 1:
+                raise ValueError(f"template {t!r} must contain exactly one '{{}}'")
+        return templates
+
+    @field_validator("files")
+    @classmethod
+    def _plain_names(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        for name in files:
+            if name != Path(name).name or name in ("", ".", "..") or name == MANIFEST_FILENAME:
+                raise ValueError(f"files: {name!r} is not a plain file name of the artifact")
+        return files
+
+    @model_validator(mode="after")
+    def _referenced_files_listed(self) -> "Manifest":
+        if self.capabilities.text_depends_on_image != (self.graphs.text.image_input_name is not None):
+            raise ValueError("graphs.text.image_input_name must be set exactly when capabilities.text_depends_on_image")
+        for what, name in (("graphs.image", self.graphs.image.file), ("graphs.text", self.graphs.text.file),
+                           ("tokenizer", self.tokenizer.file)):
+            if name not in self.files:
+                raise ValueError(f"{what}.file {name!r} is not listed in files")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def describe_files(directory: str | os.PathLike[str], names: list[str] | None = None) -> dict[str, FileEntry]:
+    """``{name: FileEntry}`` of ``names`` (default: every file but the manifest) in ``directory``."""
+    directory = Path(directory)
+    if names is None:
+        names = sorted(p.name for p in directory.iterdir() if p.name != MANIFEST_FILENAME)
+    return {n: FileEntry(sha256=sha256_file(directory / n), bytes=(directory / n).stat().st_size) for n in names}
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    """Parse ``directory/manifest.json`` without checking the files (see :func:`load_artifact`)."""
+    path = Path(directory) / MANIFEST_FILENAME
+    if not Path(directory).is_dir():
+        raise ArtifactError(f"{directory} is not an artifact directory (not a directory)")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: missing; {directory} is not a promptbake artifact")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: schema_version {version!r} is not supported by this promptbake (expected {SCHEMA_VERSION}); "
+            "re-export the run or use a matching promptbake"
+        )
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'manifest'}: {err['msg']}" for err in e.errors())
+        raise ArtifactError(f"{path}: invalid manifest: {problems}") from e
+
+
+def verify_files(directory: str | os.PathLike[str], manifest: Manifest) -> None:
+    """Raise :class:`ArtifactError` naming the first file that is missing, extra, truncated or altered."""
+    directory = Path(directory)
+    present = {p.name for p in directory.iterdir()} - {MANIFEST_FILENAME}
+    extra = sorted(present - set(manifest.files))
+    if extra:
+        raise ArtifactError(f"{directory / extra[0]}: unexpected file, not listed in the manifest")
+    for name, entry in sorted(manifest.files.items()):
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing (listed in the manifest)")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            kind = "truncated" if size < entry.bytes else "altered"
+            raise ArtifactError(f"{path}: {kind}: {size} bytes, the manifest says {entry.bytes}")
+        if sha256_file(path) != entry.sha256:
+            raise ArtifactError(f"{path}: altered: sha256 differs from the manifest")
+
+
+def load_artifact(directory: str | os.PathLike[str]) -> Manifest:
+    """Read an artifact's manifest and check the schema version and every file's size and sha256.
+
+    Raises:
+        ArtifactError: naming the file that is missing, unexpected, truncated or altered, or a
+            manifest that is missing, invalid or of another schema version.
+    """
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    return manifest

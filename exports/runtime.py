@@ -1,0 +1,255 @@
+"""Torch-free inference on an exported artifact: the code ``promptbake predict`` and the service share.
+
+A :class:`Predictor` checks the artifact (schema version, every file's sha256) before it creates
+onnxruntime sessions, then turns PIL images and class names into embeddings and predictions
+exactly as the exporter measured them against torch. It holds no per-request state, so one
+instance can serve concurrent requests (``InferenceSession.run`` is thread-safe); the only shared
+mutable state, a small cache of class embeddings, is behind a lock.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from exports.manifest import ArtifactError, Manifest, load_artifact
+from exports.preprocess import preprocess_batch
+from exports.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Device = Literal["cpu", "cuda"]
+_CPU = "CPUExecutionProvider"
+_CUDA = "CUDAExecutionProvider"
+_MAX_PROMPTS = 1024  # (image, class) prompts per run of an image-conditioned text graph
+
+
+def _providers(device: str) -> list[str]:
+    if device == "cpu":
+        return [_CPU]
+    if device == "cuda":
+        available = ort.get_available_providers()
+        if _CUDA not in available:
+            raise ArtifactError(
+                f"device 'cuda' asked for, but this onnxruntime has no {_CUDA} (available: {', '.join(available)}); "
+                "install onnxruntime-gpu with a matching CUDA, or use device='cpu'"
+            )
+        return [_CUDA, _CPU]
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def create_session(path: Path, providers: Sequence[str], precision: str = "fp32",
+                   intra_op_threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime session with the settings the exporter's parity check also uses.
+
+    Args:
+        providers: execution providers, preferred first; the first must actually start.
+        precision: the artifact's precision. fp16 graphs on the CPU provider get only basic graph
+            optimisations: onnxruntime 1.31's extended CPU fusions crash (segfault) on the fp16
+            graphs of open_clip towers.
+        intra_op_threads: threads per run; 0 lets onnxruntime use one per physical core.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1  # the graphs are sequential; parallel requests come from callers
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    cpu_only = providers[0] == _CPU
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if precision == "fp16" and cpu_only
+                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    if providers[0] not in session.get_providers():
+        # onnxruntime falls back to CPU silently when the CUDA libraries do not load
+        raise ArtifactError(f"{path}: onnxruntime could not start {providers[0]} (got {session.get_providers()})")
+    return session
+
+
+def _check_names(class_names: Sequence[str]) -> list[str]:
+    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
+        raise ValueError("class names must be a list of strings")
+    names = list(class_names)
+    if not names:
+        raise ValueError("class names must not be empty")
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not n.strip():
+            raise ValueError(f"class name {i} is empty or not a string: {n!r}")
+    return names
+
+
+class Predictor:
+    """Open-vocabulary classification with an exported artifact.
+
+    Args:
+        artifact_dir: the directory ``promptbake export`` wrote.
+        device: ``"cpu"`` (default) or ``"cuda"``; cuda fails loudly when onnxruntime cannot use it.
+        intra_op_threads: threads per graph run; 0 lets onnxruntime use one per physical core.
+        batch_size: images (or prompts) per graph run, bounding memory for long inputs.
+        text_cache_size: class lists whose embeddings are kept (services reuse the same lists).
+
+    Raises:
+        ArtifactError: the artifact fails its checks, or asks for something this runtime lacks.
+    """
+
+    def __init__(
+        self,
+        artifact_dir: str | os.PathLike[str],
+        *,
+        device: Device = "cpu",
+        intra_op_threads: int = 0,
+        batch_size: int = 32,
+        text_cache_size: int = 16,
+    ):
+        self.path = Path(artifact_dir)
+        self.manifest: Manifest = load_artifact(self.path)
+        m = self.manifest
+        if m.capabilities.needs_class_descriptions:
+            raise ArtifactError(f"{self.path}: method {m.method!r} needs class descriptions, which this runtime does not support yet")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.device = device
+        self.batch_size = batch_size
+        self.tokenizer = Tokenizer(self.path / m.tokenizer.file, m.tokenizer.context_length)
+        if (self.tokenizer.sot_token_id, self.tokenizer.eot_token_id) != (m.tokenizer.sot_token_id, m.tokenizer.eot_token_id):
+            raise ArtifactError(f"{self.path / m.tokenizer.file}: special token ids differ from the manifest")
+
+        providers = _providers(device)
+        self._image = create_session(self.path / m.graphs.image.file, providers, m.precision, intra_op_threads)
+        self._text = create_session(self.path / m.graphs.text.file, providers, m.precision, intra_op_threads)
+        self._logit_scale = float(m.logit_scale)
+        self._cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
+        self._cache_size = text_cache_size
+        self._lock = threading.Lock()
+
+    # -- embeddings ------------------------------------------------------------------------------
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the sessions run on, preferred first."""
+        return list(self._image.get_providers())
+
+    @property
+    def class_names_trained_on(self) -> list[str]:
+        return list(self.manifest.base_classnames)
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed pixels ``[B, 3, S, S]`` float32 -> L2-normalised embeddings ``[B, D]`` float32."""
+        s = self.manifest.preprocess.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, s, s):
+            raise ValueError(f"pixels must be [B, 3, {s}, {s}], got {list(pixels.shape)}")
+        g = self.manifest.graphs.image
+        out = [self._image.run([g.output_name], {g.input_name: np.ascontiguousarray(pixels[i : i + self.batch_size], dtype=np.float32)})[0]
+               for i in range(0, len(pixels), self.batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.manifest.embed_dim), np.float32)
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """PIL images -> L2-normalised image embeddings ``[B, D]`` float32."""
+        return self.embed_pixels(preprocess_batch(list(images), self.manifest.preprocess))
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether class embeddings depend on the image (``capabilities.text_depends_on_image``).
+
+        Then there are no per-name embeddings to cache: :meth:`embed_texts` refuses, and
+        :meth:`scores` / :meth:`logits` run the text graph on every (image, name) pair.
+        """
+        return self.manifest.capabilities.text_depends_on_image
+
+    def _tokens(self, names: list[str]) -> np.ndarray:
+        templates = self.manifest.prompt_templates
+        L = self.manifest.tokenizer.context_length
+        # template-major [T, C, L], as the exporter traced the text graph
+        return self.tokenizer([t.format(n) for t in templates for n in names]).reshape(len(templates), len(names), L)
+
+    def embed_texts(self, class_names: Sequence[str]) -> np.ndarray:
+        """Class names -> L2-normalised class embeddings ``[C, D]`` float32.
+
+        Every prompt template is filled with every name (``[T, C, L]`` token ids); the text graph
+        is the method's ``class_embeddings``, so nothing is averaged here.
+
+        Raises:
+            ValueError: the method's class embeddings depend on the image (:attr:`conditioned`).
+        """
+        if self.conditioned:
+            raise ValueError(f"method {self.manifest.method!r}: class embeddings depend on the image; use scores() or classify()")
+        names = _check_names(class_names)
+        tokens = self._tokens(names)
+        g = self.manifest.graphs.text
+        step = self.batch_size * 8  # class names per run
+        out = [self._text.run([g.output_name], {g.input_name: np.ascontiguousarray(tokens[:, i : i + step])})[0]
+               for i in range(0, len(names), step)]
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _class_embeddings(self, names: list[str]) -> np.ndarray:
+        key = tuple(names)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        emb = self.embed_texts(names)
+        emb.setflags(write=False)
+        with self._lock:
+            self._cache[key] = emb
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return emb
+
+    def _conditioned_logits(self, image_embeddings: np.ndarray, names: list[str]) -> np.ndarray:
+        """[B, D] image embeddings -> [B, C] logits through the image-conditioned text graph."""
+        tokens = self._tokens(names)
+        g = self.manifest.graphs.text
+        B, C = len(image_embeddings), len(names)
+        # the text tower runs B x C prompts: bound them per graph run
+        c_step = min(C, _MAX_PROMPTS)
+        b_step = max(1, _MAX_PROMPTS // c_step)
+        out = np.empty((B, C), dtype=np.float64)
+        for i in range(0, B, b_step):
+            for j in range(0, C, c_step):
+                feeds = {g.input_name: np.ascontiguousarray(tokens[:, j : j + c_step]),
+                         g.image_input_name: np.ascontiguousarray(image_embeddings[i : i + b_step], dtype=np.float32)}
+                out[i : i + b_step, j : j + c_step] = self._text.run([g.output_name], feeds)[0]
+        return out
+
+    # -- classification ----------------------------------------------------------------------------
+    def logits(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> np.ndarray:
+        """``[B, C]`` float64 ``logit_scale * cosine`` of the images against the names."""
+        names = _check_names(class_names)
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"class names must be unique; repeated: {dup}")
+        img = self.embed_images(images)
+        if self.conditioned:
+            return self._conditioned_logits(img, names)
+        return self._logit_scale * img.astype(np.float64) @ self._class_embeddings(names).astype(np.float64).T
+
+    def scores(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> np.ndarray:
+        """``[B, C]`` probabilities: softmax over the names of ``logit_scale * cosine``."""
+        logits = self.logits(images, class_names)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def classify(self, images: Sequence[Image.Image], class_names: Sequence[str], top_k: int = 5) -> list[dict[str, Any]]:
+        """One prediction per image: ``{"label", "score", "top": [{"class_name", "score"}, ...]}``.
+
+        ``top`` holds the ``top_k`` best names (at most all of them), best first; ``label`` and
+        ``score`` are its first entry.
+        """
+        if top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        names = _check_names(class_names)
+        probs = self.scores(images, names)
+        k = min(top_k, len(names))
+        results = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[:k]
+            top = [{"class_name": names[j], "score": float(row[j])} for j in order]
+            results.append({"label": top[0]["class_name"], "score": top[0]["score"], "top": top})
+        return results

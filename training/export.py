@@ -1,0 +1,247 @@
+"""Export a trained run: wrap the method's encoders, pick parity inputs, call the exporter.
+
+The method is only used through the :class:`~training.methods.PromptMethod` protocol
+(``encode_image``, ``class_embeddings``, ``prompt_templates``, ``logit_scale``) and its declared
+capabilities; :mod:`exports.onnx_export` does the tracing, checking and writing.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from exports.manifest import Manifest
+from exports.onnx_export import ArtifactInfo, ExportError, check_exportable, export_artifact
+from exports.preprocess import preprocess_batch
+from training.jobs import load_run_method
+from training.methods import PromptMethod
+from training.runs import RunInfo
+
+logger = logging.getLogger(__name__)
+
+MAX_PARITY_IMAGES = 32
+BENTOML_ARTIFACT_SUBDIR = "artifact"  # the artifact inside a BentoML model's directory
+# Names for the text parity when the run's dataset cannot be read (one word, several, punctuation, unicode).
+FALLBACK_CLASSNAMES = ("cat", "dog", "golden retriever", "airplane", "red car", "apple pie", "crème brûlée", "t-shirt")
+
+
+class ImageEncoder(nn.Module):
+    """pixels [B, 3, S, S] -> L2-normalised [B, D] through the method's image path."""
+
+    def __init__(self, method: PromptMethod):
+        super().__init__()
+        self.method = method
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.method.encode_image(pixels), dim=-1)
+
+
+class TextEncoder(nn.Module):
+    """token ids [T, C, L] (every template x every class name) -> L2-normalised class embeddings [C, D].
+
+    The method's own ``class_embeddings``: the template ensemble of zero-shot CLIP, or TCP's two
+    templates with different roles, is traced into the graph rather than re-implemented at runtime.
+    """
+
+    def __init__(self, method: PromptMethod):
+        super().__init__()
+        self.method = method
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.method.class_embeddings(tokens)
+
+
+class ConditionedTextEncoder(nn.Module):
+    """For ``text_depends_on_image`` methods: (token ids [T, C, L], image embeddings [B, D]) -> logits [B, C].
+
+    The method's own ``logits_from_features`` on the image graph's (normalised) output;
+    :func:`export_method` checks first that the method's logits do not depend on the norm of the
+    image features, so this equals the method on raw features.
+    """
+
+    def __init__(self, method: PromptMethod):
+        super().__init__()
+        self.method = method
+
+    def forward(self, tokens: torch.Tensor, image_embeddings: torch.Tensor) -> torch.Tensor:
+        return self.method.logits_from_features(image_embeddings, tokens)
+
+
+def _check_norm_invariant(method: PromptMethod, pixels: np.ndarray, classnames: Sequence[str]) -> None:
+    with torch.no_grad():
+        x = torch.from_numpy(pixels[:4])
+        feats = method.encode_image(x)
+        tokens = method.tokenize(list(classnames))
+        raw = method.logits_from_features(feats, tokens)
+        unit = method.logits_from_features(F.normalize(feats, dim=-1), tokens)
+    gap = float((raw - unit).abs().max() / method.logit_scale())
+    if gap > 1e-5:
+        raise ExportError(
+            f"{method.name}: the class embeddings depend on the norm of the image features (difference {gap:.2g}), "
+            "but the artifact passes the normalised image embeddings to the text graph"
+        )
+
+
+def synthetic_images(n: int = 8, size: int = 64, seed: int = 0) -> list[Image.Image]:
+    """Deterministic images (colour fields with noise and a square) when no real test set is at hand."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(n):
+        base = rng.integers(0, 256, 3)
+        px = np.clip(base[None, None] + rng.normal(0, 25, (size, size + 8 * (i % 3), 3)), 0, 255)
+        a, b = sorted(rng.integers(0, size, 2))
+        px[a : b + 1, a : b + 1] = rng.integers(0, 256, 3)
+        images.append(Image.fromarray(px.astype(np.uint8)))
+    return images
+
+
+def parity_inputs(info: RunInfo, max_images: int = MAX_PARITY_IMAGES) -> tuple[list[Image.Image], list[str], str]:
+    """Real test images (base and novel, spread over classes) and all class names of the run's dataset.
+
+    Falls back to :func:`synthetic_images` and :data:`FALLBACK_CLASSNAMES` when the dataset
+    cannot be loaded here (a run trained on another machine).
+
+    Returns:
+        (images, class names, a description of where they came from)
+    """
+    from training.data import DatasetError, load_dataset
+    from training.data.transforms import load_image
+
+    try:
+        ds = load_dataset(info.dataset)
+    except (DatasetError, OSError) as e:
+        logger.warning("dataset %s is not readable here (%s); parity uses synthetic images", info.dataset, e)
+        return synthetic_images(), list(FALLBACK_CLASSNAMES), "synthetic images, fixed class names"
+    by_label: dict[int, list] = {}
+    for s in ds.test:
+        by_label.setdefault(s.label, []).append(s)
+    # round-robin over classes, so base and novel classes are both covered
+    picked, depth = [], 0
+    while len(picked) < max_images and any(depth < len(v) for v in by_label.values()):
+        for label in sorted(by_label):
+            if depth < len(by_label[label]) and len(picked) < max_images:
+                picked.append(by_label[label][depth])
+        depth += 1
+    if not picked:
+        return synthetic_images(), list(ds.classnames), f"synthetic images, {ds.name} class names (no test split)"
+    return [load_image(s.path) for s in picked], list(ds.classnames), f"{len(picked)} test images of {ds.name}"
+
+
+def _vocab_path(method: PromptMethod) -> Path:
+    from open_clip.tokenizer import default_bpe
+
+    # open_clip's SimpleTokenizer for CLIP towers reads this file; the exporter checks that the
+    # artifact's tokenizer built from it gives the training tokenizer's ids.
+    return Path(default_bpe())
+
+
+def export_method(
+    method: PromptMethod,
+    out_dir: str | os.PathLike[str],
+    info: RunInfo,
+    *,
+    images: Sequence[Image.Image],
+    classnames: Sequence[str],
+    precision: str = "fp32",
+    overwrite: bool = False,
+    exporter: str | None = None,
+) -> Manifest:
+    """Export an in-memory method (see :func:`export_run` for a run directory).
+
+    ``exporter`` overrides :data:`exports.onnx_export.DEFAULT_EXPORTER` (benchmarks compare them).
+    """
+    check_exportable(method.capabilities.to_dict())  # before anything slow
+    method = method.eval()
+    bb = method.backbone
+    art = ArtifactInfo(
+        method=method.name,
+        capabilities=method.capabilities.to_dict(),
+        backbone=bb.spec,
+        preprocess=bb.preprocess,
+        prompt_templates=method.prompt_templates(),
+        logit_scale=float(method.logit_scale()),
+        embed_dim=bb.embed_dim,
+        run_config={"method_config": info.method_config, "train": info.train, "dataset": info.dataset,
+                    "shots": info.shots, "seed": info.seed},
+        base_classnames=list(info.base_classnames),
+    )
+    pixels = preprocess_batch(list(images), bb.preprocess)
+    conditioned = method.capabilities.text_depends_on_image
+    if conditioned and len(pixels) and classnames:
+        _check_norm_invariant(method, pixels, classnames)
+    return export_artifact(
+        out_dir,
+        image_encoder=ImageEncoder(method),
+        text_encoder=ConditionedTextEncoder(method) if conditioned else TextEncoder(method),
+        info=art,
+        vocab_path=_vocab_path(method),
+        context_length=bb.context_length,
+        reference_tokenize=lambda texts: bb.tokenizer(texts).numpy(),
+        parity_pixels=pixels,
+        parity_classnames=list(classnames),
+        precision=precision,  # type: ignore[arg-type]
+        overwrite=overwrite,
+        **({"exporter": exporter} if exporter else {}),
+    )
+
+
+def export_run(
+    run_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    precision: str = "fp32",
+    parity_images: Sequence[Image.Image] | None = None,
+    parity_classnames: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> Manifest:
+    """Export a trained run directory to an artifact directory.
+
+    Args:
+        run_dir: a finished run (``learned.safetensors`` present).
+        out_dir: the artifact directory to write.
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        parity_images: images for the torch-vs-onnxruntime check; default: up to 32 test images
+            of the run's dataset (synthetic images when it is not readable here).
+        parity_classnames: class names for the check; default: all names of the run's dataset.
+        overwrite: replace an existing artifact directory.
+
+    Raises:
+        ExportError: the method cannot be exported or a check failed; nothing is written then.
+    """
+    method, info = load_run_method(run_dir)
+    check_exportable(method.capabilities.to_dict())
+    if parity_images is None or parity_classnames is None:
+        images, names, source = parity_inputs(info)
+        parity_images = images if parity_images is None else parity_images
+        parity_classnames = names if parity_classnames is None else parity_classnames
+        logger.info("parity inputs: %s", source)
+    return export_method(method, out_dir, info, images=parity_images, classnames=parity_classnames,
+                         precision=precision, overwrite=overwrite)
+
+
+def save_to_bentoml(artifact_dir: str | os.PathLike[str], name: str, manifest: Manifest) -> str:
+    """Copy a verified artifact into the BentoML model store; returns the model tag.
+
+    The artifact sits in the model's ``artifact/`` subdirectory (BentoML adds its own
+    ``model.yaml`` at the top, which the artifact's no-extra-files check would refuse).
+    """
+    import bentoml
+
+    with bentoml.models.create(
+        name,
+        labels={"method": manifest.method, "precision": manifest.precision},
+        metadata={"backbone": manifest.backbone, "artifact_subdir": BENTOML_ARTIFACT_SUBDIR,
+                  "schema_version": manifest.schema_version},
+    ) as model:
+        shutil.copytree(artifact_dir, model.path_of(BENTOML_ARTIFACT_SUBDIR))
+    return str(model.tag)
+
+
+__all__ = ["ConditionedTextEncoder", "ExportError", "ImageEncoder", "TextEncoder", "export_method", "export_run", "parity_inputs", "save_to_bentoml"]
