@@ -95,10 +95,20 @@ def test_bad_input_is_one_line_error(argv, message, colour_root, tmp_path, capsy
     assert not (tmp_path / "r" / "learned.safetensors").exists()
 
 
-def test_unknown_method_option_fails(colour_root, tmp_path):
-    with pytest.raises(SystemExit, match="unknown option"):
-        main(["train", "--method", "zeroshot", "--backbone", "test-tiny", "--dataset", f"folder:{colour_root}",
-              "--out", str(tmp_path / "r"), "--n-ctx", "4"])
+def test_unknown_method_option_fails(colour_root, tmp_path, capsys):
+    assert main(["train", "--method", "zeroshot", "--backbone", "test-tiny", "--dataset", f"folder:{colour_root}",
+                 "--out", str(tmp_path / "r"), "--n-ctx", "4"]) == 2
+    assert "unknown option(s) for method zeroshot: --n-ctx 4" in capsys.readouterr().err
+
+
+def test_method_options_are_never_abbreviations_of_training_options(colour_root, tmp_path):
+    # kgcoop's --weight must reach the method, not be read as --weight-decay
+    run = tmp_path / "kg"
+    assert main(["train", "--method", "kgcoop", "--backbone", "test-tiny", "--dataset", f"folder:{colour_root}",
+                 "--shots", "1", "--epochs", "0", "--weight", "3.5", "--out", str(run), "--no-progress"]) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["method_config"]["weight"] == 3.5
+    assert info["train"]["weight_decay"] == 5e-4
 
 
 def test_eval_of_unfinished_run_says_so(tmp_path, capsys):

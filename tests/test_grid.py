@@ -24,3 +24,11 @@ def test_grid_runs_every_cell_once_and_resumes(colour_root, tmp_path):
     assert again == rows and metrics.stat().st_mtime_ns == stamp
     table = (tmp_path / "results.md").read_text()
     assert "**average** | coop" in table and "± " in table
+
+
+def test_grid_trains_visual_methods_without_the_feature_cache(colour_root, tmp_path):
+    rows = run_grid(["vpt"], [f"folder:{colour_root}"], [1], tmp_path, "test-tiny", shots=1,
+                    train_options={"epochs": 1, "batch_size": 2, "feature_cache_views": 2}, progress=False)
+    assert len(rows) == 1
+    info = json.loads(next((tmp_path / "runs" / "vpt").rglob("run.json")).read_text())
+    assert info["train"]["feature_cache_views"] == 0

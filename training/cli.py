@@ -94,11 +94,11 @@ def _parse_method_options(method: str, argv: Sequence[str]) -> dict[str, Any]:
     from training.methods import get_method
 
     spec = get_method(method)
-    p = argparse.ArgumentParser(prog=f"promptbake train --method {method}", add_help=False)
+    p = argparse.ArgumentParser(prog=f"promptbake train --method {method}", add_help=False, allow_abbrev=False)
     _add_dataclass_options(p, spec.config_cls)
     ns, rest = p.parse_known_args(argv)
     if rest:
-        raise SystemExit(f"promptbake: unknown option(s) for method {method}: {' '.join(rest)} (see promptbake train --method {method} --help)")
+        raise ValueError(f"unknown option(s) for method {method}: {' '.join(rest)} (see promptbake train --method {method} --help)")
     return vars(ns)
 
 
@@ -312,7 +312,7 @@ def _main_bench_serve(argv: Sequence[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from training.loop import TrainConfig
 
-    p = argparse.ArgumentParser(prog="promptbake", description="Train, evaluate, export and serve CLIP prompt-learning methods.")
+    p = argparse.ArgumentParser(prog="promptbake", allow_abbrev=False, description="Train, evaluate, export and serve CLIP prompt-learning methods.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("backbones", help="backbone spec forms and named backbones")
 
     s = sub.add_parser(
-        "train", help="train a method on the base classes of a dataset",
+        "train", help="train a method on the base classes of a dataset", allow_abbrev=False,
         epilog="Method options (e.g. --n-ctx, --ctx-init for coop) are listed by `promptbake train --method NAME --help`.",
     )
     s.add_argument("--method", required=True)
@@ -333,17 +333,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run directory (resumed if it holds the same interrupted run)")
     s.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
     s.add_argument("--no-progress", action="store_true")
-    g = s.add_argument_group("training options (defaults: the method's reference config)")
+    g = s.add_argument_group(
+        "training options",
+        "Unset options take the method's reference values (its train_defaults, e.g. coop: 200 epochs, batch 32, "
+        "lr 0.002; see docs/methods.md), then the TrainConfig defaults shown here.",
+    )
     _add_dataclass_options(g, TrainConfig)
 
-    s = sub.add_parser("eval", help="base / novel / HM accuracy of trained runs; writes RUN/metrics.json")
+    s = sub.add_parser("eval", allow_abbrev=False, help="base / novel / HM accuracy of trained runs; writes RUN/metrics.json")
     s.add_argument("--run", required=True, nargs="+", help="one or more run directories (several seeds: mean ± std)")
     s.add_argument("--batch-size", type=int, default=100)
     s.add_argument("--device", default="auto")
     s.add_argument("--workers", type=int, default=0)
     s.add_argument("--no-progress", action="store_true")
 
-    s = sub.add_parser("quickstart", help="train, evaluate, export and classify novel names once, offline (the main job)")
+    s = sub.add_parser("quickstart", allow_abbrev=False, help="train, evaluate, export and classify novel names once, offline (the main job)")
     s.add_argument("--out", default="runs/quickstart")
     s.add_argument("--method", default="coop")
     s.add_argument("--backbone", default="emoji-vit-s")
@@ -352,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--no-progress", action="store_true")
 
-    s = sub.add_parser("benchmark", help="the base-to-novel protocol over methods x datasets x seeds (resumable)")
+    s = sub.add_parser("benchmark", allow_abbrev=False, help="the base-to-novel protocol over methods x datasets x seeds (resumable)")
     s.add_argument("--methods", required=True, help="comma-separated method names")
     s.add_argument("--datasets", required=True, help="comma-separated dataset specs, or 'all' benchmark datasets")
     s.add_argument("--seeds", default="1,2,3")
@@ -440,7 +444,8 @@ def _train_method_help(argv: Sequence[str]) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if [a for a in argv if a not in ("-v", "--verbose")][:2] == ["bench", "serve"]:
-        return _main_bench_serve([a for a in argv if a not in ("bench", "serve")])
+        rest = [a for a in argv if a not in ("-v", "--verbose")][2:]
+        return _main_bench_serve(rest + (["-v"] if {"-v", "--verbose"} & set(argv) else []))
     if next((a for a in argv if a not in ("-v", "--verbose")), None) == "serve":
         return _main_serve([a for a in argv if a not in ("-v", "--verbose")] + (["-v"] if {"-v", "--verbose"} & set(argv) else []))
     if next((a for a in argv if a not in ("-v", "--verbose")), None) in ("verify", "predict"):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from training.jobs import eval_job, mean_std, train_job
+from training.methods import get_method
 from training.runs import METRICS_FILE, atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -45,13 +46,23 @@ def run_grid(
         else:
             logger.info("[%d/%d] %s on %s seed %d", i, len(cells), method, dataset, seed)
             t0 = time.perf_counter()
-            train_job(method, backbone, dataset, shots, seed, run, train_options=train_options, progress=progress)
+            train_job(method, backbone, dataset, shots, seed, run, train_options=_options_for(method, train_options), progress=progress)
             seconds = time.perf_counter() - t0
             metrics = eval_job(run, progress=progress, test_per_class=test_per_class, extra={"train_seconds": round(seconds, 1)})
         rows.append({k: metrics.get(k) for k in ROW_KEYS})
         logger.info("    base %.2f  novel %.2f  HM %.2f", metrics["base_acc"], metrics["novel_acc"], metrics["hm"])
         write_results(out, rows, methods, datasets)
     return rows
+
+
+def _options_for(method: str, train_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The grid's training options, less the feature cache for methods that change the image graph."""
+    opts = dict(train_options or {})
+    spec = get_method(method)
+    if opts.get("feature_cache_views") and spec.method_cls.capabilities_for(spec.config_cls()).changes_image_graph:
+        logger.info("    %s changes the image graph: trained without the feature cache", method)
+        opts.pop("feature_cache_views")
+    return opts
 
 
 def results_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], datasets: Sequence[str]) -> str:

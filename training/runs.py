@@ -3,12 +3,15 @@
 Layout of ``RUN_DIR``:
     run.json                 method, its config, training config, backbone and dataset specs,
                              shots, seed and the base class names trained on
-    checkpoint.safetensors   learned tensors + optimizer state after the last finished epoch
+    checkpoint.safetensors   after the last finished epoch: learned tensors, optimizer state, the
+                             method's extra training state (e.g. PromptSRC's running aggregate)
+                             and, under AMP, the grad-scaler state (in the metadata)
     learned.safetensors      final learned tensors (written when training completes)
-    train_log.jsonl          one line per epoch
+    train_log.jsonl          one line per epoch (appended after the checkpoint is written)
     metrics.json             written by evaluation
 
-Every file is written to a temporary name and renamed, so a kill never leaves a torn file.
+Every file but the log is written to a temporary name and renamed, so a kill never leaves a
+torn file; a kill between checkpoint and log line loses only that epoch's log line.
 """
 from __future__ import annotations
 
