@@ -185,3 +185,20 @@ def test_pretrain_two_steps_and_resume_identically(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="different config"):
         pretrain(PretrainConfig(**{**cfg.__dict__, "lr": 5e-4}), tmp_path / "b")
     assert math.isfinite(float(straight["logit_scale"]))
+
+
+def test_pretrain_second_phase_starts_from_given_weights(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    cfg = PretrainConfig(steps=1, batch_size=8, warmup_steps=0, max_classes=12, log_every=1, eval_every=1,
+                         checkpoint_every=1, eval_per_probe=4, arch=TINY_ARCH, final_eval=False)
+    first = pretrain(cfg, tmp_path / "one")
+    # zero steps of learning rate: lr is tiny, so phase 2's weights stay next to phase 1's
+    phase2 = PretrainConfig(**{**cfg.__dict__, "seed": 1, "lr": 1e-12, "init_from": str(first)})
+    second = load_file(str(pretrain(phase2, tmp_path / "two")))
+    start = load_file(str(first))
+    assert all(torch.allclose(start[k].float(), second[k].float(), atol=1e-2) for k in start)
+    random_init = load_file(str(pretrain(PretrainConfig(**{**cfg.__dict__, "seed": 1, "lr": 1e-12}), tmp_path / "three")))
+    assert not all(torch.allclose(start[k].float(), random_init[k].float(), atol=1e-2) for k in start)
+    # a phase-1 config (no init_from) stays resumable: the empty field is not written
+    assert "init_from" not in (tmp_path / "one" / "config.json").read_text()

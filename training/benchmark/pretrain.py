@@ -84,6 +84,9 @@ class PretrainConfig:
         log_every, checkpoint_every, eval_every: in steps; eval is zero-shot on held-out scenes.
         eval_per_probe: held-out images per probe (noto, openmoji, symbola seen/unseen, grayscale).
         final_eval: after the last step, zero-shot on every benchmark's test split.
+        init_from: start from these weights (an earlier run's fp16 safetensors) instead of a
+            random initialisation: a second, longer phase with a fresh schedule and new scenes
+            (give it another seed). "" = random init.
     """
 
     seed: int = 0
@@ -105,6 +108,7 @@ class PretrainConfig:
     eval_every: int = 250
     eval_per_probe: int = 250
     final_eval: bool = True
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.arch, dict):  # from JSON
@@ -277,7 +281,10 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _config_json(cfg: PretrainConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(cfg)))
+    data = json.loads(json.dumps(asdict(cfg)))
+    if not data["init_from"]:  # keeps configs from before the field existed resumable
+        del data["init_from"]
+    return data
 
 
 def _check_resumable(saved: dict[str, Any], cfg: PretrainConfig, path: Path) -> None:
@@ -392,6 +399,14 @@ def pretrain(config: PretrainConfig, out_dir: str | os.PathLike, resume: bool = 
         logger.info("resuming %s at step %d of %d", out, start, config.steps)
     else:
         torch.manual_seed(config.seed)
+        if config.init_from:
+            from training.benchmark.emoji_backbone import load_emoji_weights
+
+            arch, weights = load_emoji_weights(Path(config.init_from))
+            if arch != config.arch:
+                raise ValueError(f"{config.init_from} holds architecture {arch}, not {config.arch}")
+            model.load_state_dict({k: v.float() for k, v in weights.items()})
+            logger.info("initialised from %s", config.init_from)
     (out / "config.json").write_text(json.dumps(_config_json(config), indent=1))
 
     data = PretrainData(config)
