@@ -1,0 +1,111 @@
+"""Service settings: every limit and knob, read from ``PROMPTBAKE_*`` environment variables.
+
+One frozen pydantic model, validated when the service starts, so a typo in a number fails the
+start instead of the first request. ``docs/service.md`` lists the variables; the defaults are
+sized for one ViT-B/16 replica with a few GiB of memory.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "PROMPTBAKE_"
+# What Pillow calls each format we decode; everything else is refused before decoding.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+
+_Pos = Annotated[int, Field(ge=1)]
+
+
+class ServiceConfigError(ValueError):
+    """A ``PROMPTBAKE_*`` variable that does not parse or is out of range."""
+
+
+class ServiceConfig(BaseModel):
+    """Settings of one service replica.
+
+    Attributes:
+        artifact: an artifact directory, or a BentoML model tag (``NAME`` or ``NAME:VERSION``)
+            whose ``artifact/`` subdirectory holds it.
+        device: ``cpu`` or ``cuda`` (onnxruntime execution provider).
+        allow_cpu_fallback: with ``device=cuda`` and no usable CUDA, run on CPU (logged) instead
+            of refusing to start.
+        intra_op_threads: onnxruntime threads per graph run; 0 = one per physical core.
+        max_request_bytes: whole request body; larger bodies get 413 before being read in full.
+        max_images: images in one request.
+        max_image_pixels: width x height of one image, checked from the header before decoding.
+        allowed_formats: Pillow format names accepted (magic bytes decide, not the file name).
+        max_class_names: names in one classify or embed_text request.
+        max_name_chars: characters in one name.
+        max_top_k: the largest ``top_k`` a request may ask for.
+        max_batch_size: images per onnxruntime run when requests are batched together.
+        max_latency_ms: adaptive batching latency budget; requests that cannot be served within
+            it are shed with 503.
+        text_cache_names: class-name embeddings kept (LRU over names); memory is
+            ``text_cache_names x embed_dim x 4`` bytes (20,000 x 512 x 4 = 41 MB).
+        api_key: when set, every route but the health probes needs ``Authorization: Bearer KEY``.
+        ready_timeout_s: ``/readyz`` fails when its real inference takes longer.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    artifact: str | None = None
+    device: Literal["cpu", "cuda"] = "cpu"
+    allow_cpu_fallback: bool = False
+    intra_op_threads: Annotated[int, Field(ge=0)] = 0
+    max_request_bytes: _Pos = 32 * 2**20
+    max_images: _Pos = 32
+    max_image_pixels: _Pos = 40_000_000
+    allowed_formats: tuple[str, ...] = ALLOWED_FORMATS
+    max_class_names: _Pos = 1000
+    max_name_chars: _Pos = 200
+    max_top_k: _Pos = 100
+    max_batch_size: Annotated[int, Field(ge=2)] = 32
+    max_latency_ms: _Pos = 10_000
+    text_cache_names: _Pos = 20_000
+    api_key: str | None = None
+    ready_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @field_validator("allowed_formats", mode="before")
+    @classmethod
+    def _formats(cls, v: object) -> tuple[str, ...]:
+        items = v.split(",") if isinstance(v, str) else list(v)  # type: ignore[arg-type]
+        formats = tuple(str(f).strip().upper() for f in items if str(f).strip())
+        unknown = sorted(set(formats) - set(ALLOWED_FORMATS))
+        if unknown or not formats:
+            raise ValueError(f"formats must be a non-empty subset of {', '.join(ALLOWED_FORMATS)}; got {unknown or 'none'}")
+        return formats
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: str | None) -> str | None:
+        if v is not None and len(v) < 16:
+            raise ValueError("api_key must have at least 16 characters")
+        return v or None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> ServiceConfig:
+        """Read ``PROMPTBAKE_<FIELD>`` variables (e.g. ``PROMPTBAKE_MAX_IMAGES=8``); ``overrides`` win.
+
+        Raises:
+            ServiceConfigError: naming the variable that is wrong.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name in cls.model_fields:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = raw
+        values.update(overrides)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            raise ServiceConfigError(f"{ENV_PREFIX}{field.upper()}: {err['msg']}") from None
+
+    def public(self) -> dict[str, object]:
+        """The limits a client may see (no key, no paths)."""
+        return self.model_dump(exclude={"api_key", "artifact", "intra_op_threads", "ready_timeout_s"})

@@ -1,0 +1,230 @@
+"""ASGI middleware in front of the service's routes: auth, body limits, multipart, error shape.
+
+What it does, per HTTP request:
+
+* ``Authorization: Bearer KEY`` on every route but the health probes, when a key is configured.
+* the request body is counted while it streams in; over ``max_request_bytes`` is 413 before the
+  rest is read (a declared ``Content-Length`` over the limit is refused without reading at all).
+* the API routes accept ``application/json`` and, for images, ``multipart/form-data``; the
+  multipart form (files ``images``, fields ``class_names`` as a JSON list and ``top_k``) is
+  parsed here with bounded part counts and turned into the JSON form the typed API takes, so
+  BentoML's own file handling (which would fetch a URL sent in place of a file) never sees it.
+* ``GET /info`` is answered like ``POST /info``.
+* every response carries ``X-Promptbake-Provider``: the onnxruntime provider doing the work.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+from typing import Any
+
+import anyio.to_thread
+
+from service.errors import IN_HTTP_REQUEST, RequestError, bad_request
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PATHS = frozenset({"/livez", "/healthz", "/readyz"})
+JSON_ROUTES = frozenset({"/classify", "/embed_image", "/embed_text", "/info"})
+MULTIPART_ROUTES = frozenset({"/classify", "/embed_image"})
+_MULTIPART_FIELDS = {"/classify": {"images", "class_names", "top_k"}, "/embed_image": {"images"}}
+PROVIDER_HEADER = "x-promptbake-provider"
+
+
+def _service() -> Any | None:
+    import bentoml
+
+    try:
+        return bentoml.get_current_service()
+    except Exception:  # not instantiated yet (lifespan not run)
+        return None
+
+
+async def _send_json(send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": data})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class PromptbakeMiddleware:
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        svc = _service()
+        if svc is None:
+            await _send_json(send, 503, {"error": {"kind": "starting", "message": "the service is starting"}})
+            return
+        token = IN_HTTP_REQUEST.set(True)
+        provider = svc.provider.encode()
+
+        async def send_with_header(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (PROVIDER_HEADER.encode(), provider)]}
+            await send(message)
+
+        try:
+            await self._handle(svc, scope, receive, send_with_header)
+        except RequestError as e:
+            svc.count_error(e.kind)
+            extra = [(b"www-authenticate", b"Bearer")] if e.status == 401 else []
+            await _send_json(send_with_header, e.status, e.body(), extra)
+        finally:
+            IN_HTTP_REQUEST.reset(token)
+
+    async def _handle(self, svc: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        cfg = svc.config
+        path, method = scope.get("path", ""), scope.get("method", "GET")
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if cfg.api_key and path not in HEALTH_PATHS:
+            auth = headers.get("authorization", "")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), cfg.api_key.encode()):
+                raise RequestError(401, "unauthorized", "missing or wrong API key (send 'Authorization: Bearer KEY')")
+        if path == "/info" and method == "GET":
+            scope = {**scope, "method": "POST",
+                     "headers": [*(h for h in scope.get("headers", []) if h[0].lower() not in (b"content-type", b"content-length")),
+                                 (b"content-type", b"application/json"), (b"content-length", b"2")]}
+            await self.app(scope, _replay(b"{}"), send)
+            return
+        if path not in JSON_ROUTES or method != "POST":
+            await self.app(scope, receive, send)
+            return
+
+        media = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if media not in ("application/json", "multipart/form-data") or (media == "multipart/form-data" and path not in MULTIPART_ROUTES):
+            allowed = "application/json or multipart/form-data" if path in MULTIPART_ROUTES else "application/json"
+            raise RequestError(415, "content_type", f"{path} accepts {allowed}, not {media!r}")
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > cfg.max_request_bytes:
+            raise _too_large(cfg.max_request_bytes)
+        try:
+            body = await _read_body(receive, cfg.max_request_bytes)
+        except _TooLarge:
+            raise _too_large(cfg.max_request_bytes) from None
+        if media == "multipart/form-data":
+            # parsing and re-encoding a large form takes ~10 ms per MB: keep it off the event loop
+            body = await anyio.to_thread.run_sync(_multipart_to_json_sync, scope, body, path, cfg)
+            scope = {**scope, "headers": [*(h for h in scope.get("headers", []) if h[0].lower() not in (b"content-type", b"content-length")),
+                                          (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+        await self.app(scope, _replay(body), _reshape_validation_errors(send, svc))
+
+
+def _reshape_validation_errors(send: Any, svc: Any) -> Any:
+    """BentoML answers a body that does not fit the typed API with 400 ``{"error": str, "detail": [...]}``;
+    give it the service's error shape (``{"error": {"kind": "invalid_input", ...}}``)."""
+    start: dict[str, Any] | None = None
+    chunks: list[bytes] = []
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            start = message
+            return
+        if start is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        data = b"".join(chunks)
+        try:
+            body = json.loads(data)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and isinstance(body.get("error"), str):
+            fields = [".".join(str(x) for x in d.get("loc", ())) + ": " + str(d.get("msg", "")) for d in body.get("detail") or []]
+            body = {"error": {"kind": "invalid_input", "message": "; ".join(fields) or body["error"],
+                              "detail": body.get("detail") or []}}
+            svc.count_error("invalid_input")
+            data = json.dumps(body).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+    return wrapped
+
+
+def _too_large(limit: int) -> RequestError:
+    return RequestError(413, "request_bytes", f"the request body is larger than {limit} bytes", limit=limit)
+
+
+async def _read_body(receive: Any, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise bad_request("disconnected", "the client disconnected")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes) -> Any:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+def _multipart_to_json_sync(scope: dict[str, Any], body: bytes, path: str, cfg: Any) -> bytes:
+    """The JSON body equivalent to a multipart form (run in a worker thread, on its own event loop)."""
+    return json.dumps(asyncio.run(_multipart_to_json(scope, body, path, cfg))).encode()
+
+
+async def _multipart_to_json(scope: dict[str, Any], body: bytes, path: str, cfg: Any) -> dict[str, Any]:
+    from starlette.datastructures import UploadFile
+    from starlette.formparsers import MultiPartException
+    from starlette.requests import Request
+
+    scope = {k: v for k, v in scope.items() if k != "app"}  # so starlette raises MultiPartException, not HTTPException
+    request = Request(scope, _replay(body))
+    try:
+        form = await request.form(max_files=cfg.max_images, max_fields=len(_MULTIPART_FIELDS[path]) + 1,
+                                  max_part_size=cfg.max_request_bytes)
+    except MultiPartException as e:
+        kind = "too_many_images" if "files" in e.message.lower() else "multipart"
+        raise bad_request(kind, f"bad multipart form: {e.message} (at most {cfg.max_images} images)") from None
+    try:
+        unknown = sorted(set(form.keys()) - _MULTIPART_FIELDS[path])
+        if unknown:
+            raise bad_request("unknown_field", f"unknown form field(s) {unknown}; expected {sorted(_MULTIPART_FIELDS[path])}")
+        files = form.getlist("images")
+        if any(not isinstance(f, UploadFile) for f in files):
+            raise bad_request("image_source", "every 'images' part must be an uploaded file (the server never fetches "
+                              "URLs or opens paths)")
+        payload: dict[str, Any] = {"images": [base64.b64encode(await f.read()).decode() for f in files]}  # type: ignore[union-attr]
+        for field in ("class_names", "top_k"):
+            if field in form:
+                value = form[field]
+                if isinstance(value, UploadFile):
+                    value = (await value.read()).decode("utf-8", "replace")
+                try:
+                    payload[field] = json.loads(value)
+                except json.JSONDecodeError:
+                    expected = 'a JSON list such as ["cat", "dog"]' if field == "class_names" else "an integer"
+                    raise bad_request(f"{field}_json", f"form field '{field}' must be {expected}") from None
+        return payload
+    finally:
+        await form.close()

@@ -1,0 +1,355 @@
+"""The promptbake BentoML service: open-vocabulary image classification for any class names.
+
+``bentoml serve service.service:PromptbakeService`` (or ``promptbake serve --artifact ART``) with
+``PROMPTBAKE_ARTIFACT`` set to an artifact directory or a BentoML model tag. The artifact is
+loaded in ``__init__`` (never at import) and checked (schema, every file's sha256) before use.
+Routes (OpenAPI at ``/docs.json``):
+
+* ``POST /classify``: images (multipart files ``images`` or base64 strings in JSON), ``class_names``
+  (a JSON list), optional ``top_k`` -> softmax probabilities over the given names.
+* ``POST /embed_image``, ``POST /embed_text``: L2-normalised embeddings for your own index.
+* ``GET|POST /info``: artifact, onnxruntime provider in use, limits, batching, cache counters.
+* ``/livez`` (process up), ``/readyz`` (a real inference succeeds), ``/metrics`` (Prometheus).
+
+Imports neither torch nor anything from ``training`` (``tests/test_service.py`` checks it).
+Settings: :class:`service.config.ServiceConfig` (``PROMPTBAKE_*`` variables).
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import bentoml
+import numpy as np
+import onnxruntime as ort
+from pydantic import BaseModel, Field
+from starlette.responses import JSONResponse
+
+from exports.manifest import MANIFEST_FILENAME, ArtifactError
+from exports.preprocess import preprocess_batch
+from exports.runtime import Predictor
+from service.batching import ImageBatcher
+from service.config import ServiceConfig, ServiceConfigError
+from service.errors import IN_HTTP_REQUEST, RequestError, bad_request
+from service.http import PromptbakeMiddleware
+from service.images import decode_base64, decode_image, harden_pillow
+from service.metrics import get_metrics
+from service.text_cache import TextEmbeddingCache, normalize_name
+
+logger = logging.getLogger("promptbake.service")
+
+BENTOML_ARTIFACT_SUBDIR = "artifact"  # training.export.save_to_bentoml writes it here (not imported: torch)
+
+
+# -- response models ---------------------------------------------------------------------------
+
+class ArtifactSummary(BaseModel):
+    name: str = Field(description="artifact directory name or BentoML model tag")
+    method: str
+    backbone: str
+    precision: str
+    embed_dim: int
+    manifest_sha256: str
+
+
+class TopEntry(BaseModel):
+    class_name: str
+    score: float
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float = Field(description="softmax probability of label over the given class names")
+    top: list[TopEntry]
+
+
+class ClassifyResponse(BaseModel):
+    artifact: ArtifactSummary
+    predictions: list[Prediction]
+
+
+class EmbeddingResponse(BaseModel):
+    artifact: ArtifactSummary
+    dim: int
+    embeddings: list[list[float]] = Field(description="L2-normalised, one row per input")
+
+
+class InfoResponse(BaseModel):
+    artifact: ArtifactSummary
+    provider: str = Field(description="the onnxruntime execution provider running the graphs")
+    providers: list[str]
+    onnxruntime: str
+    limits: dict[str, Any]
+    text_cache: dict[str, int]
+    recent_batch_sizes: list[int]
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+def resolve_artifact(spec: str | None) -> tuple[Path, str]:
+    """``PROMPTBAKE_ARTIFACT`` -> (artifact directory, display name): a directory or a model tag."""
+    if not spec:
+        raise ServiceConfigError("PROMPTBAKE_ARTIFACT is not set: give an artifact directory (promptbake export --out) "
+                                 "or a BentoML model tag (promptbake export --bentoml NAME)")
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path.resolve(), path.name
+    if os.sep in spec or spec.startswith("."):
+        raise ServiceConfigError(f"PROMPTBAKE_ARTIFACT={spec}: no such directory")
+    try:
+        model = bentoml.models.get(spec)
+    except Exception as e:  # bentoml.exceptions.NotFound, or a malformed tag
+        raise ServiceConfigError(f"PROMPTBAKE_ARTIFACT={spec}: neither a directory nor a BentoML model ({e})") from None
+    sub = (model.info.metadata or {}).get("artifact_subdir", BENTOML_ARTIFACT_SUBDIR)
+    return Path(model.path_of(sub)), str(model.tag)
+
+
+def create_predictor(path: Path, cfg: ServiceConfig) -> Predictor:
+    """A :class:`Predictor` on the configured device; CUDA missing is an error unless fallback is allowed."""
+    kwargs: dict[str, Any] = dict(intra_op_threads=cfg.intra_op_threads, batch_size=cfg.max_batch_size, text_cache_size=1)
+    if cfg.device == "cuda":
+        if hasattr(ort, "preload_dlls"):
+            try:  # CUDA/cuDNN from the nvidia-* wheels of onnxruntime-gpu[cuda,cudnn] (the Bento's image)
+                ort.preload_dlls()
+            except Exception as e:  # noqa: BLE001 - system CUDA libraries may still work
+                logger.debug("onnxruntime.preload_dlls: %r", e)
+        try:
+            return Predictor(path, device="cuda", **kwargs)
+        except ArtifactError as e:
+            if "CUDA" not in str(e) or not cfg.allow_cpu_fallback:
+                raise ServiceConfigError(f"{e}. Set PROMPTBAKE_ALLOW_CPU_FALLBACK=1 to run on CPU instead") from None
+            logger.warning("CUDA is not usable (%s); PROMPTBAKE_ALLOW_CPU_FALLBACK=1, running on CPU", e)
+    return Predictor(path, device="cpu", **kwargs)
+
+
+# -- the service -------------------------------------------------------------------------------
+
+def _int_env(name: str, default: int) -> int:
+    # read at import for the decorator below: traffic settings, not the model
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        raise ServiceConfigError(f"{name} must be an integer") from None
+
+
+@bentoml.service(
+    name="promptbake",
+    workers=1,  # one onnxruntime session set per process; scale with replicas (or workers on many cores)
+    traffic={
+        "timeout": _int_env("PROMPTBAKE_TIMEOUT_S", 60),
+        # beyond this many requests in flight BentoML answers 429 at once instead of queueing
+        "max_concurrency": _int_env("PROMPTBAKE_MAX_CONCURRENCY", 64),
+    },
+)
+class PromptbakeService:
+    def __init__(self, config: ServiceConfig | None = None) -> None:
+        if logging.getLogger("promptbake").level == logging.NOTSET:
+            logging.getLogger("promptbake").setLevel(logging.INFO)  # BentoML leaves user loggers at WARNING
+        self.config = cfg = config or ServiceConfig.from_env()
+        harden_pillow(cfg.max_image_pixels)
+        path, name = resolve_artifact(cfg.artifact)
+        self.predictor = create_predictor(path, cfg)
+        m = self.predictor.manifest
+        self.artifact = ArtifactSummary(
+            name=name, method=m.method, backbone=m.backbone, precision=m.precision, embed_dim=m.embed_dim,
+            manifest_sha256=hashlib.sha256((path / MANIFEST_FILENAME).read_bytes()).hexdigest(),
+        )
+        self.providers = list(self.predictor.providers)
+        self.provider = self.providers[0]
+        self.metrics = get_metrics()
+        self.text_cache = TextEmbeddingCache(self.predictor.embed_texts, cfg.text_cache_names)
+        self.batcher = ImageBatcher(self.predictor.embed_pixels, cfg.max_batch_size, cfg.max_latency_ms,
+                                    on_batch=self.metrics.batch_size.observe)
+        logger.info("promptbake: serving %s (%s on %s, %s) with onnxruntime %s on %s (providers %s); "
+                    "batching max_batch_size=%d max_latency_ms=%d", name, m.method, m.backbone, m.precision,
+                    ort.__version__, self.provider, self.providers, cfg.max_batch_size, cfg.max_latency_ms)
+
+    # -- validation (cheap, on the event loop) ---------------------------------------------------
+    def _check_names(self, names: list[str], what: str = "class_names") -> list[str]:
+        cfg = self.config
+        if not names:
+            raise bad_request(f"{what}_empty", f"{what} must not be empty")
+        if len(names) > cfg.max_class_names:
+            raise bad_request(f"too_many_{what}", f"{len(names)} {what}; at most {cfg.max_class_names}",
+                              limit=cfg.max_class_names)
+        keys = []
+        for i, n in enumerate(names):
+            if len(n) > cfg.max_name_chars:
+                raise bad_request("name_length", f"{what}[{i}] has {len(n)} characters; at most {cfg.max_name_chars}",
+                                  limit=cfg.max_name_chars)
+            key = normalize_name(n)
+            if not key:
+                raise bad_request("name_empty", f"{what}[{i}] is empty or only whitespace")
+            keys.append(key)
+        if what == "class_names" and len(set(keys)) != len(keys):
+            seen: dict[str, int] = {}
+            for i, k in enumerate(keys):
+                if k in seen:
+                    raise bad_request("name_duplicate", f"class_names[{i}] {names[i]!r} repeats class_names[{seen[k]}] "
+                                      f"{names[seen[k]]!r} (names are compared ignoring case and extra whitespace)")
+                seen[k] = i
+        return keys
+
+    def _check_images(self, images: list[str]) -> None:
+        if not images:
+            raise bad_request("images_empty", "send at least one image")
+        if len(images) > self.config.max_images:
+            raise bad_request("too_many_images", f"{len(images)} images; at most {self.config.max_images} per request",
+                              limit=self.config.max_images)
+
+    # -- work (off the event loop) ------------------------------------------------------------------
+    def _pixels(self, images: list[str]) -> np.ndarray:
+        """base64 strings -> preprocessed ``[n, 3, S, S]`` float32 (runs in a worker thread)."""
+        cfg = self.config
+        decoded = [decode_image(decode_base64(s, i), i, allowed_formats=cfg.allowed_formats,
+                                max_image_pixels=cfg.max_image_pixels) for i, s in enumerate(images)]
+        return preprocess_batch(decoded, self.predictor.manifest.preprocess)
+
+    async def _image_embeddings(self, images: list[str]) -> np.ndarray:
+        t0 = time.perf_counter()
+        pixels = await anyio.to_thread.run_sync(self._pixels, images)
+        t1 = time.perf_counter()
+        emb = await self.batcher.embed(pixels)
+        self.metrics.stage_seconds.labels("decode").observe(t1 - t0)
+        self.metrics.stage_seconds.labels("image_embed").observe(time.perf_counter() - t1)
+        self.metrics.images.inc(len(images))
+        return emb
+
+    async def _text_embeddings(self, keys: list[str]) -> np.ndarray:
+        t0 = time.perf_counter()
+        emb, hits, misses = await anyio.to_thread.run_sync(self.text_cache.get, keys)
+        self.metrics.text_cache.labels("hit").inc(hits)
+        self.metrics.text_cache.labels("miss").inc(misses)
+        self.metrics.stage_seconds.labels("text_embed").observe(time.perf_counter() - t0)
+        return emb
+
+    async def _conditioned_logits(self, img: np.ndarray, keys: list[str]) -> np.ndarray:
+        t0 = time.perf_counter()
+        # Predictor's (private) image-conditioned path, fed with the batched image embeddings
+        logits = await anyio.to_thread.run_sync(self.predictor._conditioned_logits, img, keys)  # noqa: SLF001
+        self.metrics.stage_seconds.labels("text_embed").observe(time.perf_counter() - t0)
+        return np.asarray(logits, dtype=np.float64)
+
+    def count_error(self, kind: str) -> None:
+        self.metrics.errors.labels(kind).inc()
+
+    async def _respond(self, work: Any) -> Any:
+        """Run an API body; a :class:`RequestError` becomes its JSON response over HTTP, else propagates."""
+        try:
+            return await work
+        except RequestError as e:
+            self.count_error(e.kind)
+            if IN_HTTP_REQUEST.get():
+                return JSONResponse(e.body(), status_code=e.status)
+            raise
+
+    # -- APIs -----------------------------------------------------------------------------------
+    @bentoml.api(route="/classify")
+    async def classify(
+        self,
+        images: list[str] = Field(description="base64-encoded image bytes (JPEG, PNG, WebP, BMP, GIF); "
+                                              "multipart requests send files named 'images' instead"),
+        class_names: list[str] = Field(description="the candidate names, any language the backbone knows"),
+        top_k: int = Field(default=5, description="names listed in each prediction's 'top', best first"),
+    ) -> ClassifyResponse:
+        """Classify each image among ``class_names``; scores are softmax probabilities over those names."""
+        return await self._respond(self._classify(images, class_names, top_k))
+
+    async def _classify(self, images: list[str], class_names: list[str], top_k: int) -> ClassifyResponse:
+        if not 1 <= top_k <= self.config.max_top_k:
+            raise bad_request("top_k", f"top_k must be between 1 and {self.config.max_top_k}, got {top_k}")
+        keys = self._check_names(class_names)
+        self._check_images(images)
+        if self.predictor.conditioned:
+            # class embeddings depend on the image (CoCoOp-like): nothing per name to cache; the
+            # text graph runs on every (image, name) pair
+            img = await self._image_embeddings(images)
+            logits = await self._conditioned_logits(img, keys)
+        else:
+            img, txt = await asyncio.gather(self._image_embeddings(images), self._text_embeddings(keys))
+            # as Predictor.logits: logit_scale * cosine, in float64
+            logits = float(self.predictor.manifest.logit_scale) * img.astype(np.float64) @ txt.astype(np.float64).T
+        # as Predictor.scores: softmax over the names
+        logits -= logits.max(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        k = min(top_k, len(class_names))
+        predictions = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[:k]
+            top = [TopEntry(class_name=class_names[j], score=float(row[j])) for j in order]
+            predictions.append(Prediction(label=top[0].class_name, score=top[0].score, top=top))
+        return ClassifyResponse(artifact=self.artifact, predictions=predictions)
+
+    @bentoml.api(route="/embed_image")
+    async def embed_image(
+        self,
+        images: list[str] = Field(description="base64-encoded image bytes; multipart: files named 'images'"),
+    ) -> EmbeddingResponse:
+        """L2-normalised image embeddings, one row per image (cosine similarity = dot product)."""
+        return await self._respond(self._embed_image(images))
+
+    async def _embed_image(self, images: list[str]) -> EmbeddingResponse:
+        self._check_images(images)
+        emb = await self._image_embeddings(images)
+        return EmbeddingResponse(artifact=self.artifact, dim=emb.shape[1], embeddings=emb.tolist())
+
+    @bentoml.api(route="/embed_text")
+    async def embed_text(
+        self,
+        texts: list[str] = Field(description="class names; each goes through the artifact's prompt templates"),
+    ) -> EmbeddingResponse:
+        """L2-normalised class embeddings (templated and averaged as in classification), one row per text."""
+        return await self._respond(self._embed_text(texts))
+
+    async def _embed_text(self, texts: list[str]) -> EmbeddingResponse:
+        if self.predictor.conditioned:
+            raise bad_request("text_depends_on_image", f"method {self.artifact.method!r} has no image-independent "
+                              "class embeddings (they depend on the image); use /classify")
+        emb = await self._text_embeddings(self._check_names(texts, what="texts"))
+        return EmbeddingResponse(artifact=self.artifact, dim=emb.shape[1], embeddings=emb.tolist())
+
+    @bentoml.api(route="/info")
+    async def info(self) -> InfoResponse:
+        """The artifact, the onnxruntime provider actually in use, the limits and cache counters."""
+        return InfoResponse(
+            artifact=self.artifact, provider=self.provider, providers=self.providers, onnxruntime=ort.__version__,
+            limits=self.config.public(),
+            text_cache={"names": len(self.text_cache), "max_names": self.text_cache.max_names,
+                        "hits": self.text_cache.hits, "misses": self.text_cache.misses},
+            recent_batch_sizes=self.batcher.batch_sizes[-32:],
+        )
+
+    # -- probes and lifecycle ----------------------------------------------------------------------
+    async def __is_ready__(self) -> bool:
+        """``/readyz``: a real image and text inference through the serving path, within a time limit."""
+        try:
+            with anyio.fail_after(self.config.ready_timeout_s):
+                s = self.predictor.manifest.preprocess.image_size
+                pixels = np.zeros((1, 3, s, s), np.float32)
+                img = await self.batcher.embed(pixels)
+                if self.predictor.conditioned:
+                    txt = await self._conditioned_logits(img, ["ready"])
+                else:
+                    txt = await anyio.to_thread.run_sync(self.predictor.embed_texts, ["ready"])
+            ok = bool(np.isfinite(img).all() and np.isfinite(txt).all() and img.shape[1] == self.artifact.embed_dim)
+        except Exception as e:  # noqa: BLE001 - any failure means not ready
+            logger.warning("readiness check failed: %r", e)
+            ok = False
+        return ok
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        # BentoML stops accepting connections and lets in-flight requests finish before this runs
+        self.batcher.close()
+        logger.info("promptbake: shut down")
+
+
+PromptbakeService.add_asgi_middleware(PromptbakeMiddleware)

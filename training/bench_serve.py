@@ -1,0 +1,259 @@
+"""``promptbake bench serve``: the served artifact over HTTP against plain open_clip torch eager.
+
+One run measures, on this machine:
+
+* the single-precision matmul rate (torch ``mm``, fp32, TF32 off), the yardstick for "fraction of
+  peak": images/s x GFLOP per image / matmul GFLOP/s. GFLOP per image is counted by torch's
+  ``FlopCounterMode`` on the backbone's image tower (35.1 for ViT-B-16 at 224 px);
+* the backbone's image tower in open_clip torch eager, in-process (the baseline), and the
+  artifact's image graph in onnxruntime in-process, at batch 1 and ``max_batch_size``;
+* a real ``bentoml serve`` of the artifact on 127.0.0.1: one client sending one image at a time
+  (no batching possible), ``clients`` concurrent clients sending one image each (adaptive batching
+  across requests), and clients sending ``batch_images`` per request; images/s and p50/p99 latency;
+* ``/classify`` with ``n_names`` names never seen (cold: the text graph runs for each) and the
+  same names again (cached).
+
+Images are synthetic JPEGs (320x240 colour fields with shapes), so decoding costs what a photo
+of that size costs.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _jpegs(n: int, seed: int = 0) -> list[bytes]:
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        im = Image.new("RGB", (320, 240), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        d = ImageDraw.Draw(im)
+        for _ in range(6):
+            x, y = rng.integers(0, 300), rng.integers(0, 220)
+            d.ellipse((x, y, x + rng.integers(10, 120), y + rng.integers(10, 120)), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def matmul_gflops(device: str = "cpu", seconds: float = 2.0) -> float:
+    """Sustained fp32 matmul rate of torch on ``device`` (TF32 disabled on CUDA)."""
+    import torch
+
+    n = 2048 if device == "cpu" else 8192
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    torch.mm(a, b)  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        reps += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if time.perf_counter() - t0 >= seconds:
+            break
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def _rate(fn, images_per_call: int, seconds: float) -> float:
+    fn()  # warm-up
+    calls, t0 = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - t0 < seconds:
+        fn()
+        calls += 1
+    return calls * images_per_call / (time.perf_counter() - t0)
+
+
+def bench_in_process(artifact: str | os.PathLike[str], batch: int, device: str, seconds: float) -> dict[str, Any]:
+    """open_clip torch eager vs onnxruntime, image tower only, batch 1 and ``batch``."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from exports.manifest import load_artifact
+    from exports.runtime import Predictor
+    from training.backbones import create_backbone
+
+    manifest = load_artifact(artifact)
+    bb = create_backbone(manifest.backbone)
+    model = bb.model.to(device)
+    s = manifest.preprocess.image_size
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.encode_image(torch.zeros(1, 3, s, s, device=device))
+    gflop = counter.get_total_flops() / 1e9
+    predictor = Predictor(artifact, device=device, batch_size=batch)
+    rows = {}
+    for n in (1, batch):
+        x = torch.randn(n, 3, s, s, device=device)
+        xn = x.cpu().numpy()
+
+        def torch_run() -> None:
+            with torch.no_grad():
+                model.encode_image(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+
+        rows[f"torch eager, batch {n}"] = _rate(torch_run, n, seconds)
+        rows[f"onnxruntime, batch {n}"] = _rate(lambda: predictor.embed_pixels(xn), n, seconds)
+    return {"gflop_per_image": gflop, "backbone": manifest.backbone, "in_process": rows}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _percentiles(lat: list[float]) -> tuple[float, float]:
+    a = np.sort(np.asarray(lat)) * 1e3
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def _traffic(base: str, images: list[bytes], names: list[str], clients: int, requests: int, per_request: int) -> dict[str, Any]:
+    import httpx
+
+    lat: list[float] = []
+    codes: list[int] = []
+
+    def run(i: int) -> None:
+        with httpx.Client(base_url=base, timeout=120) as c:
+            for j in range(requests):
+                k = (i * requests + j) * per_request
+                files = [("images", (f"{m}.jpg", images[(k + m) % len(images)], "image/jpeg")) for m in range(per_request)]
+                t = time.perf_counter()
+                r = c.post("/classify", files=files, data={"class_names": json.dumps(names), "top_k": "1"})
+                lat.append(time.perf_counter() - t)
+                codes.append(r.status_code)
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(run, range(clients)))
+    elapsed = time.perf_counter() - t0
+    ok = sum(c == 200 for c in codes)
+    p50, p99 = _percentiles(lat)
+    return {"images_per_s": ok * per_request / elapsed, "p50_ms": p50, "p99_ms": p99, "requests": len(codes),
+            "failed": len(codes) - ok}
+
+
+def _batch_count(base: str) -> tuple[float, float]:
+    import httpx
+
+    text = httpx.get(base + "/metrics", timeout=30).text
+    vals = {"count": 0.0, "sum": 0.0}
+    for line in text.splitlines():
+        for k in vals:
+            if line.startswith(f"promptbake_image_batch_size_{k}"):
+                vals[k] += float(line.split()[-1])
+    return vals["count"], vals["sum"]
+
+
+def bench_http(artifact: str | os.PathLike[str], *, device: str, clients: int, requests: int, batch_images: int,
+               n_names: int, max_batch_size: int, max_latency_ms: int) -> dict[str, Any]:
+    import httpx
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBAKE_")}
+    env.update(PYTHONPATH=str(REPO), BENTOML_DO_NOT_TRACK="True", PROMPTBAKE_MAX_BATCH_SIZE=str(max_batch_size),
+               PROMPTBAKE_MAX_LATENCY_MS=str(max_latency_ms), PROMPTBAKE_MAX_CLASS_NAMES=str(max(n_names, 1000)))
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"promptbake-bench-serve-{port}.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--artifact", str(artifact), "--host", "127.0.0.1",
+                             "--port", str(port), "--device", device], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not become ready; see {log.name}")
+            try:
+                if httpx.get(base + "/readyz", timeout=30).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        info = httpx.get(base + "/info", timeout=30).json()
+        images = _jpegs(64)
+        names = ["cat", "dog", "car", "tree", "house", "person", "bird", "boat"]
+        _traffic(base, images, names, 2, 5, 1)  # warm-up: sessions, cache, dispatcher training
+        rows = {}
+        rows["1 client x 1 image/request"] = _traffic(base, images, names, 1, requests, 1)
+        c0, s0 = _batch_count(base)
+        rows[f"{clients} clients x 1 image/request"] = r = _traffic(base, images, names, clients, max(1, requests // clients), 1)
+        c1, s1 = _batch_count(base)
+        r["mean_batch"] = (s1 - s0) / max(c1 - c0, 1)
+        rows[f"{max(1, clients // 4)} clients x {batch_images} images/request"] = _traffic(
+            base, images, names, max(1, clients // 4), max(1, requests // clients), batch_images)
+        fresh = [f"object number {i}" for i in range(n_names)]
+        timings = []
+        with httpx.Client(base_url=base, timeout=600) as c:  # one connection, as a real client keeps
+            c.get("/livez")
+            for _ in range(3):  # cold, then cached (best of two)
+                t = time.perf_counter()
+                r = c.post("/classify", files=[("images", ("a.jpg", images[0], "image/jpeg"))],
+                           data={"class_names": json.dumps(fresh), "top_k": "1"})
+                timings.append(time.perf_counter() - t)
+                r.raise_for_status()
+        timings = [timings[0], min(timings[1:])]
+        return {"provider": info["provider"], "http": rows, "names": {"n": n_names, "cold_s": timings[0], "cached_s": timings[1]}}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def bench_serve(artifact: str | os.PathLike[str], *, device: str = "cpu", clients: int = 16, requests: int = 64,
+                batch_images: int = 8, n_names: int = 1000, seconds: float = 3.0, max_batch_size: int = 32,
+                max_latency_ms: int = 5000) -> dict[str, Any]:
+    peak = matmul_gflops(device)
+    res = bench_in_process(artifact, max_batch_size, device, seconds)
+    res.update(bench_http(artifact, device=device, clients=clients, requests=requests, batch_images=batch_images,
+                          n_names=n_names, max_batch_size=max_batch_size, max_latency_ms=max_latency_ms))
+    res.update(matmul_gflops=peak, device=device, cpu_count=os.cpu_count())
+    return res
+
+
+def format_serve_table(res: dict[str, Any]) -> str:
+    g, peak = res["gflop_per_image"], res["matmul_gflops"]
+    base = res["in_process"]["torch eager, batch 1"]
+    lines = [
+        f"backbone {res['backbone']} ({g:.3g} GFLOP/image), device {res['device']} (served on {res['provider']}), "
+        f"fp32 matmul {peak:.1f} GFLOP/s, {res['cpu_count']} CPUs",
+        "",
+        "| path | images/s | vs torch eager b1 | p50 ms | p99 ms | fraction of peak |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, ips in res["in_process"].items():
+        lines.append(f"| in-process {name} | {ips:.1f} | {ips / base:.2f}x | | | {100 * ips * g / peak:.1f}% |")
+    for name, r in res["http"].items():
+        extra = f" (mean batch {r['mean_batch']:.1f})" if "mean_batch" in r else ""
+        failed = f", {r['failed']} failed" if r["failed"] else ""
+        lines.append(f"| HTTP {name}{extra}{failed} | {r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f}x | "
+                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {100 * r['images_per_s'] * g / peak:.1f}% |")
+    n = res["names"]
+    lines += ["", f"/classify with {n['n']} new class names: {n['cold_s'] * 1e3:.0f} ms cold, "
+              f"{n['cached_s'] * 1e3:.0f} ms cached ({n['cold_s'] / max(n['cached_s'], 1e-9):.0f}x)"]
+    return "\n".join(lines)
