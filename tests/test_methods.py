@@ -155,3 +155,19 @@ def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.n_ctx = 3  # type: ignore[misc]
 
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_trimmed_tokens_give_the_same_embeddings(name, tiny_backbone):
+    """tokenize() drops padding after the longest prompt; the causal text tower must not notice."""
+    method = _make(name, tiny_backbone)
+    trimmed = method.tokenize(CLASSES)
+    full = torch.stack([tiny_backbone.tokenizer([t.format(c) for c in CLASSES]) for t in method.prompt_templates()])
+    assert trimmed.shape[-1] < full.shape[-1] == tiny_backbone.context_length
+    assert torch.equal(trimmed, full[..., : trimmed.shape[-1]])
+    if method.capabilities.text_depends_on_image:
+        feats = torch.randn(2, tiny_backbone.embed_dim)
+        a, b = method.logits_from_features(feats, trimmed), method.logits_from_features(feats, full)
+    else:
+        a, b = method.class_embeddings(trimmed), method.class_embeddings(full)
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())

@@ -73,7 +73,8 @@ def test_towers_without_prompts_reproduce_open_clip(deeper_backbone):
         assert not m.capabilities.changes_image_graph
         assert torch.equal(m.encode_image(images), clip.encode_image(images))
         written = deeper_backbone.tokenizer([f"a photo of a {c}." for c in CLASSES])
-        assert torch.allclose(m.encode_text(m.tokenize(CLASSES)[0]), clip.encode_text(written), atol=1e-6, rtol=0)
+        # tokenize() trims padding (exact in math; matmuls of another shape round differently)
+        assert torch.allclose(m.encode_text(m.tokenize(CLASSES)[0]), clip.encode_text(written), atol=1e-5, rtol=0)
 
 
 def _reference_text(clip, emb, tokens, ctx, deep):
@@ -111,7 +112,8 @@ def test_deep_prompts_follow_the_reference_layout(name, deeper_backbone):
     assert len(m.deep_text) == 1 and len(m.deep_vision) == 1  # layer 1 replaced, layer 2 keeps them as tokens
     tokens = m.tokenize(CLASSES)[0]
     clip = deeper_backbone.model
-    ref = _reference_text(clip, clip.token_embedding(tokens), tokens, m.ctx, list(m.deep_text))
+    full = torch.nn.functional.pad(tokens, (0, clip.context_length - tokens.shape[-1]))  # the reference runs all 77
+    ref = _reference_text(clip, clip.token_embedding(full), full, m.ctx, list(m.deep_text))
     assert torch.allclose(m.encode_text(tokens), ref, atol=1e-5, rtol=0)
     images = torch.randn(3, 3, 32, 32)
     ref = _reference_image(clip.visual, images, m.vision_ctx, list(m.deep_vision))

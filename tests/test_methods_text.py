@@ -197,6 +197,7 @@ def test_tcp_default_injection_layer(tiny_backbone):
 def _tcp_reference(m, tokens):
     """TCP's text path as the reference writes it: prefix/ctx/suffix, replace the slots before block k."""
     clip, n = m.clip, m.n_ctx
+    tokens = F.pad(tokens, (0, clip.context_length - tokens.shape[-1]))  # the reference runs the full context
     learned, hand_tokens = tokens
     with torch.no_grad():
         hand = F.normalize(clip.encode_text(hand_tokens), dim=-1)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.backbones import Backbone
+from training.methods.text import trim_tokens
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,13 @@ class PromptMethod(nn.Module):
         raise NotImplementedError
 
     def tokenize(self, classnames: Sequence[str]) -> torch.Tensor:
-        """[T, C, L] token ids: every template filled with every class name."""
-        return torch.stack([self.backbone.tokenizer([t.format(c) for c in classnames]) for t in self.prompt_templates()])
+        """[T, C, L'] token ids: every template filled with every class name.
+
+        Padding after the longest prompt is trimmed (exact for the causal text tower, and several
+        times cheaper); exported graphs still take the full context length.
+        """
+        tokens = torch.stack([self.backbone.tokenizer([t.format(c) for c in classnames]) for t in self.prompt_templates()])
+        return trim_tokens(tokens, self.backbone.eot_token_id)
 
     def class_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         """[T, C, L] tokens -> [C, D] L2-normalised, averaged over templates (open_clip's recipe)."""

@@ -34,7 +34,7 @@ from torch import nn
 from training.backbones import Backbone
 from training.methods.base import MethodConfig, PromptMethod
 from training.methods.coop import PLACEHOLDER, context_gather_index, init_context
-from training.methods.text import eot_positions
+from training.methods.text import eot_positions, text_position_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,8 @@ def encode_text_deep(
     clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Tensor, deep_prompts: Sequence[torch.Tensor] = (), start: int = 1
 ) -> torch.Tensor:
     """open_clip's text tower from token embeddings [C, L, W], with deep prompts -> [C, D]."""
-    x = embeddings + clip.positional_embedding.to(embeddings.dtype)
-    x = run_blocks(clip.transformer, x, deep_prompts, start, attn_mask=clip.attn_mask)
+    pos, mask = text_position_inputs(clip, embeddings.shape[1], embeddings.dtype)
+    x = run_blocks(clip.transformer, embeddings + pos, deep_prompts, start, attn_mask=mask)
     x = clip.ln_final(x)  # [C, L, W]
     x = x[torch.arange(x.shape[0], device=x.device), eot_idx]  # [C, W]
     proj = clip.text_projection

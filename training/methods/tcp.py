@@ -57,7 +57,7 @@ from training.backbones import Backbone
 from training.methods.base import MethodConfig, PromptMethod, register_method
 from training.methods.coop import PLACEHOLDER, context_gather_index, init_context
 from training.methods.kgcoop import HANDCRAFTED_TEMPLATE, check_template, frozen_text_features, knowledge_distance
-from training.methods.text import eot_positions
+from training.methods.text import eot_positions, text_position_inputs
 
 
 def default_inject_layer(layers: int) -> int:
@@ -155,7 +155,8 @@ class TCP(PromptMethod):
         index = context_gather_index(tokens, eot, self.n_ctx, "end")
         full = torch.cat([emb, self.ctx.to(emb.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)], dim=1)
         x = full.gather(1, index.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))  # [C, L, W]
-        x = x + clip.positional_embedding.to(x.dtype)
+        pos, mask = text_position_inputs(clip, x.shape[1], x.dtype)
+        x = x + pos
         class_tokens = self.class_tokens(handcrafted.to(x.dtype))  # [C, n_ctx, W]
         w = self.config.inject_weight
         if not clip.transformer.batch_first:
@@ -165,7 +166,7 @@ class TCP(PromptMethod):
                 mid = x[:, 1 : 1 + self.n_ctx]
                 mid = class_tokens.to(x.dtype) if w == 1.0 else w * class_tokens.to(x.dtype) + (1 - w) * mid
                 x = torch.cat([x[:, :1], mid, x[:, 1 + self.n_ctx :]], dim=1)
-            x = block(x, attn_mask=clip.attn_mask)
+            x = block(x, attn_mask=mask)
         x = clip.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # [C, W]
         proj = clip.text_projection
