@@ -16,3 +16,27 @@ def test_quickstart_runs_every_step(colour_root, tmp_path, capsys):
     novel = {"magenta", "red", "yellow"}
     assert result["examples"] and all(e["truth"] in novel and e["predicted"] in novel for e in result["examples"])
     assert main(["verify", str(out / "artifact")]) == 0
+
+
+def test_default_served_artifact_is_the_embedded_backbone(tmp_path, monkeypatch):
+    """The real thing once: emoji-vit-s exports with parity and classifies a benchmark image by name."""
+    from exports.manifest import load_artifact
+    from exports.runtime import Predictor
+    from PIL import Image
+
+    from training.data import load_dataset, split_base_novel
+    from training.defaults import ensure_default_artifact
+
+    monkeypatch.setenv("PROMPTBAKE_HOME", str(tmp_path))
+    art = ensure_default_artifact()
+    manifest = load_artifact(art)
+    assert manifest.backbone == "emoji-vit-s" and manifest.method == "zeroshot"
+    assert manifest.parity.max_abs_diff_image <= 1e-4 and manifest.parity.max_abs_diff_text <= 1e-4
+    stamp = (art / "manifest.json").stat().st_mtime_ns
+    assert ensure_default_artifact() == art and (art / "manifest.json").stat().st_mtime_ns == stamp
+
+    _, novel = split_base_novel(load_dataset("emoji-nature"))
+    sample = novel.test[0]
+    with Image.open(sample.path) as im:
+        pred = Predictor(art).classify([im.convert("RGB")], list(novel.classnames), top_k=5)[0]
+    assert pred["label"] in novel.classnames and len(pred["top"]) == 5

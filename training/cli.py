@@ -263,16 +263,19 @@ def _main_serve(argv: Sequence[str]) -> int:
                                 "(limits and keys: PROMPTBAKE_* variables, see docs/service.md).")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--artifact", default=os.environ.get("PROMPTBAKE_ARTIFACT"), metavar="ART_DIR|MODEL_TAG",
-                   help="artifact directory or BentoML model tag (default: $PROMPTBAKE_ARTIFACT)")
+                   help="artifact directory or BentoML model tag (default: $PROMPTBAKE_ARTIFACT, else zero-shot "
+                        "CLIP on the embedded emoji-vit-s, exported on first use)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--device", choices=["cpu", "cuda"], default=os.environ.get("PROMPTBAKE_DEVICE", "cpu"))
     p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU when CUDA is unusable")
     args = p.parse_args(argv[1:] if argv[:1] == ["serve"] else argv)
     _setup_logging(args.verbose)
-    if not args.artifact:
-        p.error("--artifact is required (or set PROMPTBAKE_ARTIFACT)")
     try:
+        if not args.artifact:
+            from training.defaults import ensure_default_artifact  # imports torch only for this one-time export
+
+            args.artifact = str(ensure_default_artifact())
         return cmd_serve(args)
     except (ValueError, FileNotFoundError) as e:  # ArtifactError is a ValueError
         print(f"promptbake: error: {e}", file=sys.stderr)
