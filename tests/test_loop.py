@@ -34,6 +34,8 @@ def test_config_validation():
         TrainConfig(optimizer="rmsprop")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         TrainConfig(precision="fp8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="min_crop_scale"):
+        TrainConfig(min_crop_scale=0.0)
 
 
 @pytest.fixture(scope="module")

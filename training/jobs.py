@@ -89,7 +89,7 @@ def train_job(
     model = spec.method_cls(bb, method_cfg, base.classnames)
     train_samples = sample_few_shot(base.train, shots, seed)
     logger.info("training %s on %d base classes, %d images (%d-shot, seed %d)", method, len(base.classnames), len(train_samples), shots, seed)
-    train_set = SampleDataset(train_samples, build_train_transform(bb.preprocess))
+    train_set = SampleDataset(train_samples, build_train_transform(bb.preprocess, train_cfg.min_crop_scale))
     tokens = model.tokenize(base.classnames)
     train(model, train_set, tokens, train_cfg, run, seed, progress=progress)
     return run

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from training.data import SampleDataset, build_train_transform
+from training.data import SampleDataset
 from training.methods.base import PromptMethod
 from training.runs import CHECKPOINT_FILE, LEARNED_FILE, RunDir, atomic_save_tensors, load_tensors
 
@@ -46,6 +46,8 @@ class TrainConfig:
     feature_cache_views: 0 = off (the reference protocol). N > 0 precomputes the image features of
         N augmented views per training image once, then samples one view per image per epoch;
         only for methods that leave the image encoder untouched.
+    min_crop_scale: smallest area fraction of RandomResizedCrop (reference 0.08; on small,
+        centred objects such crops often cut the object out).
     """
 
     epochs: int = 10
@@ -60,6 +62,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 0
     feature_cache_views: int = 0
+    min_crop_scale: float = 0.08
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -72,6 +75,8 @@ class TrainConfig:
             raise ValueError("lr and warmup_lr must be > 0")
         if self.precision not in ("auto", "fp32", "amp"):
             raise ValueError(f"precision must be auto, fp32 or amp, got {self.precision!r}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
         if self.workers < 0 or self.feature_cache_views < 0 or self.warmup_epochs < 0:
             raise ValueError("workers, feature_cache_views and warmup_epochs must be >= 0")
 

@@ -53,15 +53,21 @@ def _interpolation(pre: PreprocessLike) -> T.InterpolationMode:
     return _INTERPOLATION[name]
 
 
-def build_train_transform(pre: PreprocessLike) -> Callable[[Image.Image], torch.Tensor]:
+def build_train_transform(pre: PreprocessLike, min_crop_scale: float = TRAIN_CROP_SCALE[0]) -> Callable[[Image.Image], torch.Tensor]:
     """CoOp's training augmentation: RGB -> RandomResizedCrop -> flip -> tensor -> normalise.
+
+    Args:
+        pre: the backbone's preprocessing.
+        min_crop_scale: smallest crop area fraction (the reference's 0.08 by default).
 
     Returns:
         PIL image -> float32 tensor ``[3, S, S]``.
     """
+    if not 0 < min_crop_scale <= 1:
+        raise ValueError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}")
     return T.Compose([
         ToRGB(),
-        T.RandomResizedCrop(pre.image_size, scale=TRAIN_CROP_SCALE, interpolation=_interpolation(pre)),
+        T.RandomResizedCrop(pre.image_size, scale=(min_crop_scale, TRAIN_CROP_SCALE[1]), interpolation=_interpolation(pre)),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(mean=tuple(pre.mean), std=tuple(pre.std)),
