@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/quickstart")
     s.add_argument("--method", default="coop")
     s.add_argument("--backbone", default="emoji-vit-s")
-    s.add_argument("--dataset", default="emoji-lineart")
+    s.add_argument("--dataset", default="emoji-nature",
+                   help="default emoji-nature: the styles emoji-vit-s v1 has learned (line art not yet)")
     s.add_argument("--epochs", type=int, default=10, help="short by default; the reference config trains longer")
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--no-progress", action="store_true")

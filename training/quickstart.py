@@ -22,7 +22,7 @@ def quickstart(
     out: str | Path,
     method: str = "coop",
     backbone: str = "emoji-vit-s",
-    dataset: str = "emoji-lineart",
+    dataset: str = "emoji-nature",
     epochs: int = 10,
     seed: int = 1,
     shots: int = 16,
