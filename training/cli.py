@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = bench.add_parser("cache", help="train twice, feature cache off and on, and compare time and accuracy")
     c.add_argument("--method", default="coop")
     c.add_argument("--backbone", default="emoji-vit-s")
-    c.add_argument("--dataset", default="emoji-lineart")
+    c.add_argument("--dataset", default="emoji-nature")
     c.add_argument("--epochs", type=int, default=10)
     c.add_argument("--views", type=int, default=10)
     c.add_argument("--seed", type=int, default=1)
