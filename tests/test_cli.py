@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -126,4 +125,4 @@ def test_console_script_runs():
     exe = os.path.join(os.path.dirname(sys.executable), "promptbake")
     out = subprocess.run([exe, "methods"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "coop" in out.stdout and not math.isnan(len(out.stdout))
+    assert "coop" in out.stdout

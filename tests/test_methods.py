@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from training.methods import Capabilities, PromptMethod, create_method, get_method, list_methods, register_method
+from training.methods import Capabilities, create_method, get_method, list_methods, register_method
 from training.methods.coop import CoOp
 from training.methods.text import eot_positions
 from training.runs import atomic_save_tensors, load_tensors
