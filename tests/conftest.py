@@ -1,6 +1,9 @@
-"""Shared fixtures: the tiny backbone and a small separable image-folder dataset."""
+"""Shared fixtures: the tiny backbone, a small separable image-folder dataset, and every method
+trained and exported once per session (through the CLI, as a user would)."""
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +51,36 @@ def tiny_backbone():
     from training.backbones import create_backbone
 
     return create_backbone("test-tiny")
+
+
+@pytest.fixture(scope="session")
+def colour_spec(colour_root) -> str:
+    return f"folder:{colour_root}"
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, colour_spec):
+    """``get(name) -> (run dir, artifact dir or the CLI's error line)``.
+
+    Each method is trained once per session with ``promptbake train`` (test-tiny, 2 shots, one
+    epoch) and exported with ``promptbake export`` (fp32, parity checked), lazily on first use.
+    """
+    from training.cli import main
+
+    cache: dict[str, tuple[Path, Path | str]] = {}
+
+    def get(name: str) -> tuple[Path, Path | str]:
+        if name not in cache:
+            root = tmp_path_factory.mktemp(f"export-{name}")
+            run, art = root / "run", root / "artifact"
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                rc = main(["train", "--method", name, "--backbone", "test-tiny", "--dataset", colour_spec,
+                           "--shots", "2", "--seed", "1", "--out", str(run), "--epochs", "1", "--batch-size", "4",
+                           "--no-progress"])
+                assert rc == 0, f"promptbake train --method {name} failed: {err.getvalue()}"
+                rc = main(["export", "--run", str(run), "--out", str(art)])
+            cache[name] = (run, art if rc == 0 else err.getvalue())
+        return cache[name]
+
+    return get

@@ -6,10 +6,8 @@ real subprocess) gives torch's predictions, and the runtime imports no torch.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -36,7 +34,7 @@ from training.cli import main
 from training.data import load_dataset
 from training.data.transforms import build_eval_transform, load_image
 from training.evaluate import predict_samples
-from training.jobs import load_run_method, train_job
+from training.jobs import load_run_method
 from training.methods import Capabilities, create_method, list_methods
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,28 +55,8 @@ METHODS = [spec.name for spec in list_methods()]
 
 
 @pytest.fixture(scope="module")
-def dataset_spec(colour_root) -> str:
-    return f"folder:{colour_root}"
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, dataset_spec):
-    """name -> (run dir, artifact dir or the CLI's error line); trained and exported once per method."""
-    cache: dict[str, tuple[Path, Path | str]] = {}
-
-    def get(name: str) -> tuple[Path, Path | str]:
-        if name not in cache:
-            root = tmp_path_factory.mktemp(f"export-{name}")
-            run = train_job(name, "test-tiny", dataset_spec, shots=2, seed=1, out=root / "run",
-                            train_options={"epochs": 1, "batch_size": 4}, progress=False)
-            art = root / "artifact"
-            err = io.StringIO()
-            with contextlib.redirect_stderr(err):
-                rc = main(["export", "--run", str(run.path), "--out", str(art)])
-            cache[name] = (run.path, art if rc == 0 else err.getvalue())
-        return cache[name]
-
-    return get
+def dataset_spec(colour_spec) -> str:
+    return colour_spec
 
 
 def _torch_class_embeddings(method, names):

@@ -1,7 +1,7 @@
 """The BentoML service, tested as BentoML documents it: the class called directly, the ASGI app with
 a test client, and one real ``bentoml serve`` (through ``promptbake serve``) on 127.0.0.1.
 
-One artifact per module: test-tiny, CoOp, one epoch on the colour dataset, exported. Checked:
+One artifact: test-tiny, CoOp, one epoch on the colour dataset, exported (shared with the export tests). Checked:
 served predictions equal ``Predictor.classify`` and ``promptbake predict``; every limit answers
 its 4xx JSON error and the next good request succeeds; a bounded concurrent load completes with
 no failures other than deliberate 429/503 and batches images across requests; ``import service``
@@ -61,19 +61,11 @@ def _restore_pillow_settings():
     warnings._filters_mutated()  # noqa: SLF001 - invalidate the warnings cache after editing the list
 
 
-def _make_artifact(method: str, root: Path, colour_root: Path) -> Path:
-    from training.export import export_run
-    from training.jobs import train_job
-
-    run = train_job(method, "test-tiny", f"folder:{colour_root}", shots=2, seed=1, out=root / "run",
-                    train_options={"epochs": 1, "batch_size": 4}, progress=False)
-    export_run(run.path, root / "artifact")
-    return root / "artifact"
-
-
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory, colour_root) -> Path:
-    return _make_artifact("coop", tmp_path_factory.mktemp("service"), colour_root)
+def artifact(exported) -> Path:
+    _, art = exported("coop")  # trained and exported once per session (conftest)
+    assert isinstance(art, Path), art
+    return art
 
 
 @pytest.fixture(scope="module")
@@ -203,12 +195,12 @@ def test_class_called_directly(artifact, test_images, monkeypatch):
     assert asyncio.run(svc.__is_ready__()) is True
 
 
-def test_image_conditioned_method_is_served(tmp_path, colour_root, test_images, monkeypatch):
+def test_image_conditioned_method_is_served(exported, test_images, monkeypatch):
     # CoCoOp: class embeddings depend on the image, so no name cache and no /embed_text
     from service.errors import RequestError
     from service.service import PromptbakeService
 
-    art = _make_artifact("cocoop", tmp_path, colour_root)
+    _, art = exported("cocoop")
     monkeypatch.setenv("PROMPTBAKE_ARTIFACT", str(art))
     svc = PromptbakeService()
     paths = test_images[::3]

@@ -1,0 +1,114 @@
+"""Every registered method end to end, the way a user drives it: ``promptbake train`` ->
+``promptbake eval`` -> ``promptbake export`` (parity checked) -> ``promptbake verify`` -> served by the
+BentoML service over HTTP (its ASGI app with a test client) with the same answers as the runtime.
+
+Training and export happen once per session (the ``exported`` fixture in conftest, shared with
+tests/test_export.py, which checks the graphs against torch in detail).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.methods import list_methods
+
+METHODS = [spec.name for spec in list_methods()]
+NAMES = ["red", "green", "blue", "yellow", "cyan", "magenta"]
+UNSEEN = ["crimson", "navy blue", "lime"]  # names the methods never saw
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_pillow_settings():
+    """The service hardens Pillow process-wide; undo it for the other test modules."""
+    import warnings
+
+    from PIL import ImageFile
+
+    saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES, list(warnings.filters))
+    yield
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved[0], saved[1]
+    warnings.filters[:] = saved[2]
+    warnings._filters_mutated()  # noqa: SLF001 - invalidate the warnings cache after editing the list
+
+
+@pytest.fixture
+def fresh_http_metrics():
+    """BentoML registers its HTTP metrics once per process; this test starts one app per method.
+
+    Unregister BentoML's ``bentoml_*`` collectors after each app (the service's own metrics are
+    process-wide singletons and survive), so the next app can register them again.
+    """
+    yield
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    registry = BentoMLContainer.metrics_client.get().registry
+    for collector in list(registry._collector_to_names):  # noqa: SLF001 - no public way to list collectors
+        if any(n.startswith("bentoml_") for n in registry._collector_to_names[collector]):  # noqa: SLF001
+            registry.unregister(collector)
+
+
+def test_all_ten_methods_are_registered():
+    # the issue's ten: zero-shot, CoOp and the eight baselines; a dropped registration fails here
+    assert set(METHODS) >= {"zeroshot", "coop", "cocoop", "kgcoop", "prograd", "tcp", "vpt", "ivlp", "maple", "promptsrc"}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_train_eval_export_verify_serve(name, exported, colour_root, capsys, monkeypatch, fresh_http_metrics):
+    from starlette.testclient import TestClient
+
+    from exports.manifest import load_artifact
+    from exports.runtime import Predictor
+    from service.service import PromptbakeService
+    from training.cli import main
+
+    run, art = exported(name)
+    assert isinstance(art, Path), f"promptbake export failed for {name}: {art}"
+
+    # eval: base / novel / HM written next to the run
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--no-progress"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("base_acc", "novel_acc", "hm"):
+        assert 0.0 <= metrics[key] <= 100.0, metrics
+    assert name in capsys.readouterr().out
+
+    # export kept parity; verify re-checks every file's hash
+    manifest = load_artifact(art)
+    assert manifest.method == name and manifest.parity.top1_agreement == 1.0
+    assert main(["verify", str(art)]) == 0
+    assert capsys.readouterr().out.startswith(f"OK {art}: {name}")
+
+    # served: the HTTP answers equal the runtime's, for trained and never-seen names
+    monkeypatch.setenv("PROMPTBAKE_ARTIFACT", str(art))
+    paths = sorted((colour_root / "test").rglob("*.png"))[::2]
+    names = NAMES + UNSEEN
+    predictor = Predictor(art)
+    images = [Image.open(p).convert("RGB") for p in paths]
+    want = predictor.classify(images, names, top_k=3)
+    with TestClient(PromptbakeService.to_asgi()) as client:
+        assert client.get("/readyz").status_code == 200
+        r = client.post("/classify", files=[("images", (p.name, p.read_bytes(), "image/png")) for p in paths],
+                        data={"class_names": json.dumps(names), "top_k": "3"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["artifact"]["method"] == name
+        got = body["predictions"]
+        assert [g["label"] for g in got] == [w["label"] for w in want]
+        for g, w in zip(got, want):
+            assert [t["class_name"] for t in g["top"]] == [t["class_name"] for t in w["top"]]
+            assert np.allclose([t["score"] for t in g["top"]], [t["score"] for t in w["top"]], atol=1e-5)
+
+        r = client.post("/embed_image", files=[("images", (p.name, p.read_bytes(), "image/png")) for p in paths[:3]])
+        assert r.status_code == 200, r.text
+        assert np.abs(np.array(r.json()["embeddings"]) - predictor.embed_images(images[:3])).max() <= 1e-5
+
+        r = client.post("/embed_text", json={"texts": names})
+        if manifest.capabilities.text_depends_on_image:  # CoCoOp: no image-independent text embeddings
+            assert r.status_code == 400 and r.json()["error"]["kind"] == "text_depends_on_image", r.text
+        else:
+            assert r.status_code == 200, r.text
+            assert np.abs(np.array(r.json()["embeddings"]) - predictor.embed_texts(names)).max() <= 1e-5
