@@ -1,14 +1,127 @@
-"""The CLI contract: methods, datasets, train, eval, and one-line errors."""
+"""The CLI contract: one parser for every command, methods, datasets, train, eval, and one-line errors."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from training.cli import main
+import training.cli as cli
+from training.cli import build_parser, main
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = {"methods", "datasets", "backbones", "train", "eval", "quickstart", "benchmark", "pretrain", "bench",
+            "export", "verify", "predict", "serve"}
+
+
+def _choices(help_text: str) -> set[str]:
+    """The subcommands a help text lists, from the first ``{a,b,...}`` in its usage."""
+    m = re.search(r"\{([a-z,]+)\}", help_text)
+    assert m, help_text
+    return set(m.group(1).split(","))
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert _choices(out) == COMMANDS
+    for name in COMMANDS:  # each with its one-line description
+        assert re.search(rf"^    {name} +\S", out, re.M), name
+    assert main(["bench", "--help"]) == 0
+    assert _choices(capsys.readouterr().out) == {"cache", "serve"}
+
+
+def test_parser_and_torch_free_commands_import_no_torch(tmp_path):
+    # a fresh process (this one imported torch long ago); the handlers run up to their missing-artifact error
+    code = """
+import contextlib, io, sys
+from training.cli import build_parser, main
+build_parser()
+art = sys.argv[1]
+with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    rcs = [main(argv) for argv in (["--help"], ["verify", "--help"], ["predict", "--help"], ["serve", "--help"],
+                                   ["bench", "serve", "--help"], ["verify", art], ["serve", "--artifact", art],
+                                   ["predict", "--artifact", art, "--class-names", '["a"]', "x.png"])]
+print(rcs, sorted(m for m in ("torch", "open_clip") if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "no-artifact")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[0, 0, 0, 0, 0, 2, 2, 2] []"
+
+
+def test_serve_without_artifact_uses_the_default_one(monkeypatch, tmp_path, capsys):
+    import training.defaults
+
+    monkeypatch.delenv("PROMPTBAKE_ARTIFACT", raising=False)
+    monkeypatch.setattr(training.defaults, "ensure_default_artifact", lambda: tmp_path / "default-artifact")
+    assert main(["serve"]) == 2  # checked before BentoML is exec'd
+    assert f"{tmp_path / 'default-artifact'}: no such artifact directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["nosuch"], "invalid choice: 'nosuch'"),
+        ([], "required: command"),
+        (["bench"], "required: bench"),
+        (["verify"], "required: ART_DIR"),
+        (["methods", "--bogus"], "unrecognized arguments: --bogus"),
+        (["bench", "serve", "--artifact", "a", "--bogus"], "see `promptbake bench serve --help`"),
+        (["eval", "--r", "x"], "required: --run"),  # no abbreviations
+        (["train", "--method", "nosuch", "--help"], "unknown method 'nosuch'"),
+    ],
+)
+def test_usage_errors_are_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("promptbake: error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+@pytest.mark.parametrize(
+    "argv, verbose",
+    [
+        (["methods"], False),
+        (["-v", "methods"], True),
+        (["methods", "-v"], True),
+        (["--verbose", "serve", "--artifact", "a"], True),
+        (["serve", "--artifact", "a", "-v"], True),
+        (["bench", "-v", "serve", "--artifact", "a"], True),
+        (["bench", "serve", "--artifact", "a", "--verbose"], True),
+        (["verify", "a"], False),
+    ],
+)
+def test_verbose_before_or_after_the_command(argv, verbose):
+    args, extra = build_parser().parse_known_args(argv)
+    assert (args.verbose, extra) == (verbose, [])
+
+
+def test_pretrain_gets_every_argument_after_it(monkeypatch, capsys):
+    import training.benchmark.pretrain as pretrain
+
+    with pytest.raises(SystemExit) as e:  # its own parser, its own --help
+        main(["pretrain", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--out OUT" in out and "--steps" in out and "--stop-after" in out
+    seen = []
+    monkeypatch.setattr(pretrain, "main", seen.append)
+    assert main(["-v", "pretrain", "--out", "x", "--steps", "3", "-v", "--help"]) == 0
+    assert seen == [["--out", "x", "--steps", "3", "-v", "--help"]]
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_datasets", interrupted)
+    assert main(["datasets"]) == 130
+    assert "interrupted" in capsys.readouterr().err
 
 
 def test_methods_lists_registry_with_capabilities(capsys):
@@ -75,6 +188,7 @@ def test_zeroshot_eval_and_seed_summary(colour_root, tmp_path, capsys):
         (["--method", "coopp"], "Did you mean coop"),
         (["--n-ctx", "0"], "n_ctx must be >= 1"),
         (["--epochs", "-1"], "epochs must be >= 0"),
+        (["--n-ctx", "abc"], "argument --n-ctx: invalid int value: 'abc'"),
     ],
 )
 def test_bad_input_is_one_line_error(argv, message, colour_root, tmp_path, capsys):
@@ -118,7 +232,10 @@ def test_eval_of_unfinished_run_says_so(tmp_path, capsys):
 def test_method_help_lists_method_options(capsys):
     assert main(["train", "--method", "coop", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--n-ctx" in out and "--class-token-position" in out
+    assert "--n-ctx" in out and "--class-token-position" in out and "--batch-size" not in out
+    assert main(["train", "--help"]) == 0  # without a method: the train and training options
+    out = capsys.readouterr().out
+    assert "--batch-size" in out and "--class-token-position" not in out
 
 
 def test_console_script_runs():

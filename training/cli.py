@@ -1,8 +1,11 @@
 """The ``promptbake`` command line.
 
-Method options and training options are derived from the typed config dataclasses, so a new
-method's options appear here without touching this file. Errors a user can cause (bad spec, bad
-option, missing file) print one line and exit with status 2; no traceback.
+One parser lists every command. Building it imports no torch: the ``train`` options come from
+:class:`training.config.TrainConfig` (standard library only), and each command imports its heavy
+modules inside its handler, so ``verify``, ``predict`` and ``serve`` run without torch, like the
+service. Method options and training options are derived from the typed config dataclasses, so a
+new method's options appear here without touching this file. Errors a user can cause (bad spec,
+bad option, missing file) print one line and exit with status 2; no traceback.
 """
 from __future__ import annotations
 
@@ -10,10 +13,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
-from typing import Any, Literal, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NoReturn, Sequence, get_args, get_origin, get_type_hints
+
+from training.config import TrainConfig
 
 logger = logging.getLogger("promptbake")
 
@@ -50,6 +56,18 @@ def _add_dataclass_options(parser: argparse.ArgumentParser | argparse._ArgumentG
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _error(message: str) -> int:
+    print(f"promptbake: error: {message}", file=sys.stderr)
+    return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other promptbake error (argparse would print the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"promptbake: error: {message} (see `{self.prog} --help`)\n")
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -94,19 +112,49 @@ def _parse_method_options(method: str, argv: Sequence[str]) -> dict[str, Any]:
     from training.methods import get_method
 
     spec = get_method(method)
-    p = argparse.ArgumentParser(prog=f"promptbake train --method {method}", add_help=False, allow_abbrev=False)
+    p = argparse.ArgumentParser(prog=f"promptbake train --method {method}", add_help=False, allow_abbrev=False,
+                                exit_on_error=False)
     _add_dataclass_options(p, spec.config_cls)
-    ns, rest = p.parse_known_args(argv)
+    try:
+        ns, rest = p.parse_known_args(argv)
+    except argparse.ArgumentError as e:  # e.g. --n-ctx abc: one line, like the other errors
+        raise ValueError(f"{e} (see promptbake train --method {method} --help)") from None
     if rest:
         raise ValueError(f"unknown option(s) for method {method}: {' '.join(rest)} (see promptbake train --method {method} --help)")
     return vars(ns)
 
 
-def cmd_train(args: argparse.Namespace, extra: Sequence[str]) -> int:
-    from training.jobs import train_job
-    from training.loop import TrainConfig
+def _print_method_help(name: str) -> None:
+    from training.methods import get_method
 
-    method_options = _parse_method_options(args.method, extra)
+    spec = get_method(name)
+    p = argparse.ArgumentParser(prog=f"promptbake train --method {name}", description=spec.description, allow_abbrev=False)
+    _add_dataclass_options(p, spec.config_cls)
+    print((spec.config_cls.__doc__ or "").strip())
+    p.print_help()
+
+
+class _TrainHelp(argparse.Action):
+    """``train --method NAME --help`` shows NAME's options; without ``--method`` before it, the train options."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 help: str = "show this help message (after --method NAME: that method's options) and exit"):
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        method = getattr(namespace, "method", None)
+        if method is None:
+            parser.print_help()
+        else:
+            _print_method_help(method)
+        parser.exit()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.jobs import train_job
+
+    method_options = _parse_method_options(args.method, args.extra)
     train_options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     run = train_job(
         args.method, args.backbone, args.dataset, args.shots, args.seed, args.out,
@@ -125,8 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # -- export, verify, predict ------------------------------------------------------------------
-# verify and predict run without torch (like the service): they are parsed and dispatched before
-# main() imports anything from training, and import only exports.* inside the handlers.
+# verify and predict run without torch (like the service): their handlers import only exports.*.
 
 def cmd_export(args: argparse.Namespace) -> int:
     from training.export import export_run, save_to_bentoml
@@ -186,49 +233,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_artifact_commands(sub: argparse._SubParsersAction, with_export: bool = True) -> None:
-    if with_export:
-        s = sub.add_parser("export", help="bake a trained run into a verified ONNX artifact directory")
-        s.add_argument("--run", required=True, help="a finished run directory")
-        s.add_argument("--out", required=True, help="artifact directory to write (ART_DIR)")
-        s.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
-                       help="fp32: within 1e-4 of torch; fp16 (GPUs) / int8 (CPUs): top-1 agrees on >= 99%% of test images")
-        s.add_argument("--bentoml", metavar="NAME", help="also save the artifact to the BentoML model store as NAME")
-        s.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
-    s = sub.add_parser("verify", help="check an artifact's schema version and every file's sha256")
-    s.add_argument("artifact", metavar="ART_DIR")
-    s = sub.add_parser("predict", help="classify images with an artifact (onnxruntime, no torch)")
-    s.add_argument("--artifact", required=True, metavar="ART_DIR")
-    s.add_argument("--class-names", required=True, metavar="JSON_LIST", help='e.g. \'["cat", "dog"]\'')
-    s.add_argument("--top-k", type=int, default=5)
-    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    s.add_argument("images", nargs="+", metavar="IMAGE")
-
-
-def _main_torch_free(argv: Sequence[str]) -> int:
-    """verify and predict: parsed and run without importing torch or training code."""
-    p = argparse.ArgumentParser(prog="promptbake")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    _add_artifact_commands(p.add_subparsers(dest="command", required=True), with_export=False)
-    args = p.parse_args(argv)
-    _setup_logging(args.verbose)
-    try:
-        return {"verify": cmd_verify, "predict": cmd_predict}[args.command](args)
-    except (ValueError, FileNotFoundError) as e:  # ArtifactError is a ValueError
-        print(f"promptbake: error: {e}", file=sys.stderr)
-        return 2
-
-
-# -- serve ------------------------------------------------------------------------------------
-# Torch-free like verify/predict: parsed and run before main() imports anything from training.
+# -- serve, pretrain, benchmarks ---------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run ``bentoml serve`` on service.service:PromptbakeService with PROMPTBAKE_* set (replaces this process)."""
-    import os
     from pathlib import Path
 
     from exports.manifest import load_artifact
 
+    if not args.artifact:
+        from training.defaults import ensure_default_artifact  # imports torch only for this one-time export
+
+        args.artifact = str(ensure_default_artifact())
     # Check here: a one-line error instead of a server whose worker BentoML restarts over and over.
     if Path(args.artifact).is_dir():
         load_artifact(args.artifact)
@@ -256,138 +272,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
-def _main_serve(argv: Sequence[str]) -> int:
-    import os
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from training.benchmark.pretrain import main as pretrain_main
 
-    p = argparse.ArgumentParser(prog="promptbake serve", description="Serve an artifact over HTTP with BentoML "
-                                "(limits and keys: PROMPTBAKE_* variables, see docs/service.md).")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--artifact", default=os.environ.get("PROMPTBAKE_ARTIFACT"), metavar="ART_DIR|MODEL_TAG",
-                   help="artifact directory or BentoML model tag (default: $PROMPTBAKE_ARTIFACT, else zero-shot "
-                        "CLIP on the embedded emoji-vit-s, exported on first use)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=os.environ.get("PROMPTBAKE_DEVICE", "cpu"))
-    p.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU when CUDA is unusable")
-    args = p.parse_args(argv[1:] if argv[:1] == ["serve"] else argv)
-    _setup_logging(args.verbose)
-    try:
-        if not args.artifact:
-            from training.defaults import ensure_default_artifact  # imports torch only for this one-time export
-
-            args.artifact = str(ensure_default_artifact())
-        return cmd_serve(args)
-    except (ValueError, FileNotFoundError) as e:  # ArtifactError is a ValueError
-        print(f"promptbake: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _main_bench_serve(argv: Sequence[str]) -> int:
-    """`promptbake bench serve`: HTTP throughput and latency of a served artifact vs open_clip torch eager."""
-    p = argparse.ArgumentParser(prog="promptbake bench serve", description=_main_bench_serve.__doc__)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--artifact", required=True, metavar="ART_DIR")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--clients", type=int, default=16, help="concurrent clients for the batched rows (default 16)")
-    p.add_argument("--requests", type=int, default=64, help="requests per row (default 64)")
-    p.add_argument("--batch-images", type=int, default=8, help="images per request in the client-batch row (default 8)")
-    p.add_argument("--names", type=int, default=1000, help="class names for the cold vs cached row (default 1000)")
-    p.add_argument("--seconds", type=float, default=3.0, help="time per in-process measurement (default 3)")
-    p.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
-    args = p.parse_args(argv)
-    _setup_logging(args.verbose)
-    from training.bench_serve import bench_serve, format_serve_table
-
-    try:
-        res = bench_serve(args.artifact, device=args.device, clients=args.clients, requests=args.requests,
-                          batch_images=args.batch_images, n_names=args.names, seconds=args.seconds)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"promptbake: error: {e}", file=sys.stderr)
-        return 2
-    print(format_serve_table(res))
-    if args.json:
-        print(json.dumps(res, indent=2))
+    pretrain_main(args.extra)  # everything after `pretrain`, for its own parser
     return 0
-
-
-# -- parser -----------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    from training.loop import TrainConfig
-
-    p = argparse.ArgumentParser(prog="promptbake", allow_abbrev=False, description="Train, evaluate, export and serve CLIP prompt-learning methods.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("methods", help="registered prompt methods and their capabilities")
-    s.add_argument("--json", action="store_true")
-    sub.add_parser("datasets", help="dataset spec forms and known dataset names")
-    sub.add_parser("backbones", help="backbone spec forms and named backbones")
-
-    s = sub.add_parser(
-        "train", help="train a method on the base classes of a dataset", allow_abbrev=False,
-        epilog="Method options (e.g. --n-ctx, --ctx-init for coop) are listed by `promptbake train --method NAME --help`.",
-    )
-    s.add_argument("--method", required=True)
-    s.add_argument("--backbone", required=True, help="test-tiny | MODEL:TAG | MODEL:/path/weights")
-    s.add_argument("--dataset", required=True, help="coop:NAME:ROOT | folder:ROOT | a benchmark name")
-    s.add_argument("--shots", type=int, default=16, help="images per base class (default 16)")
-    s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--out", required=True, help="run directory (resumed if it holds the same interrupted run)")
-    s.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
-    s.add_argument("--no-progress", action="store_true")
-    g = s.add_argument_group(
-        "training options",
-        "Unset options take the method's reference values (its train_defaults, e.g. coop: 200 epochs, batch 32, "
-        "lr 0.002; see docs/methods.md), then the TrainConfig defaults shown here.",
-    )
-    _add_dataclass_options(g, TrainConfig)
-
-    s = sub.add_parser("eval", allow_abbrev=False, help="base / novel / HM accuracy of trained runs; writes RUN/metrics.json")
-    s.add_argument("--run", required=True, nargs="+", help="one or more run directories (several seeds: mean ± std)")
-    s.add_argument("--batch-size", type=int, default=100)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--workers", type=int, default=0)
-    s.add_argument("--no-progress", action="store_true")
-
-    s = sub.add_parser("quickstart", allow_abbrev=False, help="train, evaluate, export and classify novel names once, offline (the main job)")
-    s.add_argument("--out", default="runs/quickstart")
-    s.add_argument("--method", default="coop")
-    s.add_argument("--backbone", default="emoji-vit-s")
-    s.add_argument("--dataset", default="emoji-nature",
-                   help="default emoji-nature: the styles emoji-vit-s v1 has learned (line art not yet)")
-    s.add_argument("--epochs", type=int, default=10, help="short by default; the reference config trains longer")
-    s.add_argument("--seed", type=int, default=1)
-    s.add_argument("--no-progress", action="store_true")
-
-    s = sub.add_parser("benchmark", allow_abbrev=False, help="the base-to-novel protocol over methods x datasets x seeds (resumable)")
-    s.add_argument("--methods", required=True, help="comma-separated method names")
-    s.add_argument("--datasets", required=True, help="comma-separated dataset specs, or 'all' benchmark datasets")
-    s.add_argument("--seeds", default="1,2,3")
-    s.add_argument("--out", required=True)
-    s.add_argument("--backbone", default="emoji-vit-s")
-    s.add_argument("--shots", type=int, default=16)
-    s.add_argument("--epochs", type=int, help="override every method's reference epochs (quick checks)")
-    s.add_argument("--feature-cache-views", type=int, help="cache image features (methods that allow it)")
-    s.add_argument("--test-per-class", type=int, help="evaluate on the first N test images per class (quick checks)")
-    s.add_argument("--no-progress", action="store_true")
-
-    sub.add_parser("pretrain", help="pretrain the embedded emoji-vit-s backbone (resumable); options: promptbake pretrain --help",
-                   add_help=False)
-
-    s = sub.add_parser("bench", help="measurements: `bench cache` (image-feature cache), `bench serve` (HTTP service)")
-    bench = s.add_subparsers(dest="bench", required=True)
-    c = bench.add_parser("cache", help="train twice, feature cache off and on, and compare time and accuracy")
-    c.add_argument("--method", default="coop")
-    c.add_argument("--backbone", default="emoji-vit-s")
-    c.add_argument("--dataset", default="emoji-nature")
-    c.add_argument("--epochs", type=int, default=10)
-    c.add_argument("--views", type=int, default=10)
-    c.add_argument("--seed", type=int, default=1)
-    c.add_argument("--test-per-class", type=int)
-
-    _add_artifact_commands(sub)
-    return p
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -421,7 +310,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench_cache(args: argparse.Namespace) -> int:
     from training.bench_cache import bench_cache, format_cache_table
 
     rows = bench_cache(args.method, args.backbone, args.dataset, seed=args.seed, views=args.views,
@@ -430,57 +319,189 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_method_help(argv: Sequence[str]) -> bool:
-    """`promptbake train --method NAME --help`: show that method's options."""
-    if "--method" not in argv or not ({"-h", "--help"} & set(argv)):
-        return False
-    from training.methods import get_method
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from training.bench_serve import bench_serve, format_serve_table
 
-    name = argv[argv.index("--method") + 1]
-    spec = get_method(name)
-    p = argparse.ArgumentParser(prog=f"promptbake train --method {name}", description=spec.description)
-    _add_dataclass_options(p, spec.config_cls)
-    print((spec.config_cls.__doc__ or "").strip())
-    p.print_help()
-    return True
+    try:
+        res = bench_serve(args.artifact, device=args.device, clients=args.clients, requests=args.requests,
+                          batch_images=args.batch_images, n_names=args.names, seconds=args.seconds)
+    except RuntimeError as e:  # the server did not come up, or a measurement failed
+        return _error(str(e))
+    print(format_serve_table(res))
+    if args.json:
+        print(json.dumps(res, indent=2))
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+def _add_command(sub: argparse._SubParsersAction, name: str, help: str, help_action: type[argparse.Action] | None = None,
+                 **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand parser; ``-v`` is accepted after the command as well as before it."""
+    s = sub.add_parser(name, help=help, allow_abbrev=False, add_help=help_action is None, **kwargs)
+    if help_action is not None:
+        s.add_argument("-h", "--help", action=help_action)
+    s.set_defaults(command_prog=s.prog)  # nested commands overwrite their parent's: `promptbake bench serve`
+    # SUPPRESS: a subcommand without -v must not reset a -v given before the command
+    s.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return s
+
+
+def _add_artifact_commands(sub: argparse._SubParsersAction) -> None:
+    s = _add_command(sub, "export", "bake a trained run into a verified ONNX artifact directory")
+    s.set_defaults(handler=cmd_export)
+    s.add_argument("--run", required=True, help="a finished run directory")
+    s.add_argument("--out", required=True, help="artifact directory to write (ART_DIR)")
+    s.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="fp32: within 1e-4 of torch; fp16 (GPUs) / int8 (CPUs): top-1 agrees on >= 99%% of test images")
+    s.add_argument("--bentoml", metavar="NAME", help="also save the artifact to the BentoML model store as NAME")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
+
+    s = _add_command(sub, "verify", "check an artifact's schema version and every file's sha256")
+    s.set_defaults(handler=cmd_verify)
+    s.add_argument("artifact", metavar="ART_DIR")
+
+    s = _add_command(sub, "predict", "classify images with an artifact (onnxruntime, no torch)")
+    s.set_defaults(handler=cmd_predict)
+    s.add_argument("--artifact", required=True, metavar="ART_DIR")
+    s.add_argument("--class-names", required=True, metavar="JSON_LIST", help='e.g. \'["cat", "dog"]\'')
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+
+    s = _add_command(sub, "serve", "serve an artifact over HTTP with BentoML (onnxruntime, no torch)",
+                     description="Serve an artifact over HTTP with BentoML (limits and keys: PROMPTBAKE_* variables, "
+                                 "see docs/service.md).")
+    s.set_defaults(handler=cmd_serve)
+    s.add_argument("--artifact", default=os.environ.get("PROMPTBAKE_ARTIFACT"), metavar="ART_DIR|MODEL_TAG",
+                   help="artifact directory or BentoML model tag (default: $PROMPTBAKE_ARTIFACT, else zero-shot "
+                        "CLIP on the embedded emoji-vit-s, exported on first use)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
+    s.add_argument("--port", type=int, default=3000)
+    s.add_argument("--device", choices=["cpu", "cuda"], default=os.environ.get("PROMPTBAKE_DEVICE", "cpu"))
+    s.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU when CUDA is unusable")
+
+
+def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
+    s = _add_command(sub, "bench", "measurements: `bench cache` (image-feature cache), `bench serve` (HTTP service)")
+    bench = s.add_subparsers(dest="bench", required=True)
+
+    c = _add_command(bench, "cache", "train twice, feature cache off and on, and compare time and accuracy")
+    c.set_defaults(handler=cmd_bench_cache)
+    c.add_argument("--method", default="coop")
+    c.add_argument("--backbone", default="emoji-vit-s")
+    c.add_argument("--dataset", default="emoji-nature")
+    c.add_argument("--epochs", type=int, default=10)
+    c.add_argument("--views", type=int, default=10)
+    c.add_argument("--seed", type=int, default=1)
+    c.add_argument("--test-per-class", type=int)
+
+    doc = "HTTP throughput and latency of a served artifact vs open_clip torch eager"
+    c = _add_command(bench, "serve", doc, description=f"`promptbake bench serve`: {doc}.")
+    c.set_defaults(handler=cmd_bench_serve)
+    c.add_argument("--artifact", required=True, metavar="ART_DIR")
+    c.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    c.add_argument("--clients", type=int, default=16, help="concurrent clients for the batched rows (default 16)")
+    c.add_argument("--requests", type=int, default=64, help="requests per row (default 64)")
+    c.add_argument("--batch-images", type=int, default=8, help="images per request in the client-batch row (default 8)")
+    c.add_argument("--names", type=int, default=1000, help="class names for the cold vs cached row (default 1000)")
+    c.add_argument("--seconds", type=float, default=3.0, help="time per in-process measurement (default 3)")
+    c.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options; imports no torch (handlers import what they need when run)."""
+    p = _Parser(prog="promptbake", allow_abbrev=False, description="Train, evaluate, export and serve CLIP prompt-learning methods.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # takes_extra: the command receives the arguments its parser does not know (see main)
+    p.set_defaults(takes_extra=False)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = _add_command(sub, "methods", "registered prompt methods and their capabilities")
+    s.set_defaults(handler=cmd_methods)
+    s.add_argument("--json", action="store_true")
+    _add_command(sub, "datasets", "dataset spec forms and known dataset names").set_defaults(handler=cmd_datasets)
+    _add_command(sub, "backbones", "backbone spec forms and named backbones").set_defaults(handler=cmd_backbones)
+
+    s = _add_command(
+        sub, "train", "train a method on the base classes of a dataset", help_action=_TrainHelp,
+        epilog="Method options (e.g. --n-ctx, --ctx-init for coop) are listed by `promptbake train --method NAME --help`.",
+    )
+    s.set_defaults(handler=cmd_train, takes_extra=True)  # the extra arguments are the method's options
+    s.add_argument("--method", required=True)
+    s.add_argument("--backbone", required=True, help="test-tiny | MODEL:TAG | MODEL:/path/weights")
+    s.add_argument("--dataset", required=True, help="coop:NAME:ROOT | folder:ROOT | a benchmark name")
+    s.add_argument("--shots", type=int, default=16, help="images per base class (default 16)")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--out", required=True, help="run directory (resumed if it holds the same interrupted run)")
+    s.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    s.add_argument("--no-progress", action="store_true")
+    g = s.add_argument_group(
+        "training options",
+        "Unset options take the method's reference values (its train_defaults, e.g. coop: 200 epochs, batch 32, "
+        "lr 0.002; see docs/methods.md), then the TrainConfig defaults shown here.",
+    )
+    _add_dataclass_options(g, TrainConfig)
+
+    s = _add_command(sub, "eval", "base / novel / HM accuracy of trained runs; writes RUN/metrics.json")
+    s.set_defaults(handler=cmd_eval)
+    s.add_argument("--run", required=True, nargs="+", help="one or more run directories (several seeds: mean ± std)")
+    s.add_argument("--batch-size", type=int, default=100)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true")
+
+    s = _add_command(sub, "quickstart", "train, evaluate, export and classify novel names once, offline (the main job)")
+    s.set_defaults(handler=cmd_quickstart)
+    s.add_argument("--out", default="runs/quickstart")
+    s.add_argument("--method", default="coop")
+    s.add_argument("--backbone", default="emoji-vit-s")
+    s.add_argument("--dataset", default="emoji-nature",
+                   help="default emoji-nature: the styles emoji-vit-s v1 has learned (line art not yet)")
+    s.add_argument("--epochs", type=int, default=10, help="short by default; the reference config trains longer")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--no-progress", action="store_true")
+
+    s = _add_command(sub, "benchmark", "the base-to-novel protocol over methods x datasets x seeds (resumable)")
+    s.set_defaults(handler=cmd_benchmark)
+    s.add_argument("--methods", required=True, help="comma-separated method names")
+    s.add_argument("--datasets", required=True, help="comma-separated dataset specs, or 'all' benchmark datasets")
+    s.add_argument("--seeds", default="1,2,3")
+    s.add_argument("--out", required=True)
+    s.add_argument("--backbone", default="emoji-vit-s")
+    s.add_argument("--shots", type=int, default=16)
+    s.add_argument("--epochs", type=int, help="override every method's reference epochs (quick checks)")
+    s.add_argument("--feature-cache-views", type=int, help="cache image features (methods that allow it)")
+    s.add_argument("--test-per-class", type=int, help="evaluate on the first N test images per class (quick checks)")
+    s.add_argument("--no-progress", action="store_true")
+
+    # its options live in its own parser (training.benchmark.pretrain): everything after `pretrain`,
+    # --help included, goes there, so this one takes none, not even -v
+    s = sub.add_parser("pretrain", help="pretrain the embedded emoji-vit-s backbone (resumable); options: promptbake pretrain --help",
+                       add_help=False, allow_abbrev=False)
+    s.set_defaults(handler=cmd_pretrain, takes_extra=True)
+
+    _add_bench_commands(sub)
+    _add_artifact_commands(sub)
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if [a for a in argv if a not in ("-v", "--verbose")][:2] == ["bench", "serve"]:
-        rest = [a for a in argv if a not in ("-v", "--verbose")][2:]
-        return _main_bench_serve(rest + (["-v"] if {"-v", "--verbose"} & set(argv) else []))
-    if next((a for a in argv if a not in ("-v", "--verbose")), None) == "serve":
-        return _main_serve([a for a in argv if a not in ("-v", "--verbose")] + (["-v"] if {"-v", "--verbose"} & set(argv) else []))
-    if next((a for a in argv if a not in ("-v", "--verbose")), None) in ("verify", "predict"):
-        return _main_torch_free(argv)
-    from training.backbones import BackboneError
-    from training.data import DatasetError
-    from training.runs import RunError
-
+    parser = build_parser()
     try:
-        if argv[:1] == ["train"] and _train_method_help(argv):
-            return 0
-        if argv[:1] == ["pretrain"]:  # its own parser, in training.benchmark.pretrain
-            from training.benchmark.pretrain import main as pretrain_main
-
-            pretrain_main(argv[1:])
-            return 0
-        parser = build_parser()
-        if argv[:1] == ["train"]:
-            args, extra = parser.parse_known_args(argv)
-        else:
-            args, extra = parser.parse_args(argv), []
+        try:
+            args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+        except SystemExit as e:  # --help, or a usage error already printed (one line, _Parser.error)
+            return int(e.code or 0)
+        if extra and not args.takes_extra:
+            return _error(f"unrecognized arguments: {' '.join(extra)} (see `{args.command_prog} --help`)")
+        args.extra = extra
         _setup_logging(args.verbose)
-        if args.command == "train":
-            return cmd_train(args, extra)
-        return {"methods": cmd_methods, "datasets": cmd_datasets, "backbones": cmd_backbones, "eval": cmd_eval,
-                "export": cmd_export, "quickstart": cmd_quickstart, "benchmark": cmd_benchmark,
-                "bench": cmd_bench}[args.command](args)
-    except (BackboneError, DatasetError, RunError, KeyError, ValueError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"promptbake: error: {msg}", file=sys.stderr)
-        return 2
+        return args.handler(args)
+    # BackboneError, DatasetError, RunError and ArtifactError are ValueErrors; an unknown method is a
+    # KeyError (raised while parsing too, by `train --method NAME --help`)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        return _error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
     except KeyboardInterrupt:
         print("promptbake: interrupted; a train command resumes from its last finished epoch", file=sys.stderr)
         return 130

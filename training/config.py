@@ -1,0 +1,68 @@
+"""Training options, kept free of torch.
+
+``promptbake`` derives its ``train`` options from :class:`TrainConfig` when it builds its parser,
+and the parser is built for every command, the torch-free ones (``verify``, ``predict``, ``serve``)
+included; so this module imports only the standard library. :mod:`training.loop` re-exports it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Args:
+    epochs: passes over the few-shot training set.
+    batch_size: images per step (CoOp: 32; CoCoOp: 1).
+    optimizer: "sgd" (the reference) or "adamw".
+    lr: peak learning rate after warm-up.
+    weight_decay, momentum: optimizer settings (Dassl defaults).
+    warmup_epochs, warmup_lr: the reference's constant warm-up.
+    precision: "auto" = AMP (fp16 autocast + grad scaling) on CUDA, fp32 on CPU.
+    device: "auto", "cpu" or "cuda".
+    workers: data-loading worker processes.
+    feature_cache_views: 0 = off (the reference protocol). N > 0 precomputes the image features of
+        N augmented views per training image once, then samples one view per image per epoch;
+        only for methods that leave the image encoder untouched.
+    min_crop_scale: smallest area fraction of RandomResizedCrop (reference 0.08; on small,
+        centred objects such crops often cut the object out).
+    """
+
+    epochs: int = 10
+    batch_size: int = 32
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.002
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    precision: Literal["auto", "fp32", "amp"] = "auto"
+    device: str = "auto"
+    workers: int = 0
+    feature_cache_views: int = 0
+    min_crop_scale: float = 0.08
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError("epochs must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
+        if self.lr <= 0 or self.warmup_lr <= 0:
+            raise ValueError("lr and warmup_lr must be > 0")
+        if self.precision not in ("auto", "fp32", "amp"):
+            raise ValueError(f"precision must be auto, fp32 or amp, got {self.precision!r}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
+        if self.workers < 0 or self.feature_cache_views < 0 or self.warmup_epochs < 0:
+            raise ValueError("workers, feature_cache_views and warmup_epochs must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        return cls(**data)
