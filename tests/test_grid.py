@@ -32,3 +32,24 @@ def test_grid_trains_visual_methods_without_the_feature_cache(colour_root, tmp_p
     assert len(rows) == 1
     info = json.loads(next((tmp_path / "runs" / "vpt").rglob("run.json")).read_text())
     assert info["train"]["feature_cache_views"] == 0
+
+
+def test_scaled_schedules_keep_the_warm_up_and_shift_epoch_counted_options(colour_root, tmp_path):
+    import pytest
+
+    from training.grid import MIN_SCALED_EPOCHS, scaled_epochs
+
+    assert scaled_epochs("coop", 0.1) == 20 and scaled_epochs("kgcoop", 0.1) == 10  # reference 200, 100
+    assert scaled_epochs("maple", 0.1) == MIN_SCALED_EPOCHS == 3  # 5 x 0.1 -> the floor
+    assert scaled_epochs("zeroshot", 0.1) == 0
+    with pytest.raises(ValueError, match="epochs_scale"):
+        run_grid(["coop"], [f"folder:{colour_root}"], [1], tmp_path, "test-tiny", epochs_scale=1.5)
+
+    rows = run_grid(["promptsrc"], [f"folder:{colour_root}"], [1], tmp_path, "test-tiny", shots=1,
+                    train_options={"batch_size": 2}, epochs_scale=0.1, progress=False)
+    assert len(rows) == 1
+    info = json.loads(next((tmp_path / "runs" / "promptsrc").rglob("run.json")).read_text())
+    assert info["train"]["epochs"] == 3
+    # the aggregation window moves with the schedule: 75% of the way through, at least half an epoch wide
+    assert info["method_config"]["gpa_mean"] == pytest.approx(15 * 3 / 20)
+    assert info["method_config"]["gpa_std"] == 0.5

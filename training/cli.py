@@ -297,15 +297,22 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         datasets = [name for name, _ in list_benchmarks()]
     else:
         datasets = [d for d in args.datasets.split(",") if d]
-    methods = [m for m in args.methods.split(",") if m]
-    from training.methods import get_method
+    from training.methods import get_method, list_methods
 
+    if args.methods == "all":  # the baselines first, then the rest by name
+        names = [spec.name for spec in list_methods()]
+        methods = [m for m in ("zeroshot", "coop") if m in names] + [m for m in names if m not in ("zeroshot", "coop")]
+    else:
+        methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         get_method(m)  # fail before any training on a typo
     seeds = [int(x) for x in args.seeds.split(",") if x]
-    train_options = {k: v for k, v in (("epochs", args.epochs), ("feature_cache_views", args.feature_cache_views)) if v is not None}
+    if args.epochs is not None and args.epochs_scale is not None:
+        raise ValueError("give --epochs or --epochs-scale, not both")
+    train_options = {k: v for k, v in (("epochs", args.epochs), ("feature_cache_views", args.feature_cache_views),
+                                       ("min_crop_scale", args.min_crop_scale)) if v is not None}
     rows = run_grid(methods, datasets, seeds, args.out, args.backbone, args.shots, train_options,
-                    test_per_class=args.test_per_class, progress=not args.no_progress)
+                    test_per_class=args.test_per_class, progress=not args.no_progress, epochs_scale=args.epochs_scale)
     print(results_table(rows, methods, datasets))
     return 0
 
@@ -464,13 +471,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _add_command(sub, "benchmark", "the base-to-novel protocol over methods x datasets x seeds (resumable)")
     s.set_defaults(handler=cmd_benchmark)
-    s.add_argument("--methods", required=True, help="comma-separated method names")
+    s.add_argument("--methods", required=True, help="comma-separated method names, or 'all' registered methods")
     s.add_argument("--datasets", required=True, help="comma-separated dataset specs, or 'all' benchmark datasets")
     s.add_argument("--seeds", default="1,2,3")
     s.add_argument("--out", required=True)
     s.add_argument("--backbone", default="emoji-vit-s")
     s.add_argument("--shots", type=int, default=16)
     s.add_argument("--epochs", type=int, help="override every method's reference epochs (quick checks)")
+    s.add_argument("--epochs-scale", type=float, metavar="F",
+                   help="train each method for F x its reference epochs (at least 3: one warm-up epoch + two)")
+    s.add_argument("--min-crop-scale", type=float, help="RandomResizedCrop's smallest area for every method (reference 0.08)")
     s.add_argument("--feature-cache-views", type=int, help="cache image features (methods that allow it)")
     s.add_argument("--test-per-class", type=int, help="evaluate on the first N test images per class (quick checks)")
     s.add_argument("--no-progress", action="store_true")

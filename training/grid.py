@@ -4,6 +4,12 @@ Every cell is an ordinary run directory (``DIR/runs/METHOD/DATASET/seedS``) trai
 :func:`training.jobs.train_job` and evaluated by :func:`training.jobs.eval_job`, so a finished cell
 (one with ``metrics.json``) is never redone and an interrupted one resumes from its checkpoint.
 After every cell ``DIR/results.json`` and ``DIR/results.md`` are rewritten.
+
+``epochs_scale`` shortens every method's reference schedule by the same factor (CPU budgets):
+``epochs = max(MIN_SCALED_EPOCHS, round(reference epochs * scale))``. The floor exists because
+every reference schedule starts with one constant warm-up epoch at 1e-5 (a 1-epoch run would never
+leave it; 3 epochs train two after it). Options counted in epochs follow the method's
+``options_for_epochs`` (PromptSRC's aggregation window).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from training.runs import METRICS_FILE, atomic_write_bytes, atomic_write_json
 logger = logging.getLogger(__name__)
 
 ROW_KEYS = ("method", "dataset", "seed", "base_acc", "novel_acc", "hm", "train_seconds")
+MIN_SCALED_EPOCHS = 3
 
 
 def run_grid(
@@ -32,8 +39,11 @@ def run_grid(
     train_options: Mapping[str, Any] | None = None,
     test_per_class: int | None = None,
     progress: bool = True,
+    epochs_scale: float | None = None,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every (method, dataset, seed); returns the result rows."""
+    if epochs_scale is not None and not 0 < epochs_scale <= 1:
+        raise ValueError(f"epochs_scale must be in (0, 1], got {epochs_scale}")
     out = Path(out)
     cells = [(m, d, s) for d in datasets for m in methods for s in seeds]
     rows: list[dict[str, Any]] = []
@@ -46,7 +56,11 @@ def run_grid(
         else:
             logger.info("[%d/%d] %s on %s seed %d", i, len(cells), method, dataset, seed)
             t0 = time.perf_counter()
-            train_job(method, backbone, dataset, shots, seed, run, train_options=_options_for(method, train_options), progress=progress)
+            opts = _options_for(method, train_options, epochs_scale)
+            spec = get_method(method)
+            method_options = spec.method_cls.options_for_epochs(spec.config_cls(), opts["epochs"]) if "epochs" in opts else {}
+            train_job(method, backbone, dataset, shots, seed, run, method_options=method_options, train_options=opts,
+                      progress=progress)
             seconds = time.perf_counter() - t0
             metrics = eval_job(run, progress=progress, test_per_class=test_per_class, extra={"train_seconds": round(seconds, 1)})
         rows.append({k: metrics.get(k) for k in ROW_KEYS})
@@ -55,10 +69,21 @@ def run_grid(
     return rows
 
 
-def _options_for(method: str, train_options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The grid's training options, less the feature cache for methods that change the image graph."""
+def scaled_epochs(method: str, scale: float) -> int:
+    """``method``'s reference epochs times ``scale``, at least MIN_SCALED_EPOCHS (0 stays 0: zero-shot)."""
+    from training.config import TrainConfig
+
+    ref = get_method(method).method_cls.train_defaults.get("epochs", TrainConfig.epochs)
+    return 0 if ref == 0 else max(MIN_SCALED_EPOCHS, round(ref * scale))
+
+
+def _options_for(method: str, train_options: Mapping[str, Any] | None, epochs_scale: float | None = None) -> dict[str, Any]:
+    """The grid's training options for one method: a scaled schedule unless epochs are given, and
+    no feature cache for methods that change the image graph."""
     opts = dict(train_options or {})
     spec = get_method(method)
+    if epochs_scale is not None and "epochs" not in opts:
+        opts["epochs"] = scaled_epochs(method, epochs_scale)
     if opts.get("feature_cache_views") and spec.method_cls.capabilities_for(spec.config_cls()).changes_image_graph:
         logger.info("    %s changes the image graph: trained without the feature cache", method)
         opts.pop("feature_cache_views")

@@ -86,6 +86,14 @@ class PromptMethod(nn.Module):
     #: training hyper-parameters of the reference config (epochs, batch_size, lr, ...)
     train_defaults: ClassVar[dict[str, Any]] = {}
 
+    @classmethod
+    def options_for_epochs(cls, config: MethodConfig, epochs: int) -> dict[str, Any]:
+        """Method options to change when training ``epochs`` instead of the reference's epochs.
+
+        For options counted in epochs (PromptSRC's aggregation window); most methods have none.
+        """
+        return {}
+
     def __init__(self, backbone: Backbone, config: MethodConfig, train_classnames: Sequence[str]):
         super().__init__()
         if not isinstance(config, self.config_cls):

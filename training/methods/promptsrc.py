@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +174,17 @@ def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
 class PromptSRC(DeepPromptMethod):
     config_cls = PromptSRCConfig
     train_defaults = {"epochs": 20, "batch_size": 4, "lr": 0.0025}
+
+    @classmethod
+    def options_for_epochs(cls, config: PromptSRCConfig, epochs: int) -> dict[str, Any]:
+        """Keep the Gaussian where it sits in the reference schedule (epoch 15 of 20 -> 75%), its width
+        scaled alike but at least half an epoch, so a shortened run still aggregates trained epochs
+        rather than the warm-up's."""
+        ref = cls.train_defaults["epochs"]
+        if epochs == ref:
+            return {}
+        f = epochs / ref
+        return {"gpa_mean": config.gpa_mean * f, "gpa_std": max(0.5, config.gpa_std * f)}
 
     def __init__(self, backbone: Backbone, config: PromptSRCConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)
