@@ -3,8 +3,14 @@
 A :class:`Predictor` checks the artifact (schema version, every file's sha256) before it creates
 onnxruntime sessions, then turns PIL images and class names into embeddings and predictions
 exactly as the exporter measured them against torch. It holds no per-request state, so one
-instance can serve concurrent requests (``InferenceSession.run`` is thread-safe); the only shared
-mutable state, a small cache of class embeddings, is behind a lock.
+instance can serve concurrent requests (``InferenceSession.run`` is thread-safe, and with IOBinding
+every run makes its own binding); the only shared mutable state, a small cache of class embeddings,
+is behind a lock.
+
+On CUDA the sessions are created on one device (``device_id``) and run through onnxruntime's
+IOBinding by default. Those paths are exercised on CPU by the tests (IOBinding with CPU OrtValues
+gives the same numbers as ``run``; the CUDA provider options and device arguments are checked with
+a stand-in session); their speed has not yet been measured on a GPU.
 """
 from __future__ import annotations
 
@@ -31,8 +37,15 @@ _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
 _MAX_PROMPTS = 1024  # (image, class) prompts per run of an image-conditioned text graph
 
+# an execution provider, optionally with its options: "CPUExecutionProvider" or ("CUDAExecutionProvider", {...})
+Provider = str | tuple[str, dict[str, Any]]
 
-def _providers(device: str) -> list[str]:
+
+def _provider_name(provider: Provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
+def _providers(device: str, device_id: int = 0) -> list[Provider]:
     if device == "cpu":
         return [_CPU]
     if device == "cuda":
@@ -42,16 +55,17 @@ def _providers(device: str) -> list[str]:
                 f"device 'cuda' asked for, but this onnxruntime has no {_CUDA} (available: {', '.join(available)}); "
                 "install onnxruntime-gpu with a matching CUDA, or use device='cpu'"
             )
-        return [_CUDA, _CPU]
+        return [(_CUDA, {"device_id": device_id}), _CPU]
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
-def create_session(path: Path, providers: Sequence[str], precision: str = "fp32",
+def create_session(path: Path, providers: Sequence[Provider], precision: str = "fp32",
                    intra_op_threads: int = 0, allow_spinning: bool = False) -> ort.InferenceSession:
     """An onnxruntime session with the settings the exporter's parity check also uses.
 
     Args:
-        providers: execution providers, preferred first; the first must actually start.
+        providers: execution providers, preferred first, each a name or ``(name, options)`` (e.g.
+            ``("CUDAExecutionProvider", {"device_id": 1})``); the first must actually start.
         precision: the artifact's precision. fp16 graphs on the CPU provider get only basic graph
             optimisations: onnxruntime 1.31's extended CPU fusions crash (segfault) on the fp16
             graphs of open_clip towers.
@@ -67,13 +81,15 @@ def create_session(path: Path, providers: Sequence[str], precision: str = "fp32"
     options.inter_op_num_threads = 1  # the graphs are sequential; parallel requests come from callers
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    cpu_only = providers[0] == _CPU
+    first = _provider_name(providers[0])
+    cpu_only = first == _CPU
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if precision == "fp16" and cpu_only
                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
-    if providers[0] not in session.get_providers():
-        # onnxruntime falls back to CPU silently when the CUDA libraries do not load
-        raise ArtifactError(f"{path}: onnxruntime could not start {providers[0]} (got {session.get_providers()})")
+    if first not in session.get_providers():
+        # onnxruntime falls back to CPU silently when the CUDA libraries do not load (or the device does not exist)
+        where = f" with {providers[0][1]}" if not isinstance(providers[0], str) and providers[0][1] else ""
+        raise ArtifactError(f"{path}: onnxruntime could not start {first}{where} (got {session.get_providers()})")
     return session
 
 
@@ -95,6 +111,14 @@ class Predictor:
     Args:
         artifact_dir: the directory ``promptbake export`` wrote.
         device: ``"cpu"`` (default) or ``"cuda"``; cuda fails loudly when onnxruntime cannot use it.
+        device_id: the CUDA device the sessions run on (onnxruntime's ``device_id`` provider
+            option, counted among the devices ``CUDA_VISIBLE_DEVICES`` leaves visible). Only 0 is
+            accepted on CPU.
+        io_binding: run the graphs through onnxruntime's IOBinding: each run's inputs are copied to
+            the device as ``OrtValue``s, its output is allocated on the device and copied to host
+            after the run, with a fresh binding per run. ``None`` (default): on for CUDA, off for
+            CPU (no host-device copy to manage there; on CPU it gives the same numbers as plain
+            runs, which the tests check). Not yet measured on a GPU.
         intra_op_threads: threads per graph run; 0 lets onnxruntime use one per physical core.
         batch_size: images (or prompts) per graph run, bounding memory for long inputs.
         text_cache_size: class lists whose embeddings are kept (services reuse the same lists).
@@ -108,10 +132,16 @@ class Predictor:
         artifact_dir: str | os.PathLike[str],
         *,
         device: Device = "cpu",
+        device_id: int = 0,
+        io_binding: bool | None = None,
         intra_op_threads: int = 0,
         batch_size: int = 32,
         text_cache_size: int = 16,
     ):
+        if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
+            raise ValueError(f"device_id must be an integer >= 0, got {device_id!r}")
+        if device == "cpu" and device_id != 0:
+            raise ValueError(f"device_id={device_id} asked for on CPU; device ids number CUDA devices")
         self.path = Path(artifact_dir)
         self.manifest: Manifest = load_artifact(self.path)
         m = self.manifest
@@ -120,18 +150,37 @@ class Predictor:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.device = device
+        self.device_id = device_id
+        self.io_binding = device == "cuda" if io_binding is None else bool(io_binding)
+        # where IOBinding puts inputs and outputs: onnxruntime's OrtDevice names
+        self._ort_device = "cuda" if device == "cuda" else "cpu"
         self.batch_size = batch_size
         self.tokenizer = Tokenizer(self.path / m.tokenizer.file, m.tokenizer.context_length)
         if (self.tokenizer.sot_token_id, self.tokenizer.eot_token_id) != (m.tokenizer.sot_token_id, m.tokenizer.eot_token_id):
             raise ArtifactError(f"{self.path / m.tokenizer.file}: special token ids differ from the manifest")
 
-        providers = _providers(device)
+        providers = _providers(device, device_id)
         self._image = create_session(self.path / m.graphs.image.file, providers, m.precision, intra_op_threads)
         self._text = create_session(self.path / m.graphs.text.file, providers, m.precision, intra_op_threads)
         self._logit_scale = float(m.logit_scale)
         self._cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
         self._cache_size = text_cache_size
         self._lock = threading.Lock()
+        logger.debug("Predictor %s: %s device %d, io_binding=%s", self.path, self.providers[0], device_id, self.io_binding)
+
+    def _run(self, session: ort.InferenceSession, output_name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """One graph run -> its (single) output on the host. Every graph run of the Predictor goes here."""
+        if not self.io_binding:
+            return session.run([output_name], feeds)[0]
+        # one binding per run: an IOBinding is mutable state, so sharing one would race between threads
+        binding = session.io_binding()
+        # held until the run ends: on CPU an OrtValue borrows the numpy array's memory
+        inputs = {name: ort.OrtValue.ortvalue_from_numpy(arr, self._ort_device, self.device_id) for name, arr in feeds.items()}
+        for name, value in inputs.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(output_name, self._ort_device, self.device_id)
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     # -- embeddings ------------------------------------------------------------------------------
     @property
@@ -149,7 +198,8 @@ class Predictor:
         if pixels.ndim != 4 or pixels.shape[1:] != (3, s, s):
             raise ValueError(f"pixels must be [B, 3, {s}, {s}], got {list(pixels.shape)}")
         g = self.manifest.graphs.image
-        out = [self._image.run([g.output_name], {g.input_name: np.ascontiguousarray(pixels[i : i + self.batch_size], dtype=np.float32)})[0]
+        out = [self._run(self._image, g.output_name,
+                         {g.input_name: np.ascontiguousarray(pixels[i : i + self.batch_size], dtype=np.float32)})
                for i in range(0, len(pixels), self.batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.manifest.embed_dim), np.float32)
 
@@ -187,7 +237,7 @@ class Predictor:
         tokens = self._tokens(names)
         g = self.manifest.graphs.text
         step = self.batch_size * 8  # class names per run
-        out = [self._text.run([g.output_name], {g.input_name: np.ascontiguousarray(tokens[:, i : i + step])})[0]
+        out = [self._run(self._text, g.output_name, {g.input_name: np.ascontiguousarray(tokens[:, i : i + step])})
                for i in range(0, len(names), step)]
         return np.concatenate(out).astype(np.float32, copy=False)
 
@@ -219,7 +269,7 @@ class Predictor:
             for j in range(0, C, c_step):
                 feeds = {g.input_name: np.ascontiguousarray(tokens[:, j : j + c_step]),
                          g.image_input_name: np.ascontiguousarray(image_embeddings[i : i + b_step], dtype=np.float32)}
-                out[i : i + b_step, j : j + c_step] = self._text.run([g.output_name], feeds)[0]
+                out[i : i + b_step, j : j + c_step] = self._run(self._text, g.output_name, feeds)
         return out
 
     # -- classification ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ sized for one ViT-B/16 replica with a few GiB of memory.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -32,6 +32,9 @@ class ServiceConfig(BaseModel):
         device: ``cpu`` or ``cuda`` (onnxruntime execution provider).
         allow_cpu_fallback: with ``device=cuda`` and no usable CUDA, run on CPU (logged) instead
             of refusing to start.
+        cuda_devices: CUDA device ids the worker processes are spread over: each worker creates
+            its sessions on ``cuda_device_for_worker(worker_index, cuda_devices)``; ``None`` =
+            ``(0,)``. Ignored on CPU.
         intra_op_threads: onnxruntime threads per graph run; 0 = one per physical core.
         max_request_bytes: whole request body; larger bodies get 413 before being read in full.
         max_images: images in one request.
@@ -54,6 +57,7 @@ class ServiceConfig(BaseModel):
     artifact: str | None = None
     device: Literal["cpu", "cuda"] = "cpu"
     allow_cpu_fallback: bool = False
+    cuda_devices: tuple[Annotated[int, Field(ge=0)], ...] | None = None
     intra_op_threads: Annotated[int, Field(ge=0)] = 0
     max_request_bytes: _Pos = 32 * 2**20
     max_images: _Pos = 32
@@ -77,6 +81,23 @@ class ServiceConfig(BaseModel):
         if unknown or not formats:
             raise ValueError(f"formats must be a non-empty subset of {', '.join(ALLOWED_FORMATS)}; got {unknown or 'none'}")
         return formats
+
+    @field_validator("cuda_devices", mode="before")
+    @classmethod
+    def _devices(cls, v: object) -> object:
+        if v is None or not isinstance(v, str):
+            return v
+        items = [d.strip() for d in v.split(",")]
+        if not all(d.isascii() and d.isdigit() for d in items):  # also refuses "", "-1", "1.5", "0,,1"
+            raise ValueError(f"must be CUDA device ids >= 0 separated by commas (e.g. 0,1), got {v!r}")
+        return tuple(int(d) for d in items)
+
+    @field_validator("cuda_devices")
+    @classmethod
+    def _devices_not_empty(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and not v:
+            raise ValueError("must name at least one CUDA device id")
+        return v
 
     @field_validator("api_key")
     @classmethod
@@ -109,3 +130,20 @@ class ServiceConfig(BaseModel):
     def public(self) -> dict[str, object]:
         """The limits a client may see (no key, no paths)."""
         return self.model_dump(exclude={"api_key", "artifact", "intra_op_threads", "ready_timeout_s"})
+
+
+def cuda_device_for_worker(worker_index: int | None, cuda_devices: Sequence[int] | None) -> int:
+    """The CUDA device a BentoML worker process creates its sessions on: round-robin over the devices.
+
+    Args:
+        worker_index: ``bentoml.server_context.worker_index``, 1-based; ``None`` or 0 (not inside a
+            BentoML worker, e.g. the class called directly) counts as worker 1.
+        cuda_devices: the configured device ids; ``None`` = ``(0,)``.
+
+    Returns:
+        ``cuda_devices[(worker_index - 1) % len(cuda_devices)]``: workers 1..4 over ``(0, 1)`` get
+        devices 0, 1, 0, 1.
+    """
+    devices = tuple(cuda_devices) if cuda_devices else (0,)
+    index = worker_index if worker_index and worker_index > 0 else 1
+    return devices[(index - 1) % len(devices)]

@@ -8,11 +8,15 @@ Routes (OpenAPI at ``/docs.json``):
 * ``POST /classify``: images (multipart files ``images`` or base64 strings in JSON), ``class_names``
   (a JSON list), optional ``top_k`` -> softmax probabilities over the given names.
 * ``POST /embed_image``, ``POST /embed_text``: L2-normalised embeddings for your own index.
-* ``GET|POST /info``: artifact, onnxruntime provider in use, limits, batching, cache counters.
+* ``GET|POST /info``: artifact, onnxruntime provider, CUDA device and IOBinding in use, limits,
+  batching, cache counters.
 * ``/livez`` (process up), ``/readyz`` (a real inference succeeds), ``/metrics`` (Prometheus).
 
 Imports neither torch nor anything from ``training`` (``tests/test_service.py`` checks it).
-Settings: :class:`service.config.ServiceConfig` (``PROMPTBAKE_*`` variables).
+Settings: :class:`service.config.ServiceConfig` (``PROMPTBAKE_*`` variables). Each BentoML worker
+process (``PROMPTBAKE_WORKERS``) holds one session pair; on CUDA worker ``i`` (1-based) uses device
+``PROMPTBAKE_CUDA_DEVICES[(i - 1) % n]``, with IOBinding. The multi-GPU and IOBinding paths are
+exercised on CPU by the tests and not yet measured on a GPU.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from exports.manifest import MANIFEST_FILENAME, ArtifactError
 from exports.preprocess import preprocess_batch
 from exports.runtime import Predictor
 from service.batching import ImageBatcher
-from service.config import ServiceConfig, ServiceConfigError
+from service.config import ServiceConfig, ServiceConfigError, cuda_device_for_worker
 from service.errors import IN_HTTP_REQUEST, RequestError, bad_request
 from service.http import PromptbakeMiddleware
 from service.images import decode_base64, decode_image, harden_pillow
@@ -85,6 +89,9 @@ class InfoResponse(BaseModel):
     artifact: ArtifactSummary
     provider: str = Field(description="the onnxruntime execution provider running the graphs")
     providers: list[str]
+    device_id: int | None = Field(description="the CUDA device the graphs run on; null on CPU")
+    io_binding: bool = Field(description="whether the graphs run through onnxruntime IOBinding (default on CUDA)")
+    worker: int = Field(description="the BentoML worker process (1-based) that answered")
     onnxruntime: str
     limits: dict[str, Any]
     text_cache: dict[str, int]
@@ -111,8 +118,12 @@ def resolve_artifact(spec: str | None) -> tuple[Path, str]:
     return Path(model.path_of(sub)), str(model.tag)
 
 
-def create_predictor(path: Path, cfg: ServiceConfig) -> Predictor:
-    """A :class:`Predictor` on the configured device; CUDA missing is an error unless fallback is allowed."""
+def create_predictor(path: Path, cfg: ServiceConfig, worker_index: int | None = None) -> Predictor:
+    """A :class:`Predictor` on the configured device; CUDA missing is an error unless fallback is allowed.
+
+    On CUDA the sessions go on device :func:`cuda_device_for_worker` ``(worker_index, cfg.cuda_devices)``
+    with IOBinding (the Predictor's CUDA default).
+    """
     kwargs: dict[str, Any] = dict(intra_op_threads=cfg.intra_op_threads, batch_size=cfg.max_batch_size, text_cache_size=1)
     if cfg.device == "cuda":
         if hasattr(ort, "preload_dlls"):
@@ -120,8 +131,9 @@ def create_predictor(path: Path, cfg: ServiceConfig) -> Predictor:
                 ort.preload_dlls()
             except Exception as e:  # noqa: BLE001 - system CUDA libraries may still work
                 logger.debug("onnxruntime.preload_dlls: %r", e)
+        device_id = cuda_device_for_worker(worker_index, cfg.cuda_devices)
         try:
-            return Predictor(path, device="cuda", **kwargs)
+            return Predictor(path, device="cuda", device_id=device_id, **kwargs)
         except ArtifactError as e:
             if "CUDA" not in str(e) or not cfg.allow_cpu_fallback:
                 raise ServiceConfigError(f"{e}. Set PROMPTBAKE_ALLOW_CPU_FALLBACK=1 to run on CPU instead") from None
@@ -131,17 +143,22 @@ def create_predictor(path: Path, cfg: ServiceConfig) -> Predictor:
 
 # -- the service -------------------------------------------------------------------------------
 
-def _int_env(name: str, default: int) -> int:
-    # read at import for the decorator below: traffic settings, not the model
+def _int_env(name: str, default: int, minimum: int | None = None) -> int:
+    # read at import for the decorator below: process and traffic settings, not the model
     try:
-        return int(os.environ.get(name, default))
+        value = int(os.environ.get(name, default))
     except ValueError:
         raise ServiceConfigError(f"{name} must be an integer") from None
+    if minimum is not None and value < minimum:
+        raise ServiceConfigError(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
 
 
 @bentoml.service(
     name="promptbake",
-    workers=1,  # one onnxruntime session set per process; scale with replicas (or workers on many cores)
+    # one onnxruntime session pair per worker process; on CUDA the workers are spread over
+    # PROMPTBAKE_CUDA_DEVICES (one session set per GPU with as many workers as GPUs)
+    workers=_int_env("PROMPTBAKE_WORKERS", 1, minimum=1),
     traffic={
         "timeout": _int_env("PROMPTBAKE_TIMEOUT_S", 60),
         # beyond this many requests in flight BentoML answers 429 at once instead of queueing
@@ -155,7 +172,8 @@ class PromptbakeService:
         self.config = cfg = config or ServiceConfig.from_env()
         harden_pillow(cfg.max_image_pixels)
         path, name = resolve_artifact(cfg.artifact)
-        self.predictor = create_predictor(path, cfg)
+        self.worker = bentoml.server_context.worker_index or 1  # None outside a BentoML worker process
+        self.predictor = create_predictor(path, cfg, self.worker)
         m = self.predictor.manifest
         self.artifact = ArtifactSummary(
             name=name, method=m.method, backbone=m.backbone, precision=m.precision, embed_dim=m.embed_dim,
@@ -163,13 +181,17 @@ class PromptbakeService:
         )
         self.providers = list(self.predictor.providers)
         self.provider = self.providers[0]
+        on_cuda = self.provider == "CUDAExecutionProvider"
+        self.device_id: int | None = self.predictor.device_id if on_cuda else None
+        self.io_binding = self.predictor.io_binding
         self.metrics = get_metrics()
         self.text_cache = TextEmbeddingCache(self.predictor.embed_texts, cfg.text_cache_names)
         self.batcher = ImageBatcher(self.predictor.embed_pixels, cfg.max_batch_size, cfg.max_latency_ms,
                                     on_batch=self.metrics.batch_size.observe)
-        logger.info("promptbake: serving %s (%s on %s, %s) with onnxruntime %s on %s (providers %s); "
-                    "batching max_batch_size=%d max_latency_ms=%d", name, m.method, m.backbone, m.precision,
-                    ort.__version__, self.provider, self.providers, cfg.max_batch_size, cfg.max_latency_ms)
+        logger.info("promptbake: serving %s (%s on %s, %s) with onnxruntime %s on %s%s (providers %s), IOBinding %s, "
+                    "worker %d; batching max_batch_size=%d max_latency_ms=%d", name, m.method, m.backbone, m.precision,
+                    ort.__version__, self.provider, f" device {self.device_id}" if on_cuda else "", self.providers,
+                    "on" if self.io_binding else "off", self.worker, cfg.max_batch_size, cfg.max_latency_ms)
 
     # -- validation (cheap, on the event loop) ---------------------------------------------------
     def _check_names(self, names: list[str], what: str = "class_names") -> list[str]:
@@ -318,9 +340,10 @@ class PromptbakeService:
 
     @bentoml.api(route="/info")
     async def info(self) -> InfoResponse:
-        """The artifact, the onnxruntime provider actually in use, the limits and cache counters."""
+        """The artifact, the onnxruntime provider, CUDA device and IOBinding in use, the limits and cache counters."""
         return InfoResponse(
-            artifact=self.artifact, provider=self.provider, providers=self.providers, onnxruntime=ort.__version__,
+            artifact=self.artifact, provider=self.provider, providers=self.providers, device_id=self.device_id,
+            io_binding=self.io_binding, worker=self.worker, onnxruntime=ort.__version__,
             limits=self.config.public(),
             text_cache={"names": len(self.text_cache), "max_names": self.text_cache.max_names,
                         "hits": self.text_cache.hits, "misses": self.text_cache.misses},

@@ -262,10 +262,145 @@ def test_cuda_is_used_or_refused_loudly(exported):
 
     _, art = exported("coop")
     if torch.cuda.is_available():
-        assert Predictor(art, device="cuda")._image.get_providers()[0] == "CUDAExecutionProvider"
+        p = Predictor(art, device="cuda")
+        assert p._image.get_providers()[0] == "CUDAExecutionProvider"
+        assert p.device_id == 0 and p.io_binding is True
     else:  # onnxruntime would fall back to CPU silently; the Predictor must not
         with pytest.raises(ArtifactError, match="cuda|CUDA"):
             Predictor(art, device="cuda")
+        with pytest.raises(ArtifactError, match="cuda|CUDA"):
+            Predictor(art, device="cuda", device_id=1, io_binding=False)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(ValueError, match="device_id"):
+            Predictor(art, device="cuda", device_id=bad)
+    with pytest.raises(ValueError, match="device_id"):
+        Predictor(art, device="cpu", device_id=1)
+
+
+def _assert_same_classify(got: list[dict], want: list[dict], tol: float = 1e-6) -> None:
+    assert [[t["class_name"] for t in r["top"]] for r in got] == [[t["class_name"] for t in r["top"]] for r in want]
+    assert max(abs(a["score"] - b["score"]) for g, w in zip(got, want) for a, b in zip(g["top"], w["top"])) <= tol
+
+
+def _forbid(session, method: str) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{method} called")
+    setattr(session, method, refuse)  # shadows the method on this session only
+
+
+@pytest.mark.parametrize("name", ["coop", "cocoop"])
+def test_predictor_io_binding_gives_the_numbers_of_plain_runs(name, exported, dataset_spec):
+    # IOBinding with CPU OrtValues: the CUDA code path (bind inputs and output, run, copy to host)
+    # exercised where no GPU is; every graph run must go through it, none through session.run
+    from exports.runtime import Predictor
+
+    _, art = exported(name)
+    ds = load_dataset(dataset_spec)
+    images = [load_image(s.path) for s in ds.test[:7]]
+    plain, bound = Predictor(art, batch_size=4), Predictor(art, batch_size=4, io_binding=True)
+    assert plain.io_binding is False and plain.device_id == 0  # CPU default: off
+    assert bound.io_binding is True and bound.device_id == 0
+    for session in (bound._image, bound._text):
+        _forbid(session, "run")
+    for session in (plain._image, plain._text):
+        _forbid(session, "run_with_iobinding")
+
+    np.testing.assert_allclose(bound.embed_images(images), plain.embed_images(images), rtol=0, atol=1e-6)
+    if not plain.conditioned:
+        np.testing.assert_allclose(bound.embed_texts(ODD_NAMES), plain.embed_texts(ODD_NAMES), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(bound.logits(images, ds.classnames), plain.logits(images, ds.classnames), rtol=0, atol=1e-6)
+    _assert_same_classify(bound.classify(images, ds.classnames, top_k=3), plain.classify(images, ds.classnames, top_k=3))
+
+
+@pytest.mark.parametrize("name", ["coop", "cocoop"])
+def test_predictor_io_binding_is_thread_safe(name, exported, dataset_spec):
+    # one binding per run: concurrent runs on the shared sessions must not see each other's inputs
+    from concurrent.futures import ThreadPoolExecutor
+
+    from exports.runtime import Predictor
+
+    _, art = exported(name)
+    ds = load_dataset(dataset_spec)
+    images = [load_image(s.path) for s in ds.test]
+    predictor = Predictor(art, batch_size=3, io_binding=True, text_cache_size=0)  # no cache: every call runs the text graph
+    calls = [(images[i % 5 : i % 5 + 1 + i % 4], list(ds.classnames)[: 2 + i % 5][:: 1 if i % 2 else -1]) for i in range(24)]
+    serial = [predictor.classify(ims, names, top_k=2) for ims, names in calls]
+    with ThreadPoolExecutor(8) as pool:
+        threaded = list(pool.map(lambda c: predictor.classify(c[0], c[1], top_k=2), calls))
+    for got, want in zip(threaded, serial):
+        _assert_same_classify(got, want)
+
+
+def test_predictor_cuda_path_on_a_stand_in_session(exported, dataset_spec, monkeypatch):
+    # No GPU here: a stand-in InferenceSession reports the CUDA provider and runs on a real CPU
+    # session, so the CUDA logic is checked (provider options carry device_id, IOBinding is on by
+    # default and binds inputs and output on ("cuda", device_id)) though not its speed.
+    import onnxruntime as ort
+
+    from exports.runtime import Predictor
+
+    _, art = exported("coop")
+    real_session, real_from_numpy = ort.InferenceSession, ort.OrtValue.ortvalue_from_numpy
+    created, bound_on = [], set()
+    cuda_starts = [True]
+
+    class Binding:
+        def __init__(self, real):
+            self.real = real
+
+        def bind_ortvalue_input(self, name, value):
+            self.real.bind_ortvalue_input(name, value)
+
+        def bind_output(self, name, device_type="cpu", device_id=0):
+            bound_on.add((device_type, device_id))
+            self.real.bind_output(name, "cpu", 0)
+
+        def copy_outputs_to_cpu(self):
+            return self.real.copy_outputs_to_cpu()
+
+    class StandIn:
+        def __init__(self, path, sess_options=None, providers=None):
+            created.append(providers)
+            self.real = real_session(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+            self.started = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda_starts[0] else ["CPUExecutionProvider"]
+
+        def get_providers(self):
+            return self.started
+
+        def run(self, *args, **kwargs):
+            raise AssertionError("session.run used while IOBinding is on")
+
+        def io_binding(self):
+            return Binding(self.real.io_binding())
+
+        def run_with_iobinding(self, binding, run_options=None):
+            self.real.run_with_iobinding(binding.real, run_options)
+
+    def from_numpy(arr, device_type="cpu", device_id=0):
+        bound_on.add((device_type, device_id))
+        return real_from_numpy(arr, "cpu", 0)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", StandIn)
+    monkeypatch.setattr(ort.OrtValue, "ortvalue_from_numpy", staticmethod(from_numpy))
+
+    ds = load_dataset(dataset_spec)
+    images = [load_image(s.path) for s in ds.test[:5]]
+    predictor = Predictor(art, device="cuda", device_id=1)
+    assert created == [[("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]] * 2  # image, text
+    assert predictor.io_binding is True and predictor.device_id == 1
+    assert predictor.providers[0] == "CUDAExecutionProvider"
+    got = predictor.classify(images, ds.classnames, top_k=3)
+    assert bound_on == {("cuda", 1)}
+    monkeypatch.undo()
+    _assert_same_classify(got, Predictor(art).classify(images, ds.classnames, top_k=3))
+
+    # the CUDA provider not starting (e.g. no device 1) is refused, naming the provider and device
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", StandIn)
+    cuda_starts[0] = False
+    with pytest.raises(ArtifactError, match=r"could not start CUDAExecutionProvider with \{'device_id': 1\}"):
+        Predictor(art, device="cuda", device_id=1)
 
 
 def test_non_exportable_capabilities_are_refused(tiny_backbone, tmp_path):

@@ -155,6 +155,85 @@ def test_cuda_without_cuda_is_an_error_unless_fallback_allowed(artifact):
     assert svc.provider == "CPUExecutionProvider" == svc.providers[0]
 
 
+def test_cuda_devices_and_workers_from_env(monkeypatch):
+    from service.config import ServiceConfig, ServiceConfigError, cuda_device_for_worker
+    from service.service import _int_env
+
+    assert ServiceConfig.from_env({}).cuda_devices is None
+    assert ServiceConfig.from_env({"PROMPTBAKE_CUDA_DEVICES": "0,1"}).cuda_devices == (0, 1)
+    assert ServiceConfig.from_env({"PROMPTBAKE_CUDA_DEVICES": " 3 , 1,1 "}).cuda_devices == (3, 1, 1)
+    for bad in ("-1", "a", "1.5", ",", "0,,1", "0;1", "２"):
+        with pytest.raises(ServiceConfigError, match="PROMPTBAKE_CUDA_DEVICES"):
+            ServiceConfig.from_env({"PROMPTBAKE_CUDA_DEVICES": bad})
+    with pytest.raises(ServiceConfigError, match="PROMPTBAKE_CUDA_DEVICES"):
+        ServiceConfig.from_env({}, cuda_devices=())
+
+    # round-robin: worker i (1-based) on devices[(i - 1) % n]; outside a worker (None, 0) = worker 1
+    assert [cuda_device_for_worker(i, (0, 1)) for i in (1, 2, 3, 4)] == [0, 1, 0, 1]
+    assert [cuda_device_for_worker(i, (2, 5, 7)) for i in (None, 0, 1, 2, 3, 4)] == [2, 2, 2, 5, 7, 2]
+    assert [cuda_device_for_worker(i, None) for i in (None, 1, 2, 3)] == [0, 0, 0, 0]
+
+    for bad in ("0", "-2", "two", ""):
+        monkeypatch.setenv("PROMPTBAKE_WORKERS", bad)
+        with pytest.raises(ServiceConfigError, match="PROMPTBAKE_WORKERS"):
+            _int_env("PROMPTBAKE_WORKERS", 1, minimum=1)
+    # read at import, into the @bentoml.service decorator
+    code = "import service.service as s; print(s.PromptbakeService.config['workers'])"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PROMPTBAKE_WORKERS": "3"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr
+
+
+def test_each_worker_takes_its_cuda_device(artifact, test_images, monkeypatch):
+    # No GPU needed: a stand-in Predictor records the device asked for and reports CUDA, so the
+    # worker -> device wiring and what /info says are checked (the GPU itself is not).
+    import bentoml
+
+    import service.service as svc_module
+    from exports.manifest import ArtifactError
+    from exports.runtime import Predictor
+    from service.config import ServiceConfig, ServiceConfigError
+    from service.service import PromptbakeService
+
+    class CudaLike(Predictor):
+        providers = property(lambda self: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    asked: list[tuple[str, int]] = []
+    cuda_works = [True]
+
+    def stand_in(path, *, device="cpu", device_id=0, **kwargs):
+        asked.append((device, device_id))
+        if device == "cpu":
+            return Predictor(path, **kwargs)
+        if not cuda_works[0]:
+            raise ArtifactError(f"{path}: onnxruntime could not start CUDAExecutionProvider with {{'device_id': {device_id}}}")
+        p = CudaLike(path, io_binding=True, **kwargs)  # the CUDA default, on CPU OrtValues
+        p.device_id = device_id
+        return p
+
+    monkeypatch.setattr(svc_module, "Predictor", stand_in)
+    cfg = ServiceConfig(artifact=str(artifact), device="cuda", cuda_devices=(0, 1))
+    for worker, device in [(1, 0), (2, 1), (3, 0), (4, 1)]:
+        monkeypatch.setattr(bentoml.server_context, "worker_index", worker)
+        svc = PromptbakeService.inner(cfg)
+        info = asyncio.run(svc.info())
+        assert (info.provider, info.device_id, info.io_binding, info.worker) == ("CUDAExecutionProvider", device, True, worker)
+    assert asked == [("cuda", 0), ("cuda", 1), ("cuda", 0), ("cuda", 1)]
+    out = asyncio.run(svc.classify(images=[_b64(p.read_bytes()) for p in test_images[:3]], class_names=NAMES, top_k=3))
+    _assert_same_predictions(out.model_dump()["predictions"], _reference(artifact, test_images[:3]))
+
+    # the worker's device not starting: refused naming it, or CPU (no device, no IOBinding) when allowed
+    cuda_works[0] = False
+    monkeypatch.setattr(bentoml.server_context, "worker_index", None)  # the class called directly: worker 1
+    with pytest.raises(ServiceConfigError, match=r"'device_id': 0\}.*PROMPTBAKE_ALLOW_CPU_FALLBACK"):
+        PromptbakeService.inner(cfg.model_copy(update={"cuda_devices": None}))
+    monkeypatch.setattr(bentoml.server_context, "worker_index", 2)
+    svc = PromptbakeService.inner(cfg.model_copy(update={"allow_cpu_fallback": True}))
+    info = asyncio.run(svc.info())
+    assert (info.provider, info.device_id, info.io_binding, info.worker) == ("CPUExecutionProvider", None, False, 2)
+    assert asked[-3:] == [("cuda", 0), ("cuda", 1), ("cpu", 0)]
+
+
 def test_serve_cli_refuses_a_missing_artifact_in_one_line(capsys):
     from training.cli import main
 
@@ -392,6 +471,7 @@ def test_served_predictions_equal_predictor_and_promptbake_predict(server, artif
     assert r.headers["x-promptbake-provider"] == "CPUExecutionProvider"
     started = [line for line in log.read_text().splitlines() if "promptbake: serving" in line]
     assert len(started) == 1 and "on CPUExecutionProvider" in started[0]  # the provider, logged at start
+    assert "IOBinding off, worker 1;" in started[0]
 
 
 def test_served_bad_inputs_then_good(server):
@@ -451,6 +531,7 @@ def test_served_metrics_and_info(server):
         assert name in text, name
     info = httpx.get(base + "/info").json()
     assert info["provider"] == "CPUExecutionProvider" and info["limits"]["max_batch_size"] == 32
+    assert info["device_id"] is None and info["io_binding"] is False and info["worker"] == 1
 
 
 def test_served_graceful_shutdown_finishes_the_request_in_flight(server, test_images):
