@@ -18,6 +18,8 @@ def test_grid_runs_every_cell_once_and_resumes(colour_root, tmp_path):
         assert 0 <= r["base_acc"] <= 100 and 0 <= r["novel_acc"] <= 100 and r["train_seconds"] >= 0
     metrics = tmp_path / "runs" / "coop" / ds.replace("/", "_").replace(":", "_") / "seed1" / "metrics.json"
     assert json.loads(metrics.read_text())["n_test"] == {"base": 6, "novel": 6}  # 2 per class x 3 classes
+    log = [json.loads(line) for line in (metrics.parent / "train_log.jsonl").read_text().splitlines()]
+    assert rows[2]["train_seconds"] == round(sum(r["seconds"] for r in log), 1)  # epochs' time, not wall time
     stamp = metrics.stat().st_mtime_ns
     again = run_grid(["zeroshot", "coop"], [ds], [1, 2], tmp_path, "test-tiny", shots=2, train_options=opts,
                      test_per_class=2, progress=False)

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from training.jobs import eval_job, mean_std, train_job
 from training.methods import get_method
-from training.runs import METRICS_FILE, atomic_write_bytes, atomic_write_json
+from training.runs import LOG_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +63,23 @@ def run_grid(
                       progress=progress)
             seconds = time.perf_counter() - t0
             metrics = eval_job(run, progress=progress, test_per_class=test_per_class, extra={"train_seconds": round(seconds, 1)})
-        rows.append({k: metrics.get(k) for k in ROW_KEYS})
+        row = {k: metrics.get(k) for k in ROW_KEYS}
+        epoch_seconds = _epoch_seconds(run)
+        if epoch_seconds is not None:  # robust to resumes, which restart the wall clock
+            row["train_seconds"] = epoch_seconds
+        rows.append(row)
         logger.info("    base %.2f  novel %.2f  HM %.2f", metrics["base_acc"], metrics["novel_acc"], metrics["hm"])
         write_results(out, rows, methods, datasets)
     return rows
+
+
+def _epoch_seconds(run: Path) -> float | None:
+    """Training time of a run: the sum of its epochs' times from the train log (None: no log)."""
+    log = run / LOG_FILE
+    if not log.is_file():
+        return None
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return round(sum(r.get("seconds", 0.0) for r in records), 1)
 
 
 def scaled_epochs(method: str, scale: float) -> int:
