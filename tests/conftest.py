@@ -84,3 +84,17 @@ def exported(tmp_path_factory, colour_spec):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def restore_pillow_settings():
+    """The service hardens Pillow process-wide (pixel limit, bomb warning as error); undo it after a module."""
+    import warnings
+
+    from PIL import ImageFile
+
+    saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES, list(warnings.filters))
+    yield
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved[0], saved[1]
+    warnings.filters[:] = saved[2]
+    warnings._filters_mutated()  # noqa: SLF001 - invalidate the warnings cache after editing the list

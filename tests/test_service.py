@@ -47,18 +47,7 @@ LIMITS = {
 
 # -- fixtures ------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def _restore_pillow_settings():
-    """The service hardens Pillow process-wide (pixel limit, bomb warning as error); undo it for other tests."""
-    import warnings
-
-    from PIL import ImageFile
-
-    saved = (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES, list(warnings.filters))
-    yield
-    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved[0], saved[1]
-    warnings.filters[:] = saved[2]
-    warnings._filters_mutated()  # noqa: SLF001 - invalidate the warnings cache after editing the list
+pytestmark = pytest.mark.usefixtures("restore_pillow_settings")  # the service hardens Pillow process-wide (conftest)
 
 
 @pytest.fixture(scope="module")
