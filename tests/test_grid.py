@@ -55,3 +55,26 @@ def test_scaled_schedules_keep_the_warm_up_and_shift_epoch_counted_options(colou
     # the aggregation window moves with the schedule: 75% of the way through, at least half an epoch wide
     assert info["method_config"]["gpa_mean"] == pytest.approx(15 * 3 / 20)
     assert info["method_config"]["gpa_std"] == 0.5
+
+
+def test_results_table_compares_directions_with_the_published_averages():
+    from training.grid import results_table
+
+    def row(method, dataset, base, novel):
+        return {"method": method, "dataset": dataset, "seed": 1, "base_acc": base, "novel_acc": novel,
+                "hm": 2 * base * novel / (base + novel), "train_seconds": 10.0}
+
+    methods = ["zeroshot", "coop", "kgcoop", "vpt"]
+    rows = [row("zeroshot", d, 50, 50) for d in "ab"] + [row("coop", d, 60, 40) for d in "ab"]
+    rows += [row("kgcoop", "a", 58, 48), row("kgcoop", "b", 58, 48), row("vpt", "a", 50.2, 51), row("vpt", "b", 50.2, 51)]
+    table = results_table(rows, methods, ["a", "b"])
+    lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ") and "**" not in line}
+    # CoOp against zero-shot: base up, novel down, as published (+13.35, -11.00)
+    assert "| coop | +10.00 (+) | -10.00 (-) |  |  | +13.35 (+) | -11.00 (-) |  |  | 2/2 |" in table
+    # KgCoOp: ours base -2 / novel +8 against CoOp, published -1.96 / +10.38: all four directions agree
+    assert lines["kgcoop"].endswith("| 4/4 |") and "-2.00 (-) | +8.00 (+)" in lines["kgcoop"]
+    # no published average for VPT; a 0.2-point change counts as no change
+    assert lines["vpt"].startswith("| vpt | +0.20 (=) | +1.00 (+) |") and lines["vpt"].endswith("n/a | n/a |")
+    assert "| **average** | kgcoop | | 58.00 | 48.00 |" in table
+    # without both baselines there is nothing to compare against
+    assert "same direction" not in results_table([r for r in rows if r["method"] != "zeroshot"], methods[1:], ["a", "b"])

@@ -103,10 +103,35 @@ def _options_for(method: str, train_options: Mapping[str, Any] | None, epochs_sc
     return opts
 
 
+# Published base-to-novel averages over the 11 standard datasets, CLIP ViT-B/16, 16 shots (Base, Novel,
+# HM), as the papers report them (CoOp and CoCoOp from the CoCoOp paper, the others from their own).
+# Our backbone and data differ, so only the direction of each method's effect is comparable.
+PUBLISHED_B2N: dict[str, tuple[float, float, float]] = {
+    "zeroshot": (69.34, 74.22, 71.70),
+    "coop": (82.69, 63.22, 71.66),
+    "cocoop": (80.47, 71.69, 75.83),
+    "prograd": (82.48, 70.75, 76.16),
+    "kgcoop": (80.73, 73.60, 77.00),
+    "maple": (82.28, 75.14, 78.55),
+    "promptsrc": (84.26, 76.10, 79.97),
+    "tcp": (84.13, 75.36, 79.51),
+}
+SAME_BAND = 0.5  # |difference| below this many points counts as "no change" when comparing directions
+
+
+def _direction(delta: float) -> str:
+    return "=" if abs(delta) < SAME_BAND else ("+" if delta > 0 else "-")
+
+
 def results_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], datasets: Sequence[str]) -> str:
-    """Markdown: per dataset and method, mean ± std over seeds, then the average over datasets."""
+    """Markdown: per dataset and method, mean ± std over seeds, then the average over datasets.
+
+    When zero-shot and CoOp have averages too, a second table gives each method's average change
+    against both, beside the same changes in the published 11-dataset averages (``PUBLISHED_B2N``).
+    """
     lines = ["| dataset | method | seeds | base | novel | HM | train s/run |", "|---|---|---|---|---|---|---|"]
     per_method_avg: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
+    per_method_secs: dict[str, list[float]] = {m: [] for m in methods}
     for d in datasets:
         for m in methods:
             cell = [r for r in rows if r["method"] == m and r["dataset"] == d]
@@ -115,14 +140,49 @@ def results_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], dat
             stats = [mean_std([r[k] for r in cell]) for k in ("base_acc", "novel_acc", "hm")]
             secs = [r["train_seconds"] for r in cell if r.get("train_seconds") is not None]
             t = f"{sum(secs) / len(secs):.0f}" if secs else "-"
+            if secs:
+                per_method_secs[m].append(sum(secs) / len(secs))
             lines.append(f"| {d} | {m} | {len(cell)} | " + " | ".join(f"{mu:.2f} ± {sd:.2f}" for mu, sd in stats) + f" | {t} |")
             per_method_avg[m].append(tuple(mu for mu, _ in stats))
+    averages: dict[str, tuple[float, ...]] = {}
     for m in methods:
         avg = per_method_avg[m]
         if len(avg) == len(datasets) and avg:
-            b, n, h = (sum(x[i] for x in avg) / len(avg) for i in range(3))
-            lines.append(f"| **average** | {m} | | {b:.2f} | {n:.2f} | {h:.2f} | |")
+            averages[m] = tuple(sum(x[i] for x in avg) / len(avg) for i in range(3))
+            secs = per_method_secs[m]
+            t = f"{sum(secs) / len(secs):.0f}" if len(secs) == len(datasets) else ""
+            lines.append(f"| **average** | {m} | | " + " | ".join(f"{v:.2f}" for v in averages[m]) + f" | {t} |")
+    if {"zeroshot", "coop"} <= set(averages) and len(averages) > 2:
+        lines += ["", _directions_table(averages)]
     return "\n".join(lines) + "\n"
+
+
+def _directions_table(averages: Mapping[str, tuple[float, ...]]) -> str:
+    """Each method's average change in base and novel accuracy against zero-shot and CoOp, ours
+    beside the published one, with the direction (+, -, = within SAME_BAND points) and whether
+    the directions agree."""
+    head = ("| method | base − ZS | novel − ZS | base − CoOp | novel − CoOp | published: base − ZS | novel − ZS "
+            "| base − CoOp | novel − CoOp | same direction |")
+    lines = [head, "|---" * 10 + "|"]
+    for m, (b, n, _) in averages.items():
+        if m == "zeroshot":
+            continue
+        ours = [b - averages["zeroshot"][0], n - averages["zeroshot"][1], b - averages["coop"][0], n - averages["coop"][1]]
+        ref = PUBLISHED_B2N.get(m)
+        if ref is None:
+            pub_cells, agree = ["n/a"] * 4, "n/a"
+        else:
+            zs, coop = PUBLISHED_B2N["zeroshot"], PUBLISHED_B2N["coop"]
+            pub = [ref[0] - zs[0], ref[1] - zs[1], ref[0] - coop[0], ref[1] - coop[1]]
+            pairs = [(o, p) for i, (o, p) in enumerate(zip(ours, pub)) if not (m == "coop" and i >= 2)]
+            same = sum(_direction(o) == _direction(p) for o, p in pairs)
+            pub_cells, agree = [f"{v:+.2f} ({_direction(v)})" for v in pub], f"{same}/{len(pairs)}"
+        our_cells = [f"{v:+.2f} ({_direction(v)})" for v in ours]
+        if m == "coop":
+            our_cells[2:] = ["", ""]
+            pub_cells[2:] = ["", ""] if ref is not None else pub_cells[2:]
+        lines.append(f"| {m} | " + " | ".join(our_cells + pub_cells) + f" | {agree} |")
+    return "\n".join(lines)
 
 
 def write_results(out: Path, rows: Sequence[Mapping[str, Any]], methods: Sequence[str], datasets: Sequence[str]) -> None:
