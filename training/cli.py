@@ -513,7 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyError, ValueError, FileNotFoundError) as e:
         return _error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
     except KeyboardInterrupt:
-        print("promptbake: interrupted; a train command resumes from its last finished epoch", file=sys.stderr)
+        print("promptbake: interrupted; re-run the same command to resume (train, benchmark and pretrain continue "
+              "from their last checkpoint)", file=sys.stderr)
         return 130
 
 
