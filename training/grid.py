@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from training.config import TrainConfig
 from training.jobs import eval_job, mean_std, train_job
 from training.methods import get_method
 from training.runs import LOG_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_json
@@ -56,16 +57,16 @@ def run_grid(
         else:
             logger.info("[%d/%d] %s on %s seed %d", i, len(cells), method, dataset, seed)
             t0 = time.perf_counter()
-            opts = _options_for(method, train_options, epochs_scale)
-            spec = get_method(method)
-            method_options = spec.method_cls.options_for_epochs(spec.config_cls(), opts["epochs"]) if "epochs" in opts else {}
+            method_options, opts = _options_for(method, train_options, epochs_scale)
             train_job(method, backbone, dataset, shots, seed, run, method_options=method_options, train_options=opts,
                       progress=progress)
-            seconds = time.perf_counter() - t0
-            metrics = eval_job(run, progress=progress, test_per_class=test_per_class, extra={"train_seconds": round(seconds, 1)})
+            seconds = _epoch_seconds(run)
+            if seconds is None:  # nothing trained (zero-shot): the set-up time
+                seconds = round(time.perf_counter() - t0, 1)
+            metrics = eval_job(run, progress=progress, test_per_class=test_per_class, extra={"train_seconds": seconds})
         row = {k: metrics.get(k) for k in ROW_KEYS}
         epoch_seconds = _epoch_seconds(run)
-        if epoch_seconds is not None:  # robust to resumes, which restart the wall clock
+        if epoch_seconds is not None:  # cells evaluated before train_seconds came from the log
             row["train_seconds"] = epoch_seconds
         rows.append(row)
         logger.info("    base %.2f  novel %.2f  HM %.2f", metrics["base_acc"], metrics["novel_acc"], metrics["hm"])
@@ -84,23 +85,24 @@ def _epoch_seconds(run: Path) -> float | None:
 
 def scaled_epochs(method: str, scale: float) -> int:
     """``method``'s reference epochs times ``scale``, at least MIN_SCALED_EPOCHS (0 stays 0: zero-shot)."""
-    from training.config import TrainConfig
-
     ref = get_method(method).method_cls.train_defaults.get("epochs", TrainConfig.epochs)
     return 0 if ref == 0 else max(MIN_SCALED_EPOCHS, round(ref * scale))
 
 
-def _options_for(method: str, train_options: Mapping[str, Any] | None, epochs_scale: float | None = None) -> dict[str, Any]:
-    """The grid's training options for one method: a scaled schedule unless epochs are given, and
-    no feature cache for methods that change the image graph."""
+def _options_for(method: str, train_options: Mapping[str, Any] | None,
+                 epochs_scale: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(method options, training options)`` of one cell: a scaled schedule unless epochs are given
+    (with the method's epoch-counted options moved along), and no feature cache for methods that
+    change the image graph."""
     opts = dict(train_options or {})
     spec = get_method(method)
     if epochs_scale is not None and "epochs" not in opts:
         opts["epochs"] = scaled_epochs(method, epochs_scale)
+    method_options = spec.method_cls.options_for_epochs(spec.config_cls(), opts["epochs"]) if "epochs" in opts else {}
     if opts.get("feature_cache_views") and spec.method_cls.capabilities_for(spec.config_cls()).changes_image_graph:
         logger.info("    %s changes the image graph: trained without the feature cache", method)
         opts.pop("feature_cache_views")
-    return opts
+    return method_options, opts
 
 
 # Published base-to-novel averages over the 11 standard datasets, CLIP ViT-B/16, 16 shots (Base, Novel,
@@ -157,6 +159,16 @@ def results_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], dat
     return "\n".join(lines) + "\n"
 
 
+def _changes(acc: Sequence[float], zeroshot: Sequence[float], coop: Sequence[float]) -> list[float]:
+    """Base and novel accuracy minus zero-shot's, then minus CoOp's."""
+    return [acc[0] - zeroshot[0], acc[1] - zeroshot[1], acc[0] - coop[0], acc[1] - coop[1]]
+
+
+def _cells(changes: Sequence[float]) -> list[str]:
+    """Four table cells: each change with its direction, blanks for the ones not compared."""
+    return [f"{v:+.2f} ({_direction(v)})" for v in changes] + [""] * (4 - len(changes))
+
+
 def _directions_table(averages: Mapping[str, tuple[float, ...]]) -> str:
     """Each method's average change in base and novel accuracy against zero-shot and CoOp, ours
     beside the published one, with the direction (+, -, = within SAME_BAND points) and whether
@@ -167,21 +179,16 @@ def _directions_table(averages: Mapping[str, tuple[float, ...]]) -> str:
     for m, (b, n, _) in averages.items():
         if m == "zeroshot":
             continue
-        ours = [b - averages["zeroshot"][0], n - averages["zeroshot"][1], b - averages["coop"][0], n - averages["coop"][1]]
+        k = 2 if m == "coop" else 4  # CoOp against itself says nothing
+        ours = _changes((b, n), averages["zeroshot"], averages["coop"])[:k]
         ref = PUBLISHED_B2N.get(m)
         if ref is None:
             pub_cells, agree = ["n/a"] * 4, "n/a"
         else:
-            zs, coop = PUBLISHED_B2N["zeroshot"], PUBLISHED_B2N["coop"]
-            pub = [ref[0] - zs[0], ref[1] - zs[1], ref[0] - coop[0], ref[1] - coop[1]]
-            pairs = [(o, p) for i, (o, p) in enumerate(zip(ours, pub)) if not (m == "coop" and i >= 2)]
-            same = sum(_direction(o) == _direction(p) for o, p in pairs)
-            pub_cells, agree = [f"{v:+.2f} ({_direction(v)})" for v in pub], f"{same}/{len(pairs)}"
-        our_cells = [f"{v:+.2f} ({_direction(v)})" for v in ours]
-        if m == "coop":
-            our_cells[2:] = ["", ""]
-            pub_cells[2:] = ["", ""] if ref is not None else pub_cells[2:]
-        lines.append(f"| {m} | " + " | ".join(our_cells + pub_cells) + f" | {agree} |")
+            pub = _changes(ref, PUBLISHED_B2N["zeroshot"], PUBLISHED_B2N["coop"])[:k]
+            pub_cells = _cells(pub)
+            agree = f"{sum(_direction(o) == _direction(p) for o, p in zip(ours, pub))}/{k}"
+        lines.append(f"| {m} | " + " | ".join(_cells(ours) + pub_cells) + f" | {agree} |")
     return "\n".join(lines)
 
 
