@@ -406,6 +406,8 @@ def test_asgi_embed_text_limits(client):
 
 @pytest.fixture(scope="module")
 def server(artifact, tmp_path_factory):
+    from training.bench_serve import wait_until_ready
+
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBAKE_")}  # default limits, no key
@@ -429,16 +431,10 @@ def server(artifact, tmp_path_factory):
         return proc.returncode
 
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"server exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"server not ready in 90 s:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(base + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        try:
+            wait_until_ready(proc, base, timeout_s=90, request_timeout_s=5)
+        except RuntimeError as e:
+            pytest.fail(f"{e}:\n{log.read_text()[-3000:]}")
         yield base, log, stop
     finally:
         stop()

@@ -166,6 +166,28 @@ def _batch_count(base: str) -> tuple[float, float]:
     return vals["count"], vals["sum"]
 
 
+def wait_until_ready(proc: subprocess.Popen, base: str, timeout_s: float, request_timeout_s: float = 30.0) -> None:
+    """Poll ``BASE/readyz`` until it answers 200.
+
+    Raises:
+        RuntimeError: the server process exited, or ``timeout_s`` passed first.
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited (code {proc.returncode}) before it was ready")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server was not ready in {timeout_s:.0f} s")
+        try:
+            if httpx.get(base + "/readyz", timeout=request_timeout_s).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
 def bench_http(artifact: str | os.PathLike[str], *, device: str, clients: int, requests: int, batch_images: int,
                n_names: int, max_batch_size: int, max_latency_ms: int) -> dict[str, Any]:
     import httpx
@@ -181,16 +203,10 @@ def bench_http(artifact: str | os.PathLike[str], *, device: str, clients: int, r
                              "--port", str(port), "--device", device], stdout=log, stderr=subprocess.STDOUT, env=env,
                             cwd=REPO, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not become ready; see {log.name}")
-            try:
-                if httpx.get(base + "/readyz", timeout=30).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        try:
+            wait_until_ready(proc, base, timeout_s=180)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; see {log.name}") from None
         info = httpx.get(base + "/info", timeout=30).json()
         images = _jpegs(64)
         names = ["cat", "dog", "car", "tree", "house", "person", "bird", "boat"]
