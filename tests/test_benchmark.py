@@ -6,6 +6,7 @@ font fails these tests with the package to install, it does not skip them.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -202,3 +203,72 @@ def test_pretrain_second_phase_starts_from_given_weights(tmp_path: Path) -> None
     assert not all(torch.allclose(start[k].float(), random_init[k].float(), atol=1e-2) for k in start)
     # a phase-1 config (no init_from) stays resumable: the empty field is not written
     assert "init_from" not in (tmp_path / "one" / "config.json").read_text()
+
+
+def test_emoji_vit_s_is_an_alias_runs_record_the_version(colour_spec: str, tmp_path: Path) -> None:
+    from training.backbones import create_backbone, recorded_backbone_spec, resolve_backbone_spec
+    from training.benchmark import emoji_backbone as eb
+    from training.jobs import load_run_method, train_job
+
+    latest = f"emoji-vit-s-{eb.VERSIONS[-1]}"
+    assert resolve_backbone_spec("emoji-vit-s") == latest and resolve_backbone_spec("emoji-vit-s-v1") == "emoji-vit-s-v1"
+    for version in eb.VERSIONS:  # every version ships, loadable by name
+        assert eb.weights_path(version).is_file() and f"emoji-vit-s-{version}" in dict(list_backbones())
+    assert create_backbone("emoji-vit-s").spec == latest
+    # a new run records the version, not the alias
+    run = train_job("zeroshot", "emoji-vit-s", colour_spec, 1, 1, tmp_path / "zs", progress=False)
+    info_file = run.file("run.json")
+    assert json.loads(info_file.read_text())["backbone"] == latest
+    # a run recorded with the bare name before versioning was trained on v1 and is rebuilt with v1
+    assert recorded_backbone_spec("emoji-vit-s") == "emoji-vit-s-v1"
+    legacy = json.loads(info_file.read_text())
+    info_file.write_text(json.dumps({**legacy, "backbone": "emoji-vit-s"}))
+    method, info = load_run_method(run)
+    assert info.backbone == "emoji-vit-s-v1" and method.backbone.spec == "emoji-vit-s-v1"
+    v1 = create_emoji_backbone(eb.weights_path("v1"))
+    assert all(torch.equal(a, b) for a, b in zip(method.clip.state_dict().values(), v1.model.state_dict().values()))
+
+
+def test_install_adds_a_version_and_never_overwrites_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from training.benchmark import emoji_backbone as eb
+    from training.benchmark.pretrain import install_weights
+
+    monkeypatch.setattr(eb, "WEIGHTS_DIR", tmp_path / "weights")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "emoji-vit-s.safetensors").write_bytes(b"new weights")
+    (run / "report.json").write_text("{}")
+    with pytest.raises(ValueError, match="v3"):
+        install_weights(run, "latest")
+    dst = install_weights(run, "v9")
+    assert dst == tmp_path / "weights" / "emoji-vit-s-v9.safetensors" and dst.read_bytes() == b"new weights"
+    assert (tmp_path / "weights" / "emoji-vit-s-v9.json").read_text() == "{}"
+    assert install_weights(run, "v9") == dst  # the same bytes again: nothing changes
+    (run / "emoji-vit-s.safetensors").write_bytes(b"other weights")
+    with pytest.raises(FileExistsError, match="never change"):
+        install_weights(run, "v9")
+    assert dst.read_bytes() == b"new weights"
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["emoji-vit-s-v9.json", "emoji-vit-s-v9.safetensors"]
+
+
+def test_style_weights_choose_the_training_style_and_keep_old_runs_resumable(tmp_path: Path) -> None:
+    from training.benchmark.pretrain import PretrainData, _config_json
+
+    base = PretrainConfig(steps=1, batch_size=8, warmup_steps=0, max_classes=40, arch=TINY_ARCH, final_eval=False)
+    assert "style_weights" not in _config_json(base)  # the default is not written: older runs resume
+    data = PretrainData(PretrainConfig(**{**base.__dict__, "style_weights": (0, 1, 0)}))
+    assert data.symbola_unseen & set(data.codepoints)  # some held-out classes among these 40
+    lineart = PretrainData(PretrainConfig(**{**base.__dict__, "style_weights": (0.0, 1e-9, 1.0)}))
+    rng = np.random.default_rng(0)
+    for cp in data.codepoints:
+        assert data.choose_style(cp, rng) == "openmoji"
+        # all on Symbola except the classes whose line art is held out: those stay in colour
+        assert lineart.choose_style(cp, rng) == ("openmoji" if cp in lineart.symbola_unseen else "symbola")
+    # uniform weights draw exactly as before the option existed
+    uniform = PretrainData(base)
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    for cp in uniform.codepoints:
+        styles = uniform.styles_for(cp)
+        assert uniform.choose_style(cp, a) == styles[int(b.integers(len(styles)))]
+    with pytest.raises(ValueError, match="style_weights"):
+        PretrainConfig(style_weights=(0, 0, 1))

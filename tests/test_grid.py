@@ -78,3 +78,16 @@ def test_results_table_compares_directions_with_the_published_averages():
     assert "| **average** | kgcoop | | 58.00 | 48.00 |" in table
     # without both baselines there is nothing to compare against
     assert "same direction" not in results_table([r for r in rows if r["method"] != "zeroshot"], methods[1:], ["a", "b"])
+
+
+def test_grid_refuses_to_mix_backbones_in_one_table(colour_root, tmp_path):
+    import pytest
+
+    from training.runs import RunError
+
+    ds = f"folder:{colour_root}"
+    run_grid(["zeroshot"], [ds], [1], tmp_path, "test-tiny", shots=2, test_per_class=2, progress=False)
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(RunError, match="trained on test-tiny, this benchmark asks for emoji-vit-s-v.*--backbone test-tiny"):
+        run_grid(["zeroshot"], [ds], [1], tmp_path, "emoji-vit-s", shots=2, test_per_class=2, progress=False)
+    assert (tmp_path / "results.json").read_text() == before

@@ -6,7 +6,9 @@ Spec forms:
     ``MODEL:/path/weights``  an open_clip architecture with a local ``.safetensors`` file, or a
                              ``.pt``/``.bin``/``.pth`` state dict read with ``weights_only=True``.
     ``NAME``                 a project backbone registered with :func:`register_backbone`
-                             (``test-tiny``: a tiny random ViT CLIP for tests).
+                             (``test-tiny``: a tiny random ViT CLIP for tests) or an alias of one
+                             (``emoji-vit-s`` = the latest ``emoji-vit-s-vN``); runs record the
+                             resolved name, so a new version never changes a finished run.
 
 Every backbone carries its preprocessing (size, mean, std, interpolation, resize mode) and its
 tokenizer, so nothing downstream guesses them.
@@ -84,6 +86,36 @@ def register_backbone(name: str, description: str) -> Callable[[Callable[[], Bac
     return deco
 
 
+_ALIASES: dict[str, tuple[str, str]] = {}  # alias -> (target now, target of runs recorded before versioning)
+
+
+def register_backbone_alias(alias: str, target: str, recorded_as: str | None = None) -> None:
+    """Make ``alias`` name the registered backbone ``target`` (e.g. the latest version of a family).
+
+    Runs and manifests record the target, never the alias, so a later change of what the alias means
+    cannot swap the weights under a finished run. ``recorded_as`` is the backbone that runs which
+    recorded the bare alias (written before it was versioned) were trained on.
+    """
+    if alias in _PROJECT_BACKBONES:
+        raise ValueError(f"{alias!r} is already a registered backbone")
+    _ALIASES[alias] = (target, recorded_as or target)
+
+
+def resolve_backbone_spec(spec: str) -> str:
+    """The spec a new run records: aliases resolved to the backbone they name today."""
+    spec = spec.strip()
+    _register_builtin()
+    return _ALIASES[spec][0] if spec in _ALIASES else spec
+
+
+def recorded_backbone_spec(spec: str) -> str:
+    """The backbone a run or manifest that recorded ``spec`` was built with (a bare alias in a record
+    written before versioning means the version it named then)."""
+    spec = spec.strip()
+    _register_builtin()
+    return _ALIASES[spec][1] if spec in _ALIASES else spec
+
+
 def _register_builtin() -> None:
     """Import the modules that register the project's own backbones (lazily: they import more)."""
     import training.benchmark.emoji_backbone  # noqa: F401  (registers "emoji-vit-s")
@@ -92,7 +124,9 @@ def _register_builtin() -> None:
 def list_backbones() -> list[tuple[str, str]]:
     """Named project backbones with a one-line description."""
     _register_builtin()
-    return [(name, desc) for name, (_, desc) in sorted(_PROJECT_BACKBONES.items())]
+    named = [(name, desc) for name, (_, desc) in _PROJECT_BACKBONES.items()]
+    named += [(alias, f"= {target} (the latest version)") for alias, (target, _) in _ALIASES.items()]
+    return sorted(named)
 
 
 def _freeze(model: CLIP) -> CLIP:
@@ -186,12 +220,11 @@ def _open_clip_backbone(spec: str, model_name: str, source: str) -> Backbone:
 
 def create_backbone(spec: str) -> Backbone:
     """Resolve a backbone spec (see module docstring) to a frozen :class:`Backbone` on CPU."""
-    spec = spec.strip()
-    _register_builtin()
+    spec = resolve_backbone_spec(spec)
     if spec in _PROJECT_BACKBONES:
         return _PROJECT_BACKBONES[spec][0]()
     if ":" not in spec:
-        close = difflib.get_close_matches(spec, list(_PROJECT_BACKBONES), n=3)
+        close = difflib.get_close_matches(spec, [*_PROJECT_BACKBONES, *_ALIASES], n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise BackboneError(f"unknown backbone {spec!r}.{hint} ({_alternatives()})")
     model_name, source = spec.split(":", 1)

@@ -91,10 +91,10 @@ def bench_in_process(artifact: str | os.PathLike[str], batch: int, device: str, 
 
     from exports.manifest import load_artifact
     from exports.runtime import Predictor
-    from training.backbones import create_backbone
+    from training.backbones import create_backbone, recorded_backbone_spec
 
     manifest = load_artifact(artifact)
-    bb = create_backbone(manifest.backbone)
+    bb = create_backbone(recorded_backbone_spec(manifest.backbone))
     model = bb.model.to(device)
     s = manifest.preprocess.image_size
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -510,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     # BackboneError, DatasetError, RunError and ArtifactError are ValueErrors; an unknown method is a
     # KeyError (raised while parsing too, by `train --method NAME --help`)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
         return _error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
     except KeyboardInterrupt:
         print("promptbake: interrupted; re-run the same command to resume (train, benchmark and pretrain continue "

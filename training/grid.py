@@ -22,7 +22,8 @@ from typing import Any, Mapping, Sequence
 from training.config import TrainConfig
 from training.jobs import eval_job, mean_std, train_job
 from training.methods import get_method
-from training.runs import LOG_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_json
+from training.backbones import recorded_backbone_spec, resolve_backbone_spec
+from training.runs import LOG_FILE, METRICS_FILE, RUN_FILE, RunDir, RunError, atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,12 @@ def run_grid(
     if epochs_scale is not None and not 0 < epochs_scale <= 1:
         raise ValueError(f"epochs_scale must be in (0, 1], got {epochs_scale}")
     out = Path(out)
+    backbone = resolve_backbone_spec(backbone)
     cells = [(m, d, s) for d in datasets for m in methods for s in seeds]
     rows: list[dict[str, Any]] = []
     for i, (method, dataset, seed) in enumerate(cells, 1):
         run = out / "runs" / method / dataset.replace("/", "_").replace(":", "_") / f"seed{seed}"
+        _check_backbone(run, backbone)
         metrics_file = run / METRICS_FILE
         if metrics_file.is_file():
             metrics = json.loads(metrics_file.read_text())
@@ -72,6 +75,18 @@ def run_grid(
         logger.info("    base %.2f  novel %.2f  HM %.2f", metrics["base_acc"], metrics["novel_acc"], metrics["hm"])
         write_results(out, rows, methods, datasets)
     return rows
+
+
+def _check_backbone(run: Path, backbone: str) -> None:
+    """Refuse to mix backbones in one results table: a cell trained on another backbone is an error."""
+    if not (run / RUN_FILE).is_file():
+        return
+    recorded = recorded_backbone_spec(RunDir(run).read_info().backbone)
+    if recorded != backbone:
+        raise RunError(
+            f"{run} was trained on {recorded}, this benchmark asks for {backbone}: a table cannot mix backbones. "
+            f"Pass --backbone {recorded} to continue that table, or another --out"
+        )
 
 
 def _epoch_seconds(run: Path) -> float | None:

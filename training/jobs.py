@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from training.backbones import create_backbone
+from training.backbones import create_backbone, recorded_backbone_spec, resolve_backbone_spec
 from training.data import Sample, SampleDataset, build_train_transform, load_dataset, sample_few_shot, split_base_novel
 from training.evaluate import accuracy_report, harmonic_mean, predict_samples
 from training.loop import TrainConfig, resolve_device, train
@@ -60,7 +60,7 @@ def train_job(
         method=method,
         method_config=method_cfg.to_dict(),
         train=train_cfg.to_dict(),
-        backbone=backbone,
+        backbone=resolve_backbone_spec(backbone),  # never an alias: a later version must not change this run
         dataset=dataset,
         shots=shots,
         seed=seed,
@@ -70,11 +70,13 @@ def train_job(
     run = RunDir(out)
     if run.file("run.json").exists():
         previous = run.read_info()
+        previous.backbone = recorded_backbone_spec(previous.backbone)
         if not previous.same_job(info):
             if not overwrite:
+                differ = ", ".join(previous.differences(info))
                 raise RunError(
-                    f"{run.path} holds a different run ({previous.method} on {previous.dataset}, seed {previous.seed}); "
-                    "pick another --out or pass --overwrite"
+                    f"{run.path} holds a different run ({previous.method} on {previous.dataset} with {previous.backbone}, "
+                    f"seed {previous.seed}; differs in {differ}); pick another --out or pass --overwrite"
                 )
             for name in (CHECKPOINT_FILE, LEARNED_FILE, LOG_FILE, METRICS_FILE):
                 run.file(name).unlink(missing_ok=True)
@@ -85,7 +87,7 @@ def train_job(
     run.write_info(info)
 
     torch.manual_seed(seed)  # random context initialisation
-    bb = create_backbone(backbone)
+    bb = create_backbone(info.backbone)
     model = spec.method_cls(bb, method_cfg, base.classnames)
     train_samples = sample_few_shot(base.train, shots, seed)
     logger.info("training %s on %d base classes, %d images (%d-shot, seed %d)", method, len(base.classnames), len(train_samples), shots, seed)
@@ -99,6 +101,7 @@ def load_run_method(run: RunDir | str | Path) -> tuple[PromptMethod, RunInfo]:
     """Rebuild the trained method of a run directory (backbone + learned tensors)."""
     run = run if isinstance(run, RunDir) else RunDir(run)
     info = run.read_info()
+    info.backbone = recorded_backbone_spec(info.backbone)
     bb = create_backbone(info.backbone)
     model = create_method(info.method, bb, info.method_config, info.base_classnames)
     model.load_learned_state(run.load_learned())

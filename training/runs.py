@@ -116,6 +116,11 @@ class RunInfo:
         """Whether two run.json describe the same training job (resume is only allowed then)."""
         return self.to_dict() == other.to_dict()
 
+    def differences(self, other: "RunInfo") -> list[str]:
+        """The run.json fields in which two runs differ."""
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if a[k] != b.get(k)]
+
 
 class RunDir:
     def __init__(self, path: str | os.PathLike):

@@ -3,7 +3,8 @@
 The architecture is an ordinary open_clip ``CLIP`` (built with :func:`training.backbones.build_clip`),
 so every prompt method, deep vision prompts included, applies unchanged. Its weights are produced by
 ``promptbake pretrain`` (:mod:`training.benchmark.pretrain`) and ship as fp16 safetensors in
-``training/weights/``, loaded as float32. The file's metadata records the architecture it was
+``training/weights/``, one file per version (``emoji-vit-s-v1``, ...; the bare
+name ``emoji-vit-s`` is an alias of the latest), loaded as float32. The file's metadata records the architecture it was
 trained with (``arch``, JSON), so weights and code cannot silently disagree.
 """
 from __future__ import annotations
@@ -18,12 +19,18 @@ import torch
 from open_clip.model import CLIP
 
 from exports.preprocess import PreprocessConfig
-from training.backbones import OPENAI_MEAN, OPENAI_STD, Backbone, BackboneError, build_clip, register_backbone
+from training.backbones import (
+    OPENAI_MEAN, OPENAI_STD, Backbone, BackboneError, build_clip, register_backbone, register_backbone_alias,
+)
 
 logger = logging.getLogger(__name__)
 
 NAME = "emoji-vit-s"
-WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / f"{NAME}.safetensors"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+# Shipped weight versions, oldest first; ``emoji-vit-s`` names the last. A version, once shipped, never
+# changes (benchmark tables name the version they ran on); better weights ship as a new version.
+VERSIONS = ("v1",)
+LATEST = VERSIONS[-1]
 TOKENIZER = "ViT-B-16"  # open_clip's CLIP BPE tokenizer (bundled with open_clip, works offline)
 
 
@@ -75,13 +82,26 @@ def arch_metadata(arch: EmojiArch) -> dict[str, str]:
     return {"arch": json.dumps(asdict(arch), sort_keys=True), "backbone": NAME}
 
 
+def versioned_name(version: str) -> str:
+    """``emoji-vit-s-v2`` for ``v2``."""
+    return f"{NAME}-{version}"
+
+
+def weights_path(version: str = LATEST) -> Path:
+    """Where the shipped weights of ``version`` live (``training/weights/emoji-vit-s-vN.safetensors``)."""
+    return WEIGHTS_DIR / f"{versioned_name(version)}.safetensors"
+
+
+WEIGHTS = weights_path(LATEST)
+
+
 def load_emoji_weights(path: Path = WEIGHTS) -> tuple[EmojiArch, dict[str, torch.Tensor]]:
     """The architecture and float32 state dict stored in ``path``; a clear error if it is missing."""
     if not path.is_file():
         raise BackboneError(
             f"{NAME} weights not found at {path}. Produce them with "
-            f"`promptbake pretrain --out runs/pretrain-{NAME} --install` "
-            f"(or `python -m training.benchmark.pretrain --out runs/pretrain-{NAME} --install`); "
+            f"`promptbake pretrain --out runs/pretrain-{NAME} --install VERSION` "
+            f"(or `python -m training.benchmark.pretrain --out runs/pretrain-{NAME} --install VERSION`); "
             "see docs/benchmark.md"
         )
     from safetensors import safe_open
@@ -96,8 +116,8 @@ def load_emoji_weights(path: Path = WEIGHTS) -> tuple[EmojiArch, dict[str, torch
     return arch, {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def create_emoji_backbone(path: Path = WEIGHTS, spec: str = NAME) -> Backbone:
-    """A frozen pretrained emoji CLIP from ``path`` (default: the shipped ``emoji-vit-s``)."""
+def create_emoji_backbone(path: Path = WEIGHTS, spec: str = versioned_name(LATEST)) -> Backbone:
+    """A frozen pretrained emoji CLIP from ``path`` (default: the latest shipped version)."""
     arch, state = load_emoji_weights(path)
     model = create_emoji_clip(arch)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -111,6 +131,14 @@ def create_emoji_backbone(path: Path = WEIGHTS, spec: str = NAME) -> Backbone:
     return Backbone(spec, model, open_clip.get_tokenizer(TOKENIZER), emoji_preprocess(arch.image_size))
 
 
-@register_backbone(NAME, "ViT CLIP (48 px, patch 8, 4+3 layers) pretrained offline on emoji scenes")
-def _emoji_vit_s() -> Backbone:
-    return create_emoji_backbone()
+def _register_versions() -> None:
+    for version in VERSIONS:
+        name = versioned_name(version)
+        register_backbone(name, f"ViT CLIP (48 px, patch 8, 4+3 layers) pretrained offline on emoji scenes, weights {version}")(
+            lambda name=name, version=version: create_emoji_backbone(weights_path(version), spec=name)
+        )
+    # Runs that recorded the bare name were trained before versioning, on v1.
+    register_backbone_alias(NAME, versioned_name(LATEST), recorded_as=versioned_name("v1"))
+
+
+_register_versions()

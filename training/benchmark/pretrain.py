@@ -1,6 +1,6 @@
 """Contrastive pretraining of the embedded ``emoji-vit-s`` CLIP on captioned emoji scenes.
 
-    python -m training.benchmark.pretrain --out runs/pretrain-emoji-vit-s --steps 1600 --install
+    python -m training.benchmark.pretrain --out runs/pretrain-emoji-vit-s --steps 1600 --install v3
 
 Every batch is a pure function of ``(config.seed, step)``: classes are drawn without replacement,
 each in a style it may be shown in, inside a scene drawn from a mixture of clean / cluttered /
@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +34,8 @@ import torch.nn.functional as F
 
 from exports.preprocess import preprocess_batch
 from training.benchmark.emoji_backbone import (
-    NAME, TOKENIZER, WEIGHTS, EmojiArch, arch_metadata, create_emoji_clip, emoji_preprocess,
+    NAME, TOKENIZER, VERSIONS, EmojiArch, arch_metadata, create_emoji_clip, emoji_preprocess, versioned_name,
+    weights_path,
 )
 from training.benchmark.scenes import SceneConfig, SceneInfo, render_scene, scene_rng
 from training.benchmark.suite import BENCHMARKS, novel_codepoints, universe
@@ -84,6 +86,8 @@ class PretrainConfig:
         log_every, checkpoint_every, eval_every: in steps; eval is zero-shot on held-out scenes.
         eval_per_probe: held-out images per probe (noto, openmoji, symbola seen/unseen, grayscale).
         final_eval: after the last step, zero-shot on every benchmark's test split.
+        style_weights: relative odds of the (noto, openmoji, symbola) styles among those allowed for a
+            class; (1, 1, 1) = uniform. Raising symbola's weight is a line-art phase.
         init_from: start from these weights (an earlier run's fp16 safetensors) instead of a
             random initialisation: a second, longer phase with a fresh schedule and new scenes
             (give it another seed). "" = random init.
@@ -109,11 +113,16 @@ class PretrainConfig:
     eval_per_probe: int = 250
     final_eval: bool = True
     init_from: str = ""
+    style_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def __post_init__(self) -> None:
         if isinstance(self.arch, dict):  # from JSON
             object.__setattr__(self, "arch", EmojiArch(**self.arch))
         object.__setattr__(self, "scene_mix", tuple(self.scene_mix))
+        object.__setattr__(self, "style_weights", tuple(float(w) for w in self.style_weights))
+        if len(self.style_weights) != 3 or min(self.style_weights) < 0 or sum(self.style_weights[:2]) <= 0:
+            raise ValueError(f"style_weights are 3 weights >= 0 for (noto, openmoji, symbola), noto or openmoji > 0; "
+                             f"got {self.style_weights}")
         for name in ("steps", "batch_size", "threads", "log_every", "checkpoint_every", "eval_every", "eval_per_probe"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -186,6 +195,14 @@ class PretrainData:
     def styles_for(self, cp: int) -> tuple[str, ...]:
         return ("noto", "openmoji") if cp in self.symbola_unseen else ("noto", "openmoji", "symbola")
 
+    def choose_style(self, cp: int, rng: np.random.Generator) -> str:
+        """The style of one training scene of ``cp``: among those allowed, by ``style_weights``."""
+        styles = self.styles_for(cp)
+        if self.cfg.style_weights == (1.0, 1.0, 1.0):  # uniform: the draw every run before the option made
+            return styles[int(rng.integers(len(styles)))]
+        w = np.asarray(self.cfg.style_weights[: len(styles)], dtype=np.float64)
+        return styles[int(rng.choice(len(styles), p=w / w.sum()))]
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images [B, 3, S, S] float32, tokens [B, 77] long)`` for optimizer step ``step``."""
         rng = scene_rng(self.cfg.seed, TRAIN_STREAM, step)
@@ -195,9 +212,8 @@ class PretrainData:
         images, captions = [], []
         for label in labels:
             cp = self.codepoints[label]
-            styles = self.styles_for(cp)
             preset = self.presets[int(rng.choice(3, p=mix / mix.sum()))]
-            im, info = render_scene(preset, cp, styles[int(rng.integers(len(styles)))], rng, self.codepoints)
+            im, info = render_scene(preset, cp, self.choose_style(cp, rng), rng, self.codepoints)
             images.append(im)
             captions.append(caption(self.names[label], info, rng))
         return torch.from_numpy(preprocess_batch(images, self.preprocess)), self.tokenizer(captions)
@@ -282,8 +298,11 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 def _config_json(cfg: PretrainConfig) -> dict[str, Any]:
     data = json.loads(json.dumps(asdict(cfg)))
-    if not data["init_from"]:  # keeps configs from before the field existed resumable
+    # fields at their default are not written: configs from before they existed stay resumable
+    if not data["init_from"]:
         del data["init_from"]
+    if tuple(data["style_weights"]) == (1.0, 1.0, 1.0):
+        del data["style_weights"]
     return data
 
 
@@ -367,7 +386,7 @@ def export_weights(model: torch.nn.Module, arch: EmojiArch, path: Path, extra: d
 
 
 def pretrain(config: PretrainConfig, out_dir: str | os.PathLike, resume: bool = True,
-             stop_after: int | None = None, install: bool = False, benchmark_root: str | None = None) -> Path:
+             stop_after: int | None = None, install: str | None = None, benchmark_root: str | None = None) -> Path:
     """Run (or resume) pretraining; returns the path of the exported fp16 safetensors.
 
     Args:
@@ -376,7 +395,7 @@ def pretrain(config: PretrainConfig, out_dir: str | os.PathLike, resume: bool = 
         resume: continue from ``out_dir/checkpoint.pt`` if present (its config must match).
         stop_after: stop after this many steps in this call (checkpointed; a time-boxed session);
             returns the checkpoint path then instead of weights.
-        install: copy the final weights and report to ``training/weights/``.
+        install: a version (``v3``): copy the final weights and report to ``training/weights/`` as it.
         benchmark_root: where benchmarks are materialised for the final evaluation.
     """
     out = Path(out_dir)
@@ -477,13 +496,34 @@ def pretrain(config: PretrainConfig, out_dir: str | os.PathLike, resume: bool = 
     (out / "report.md").write_text(report_markdown(report))
     logger.info("wrote %s (%.1f MiB)", weights, weights.stat().st_size / 2**20)
     if install:
-        WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-        for src, dst in ((weights, WEIGHTS), (out / "report.json", WEIGHTS.with_suffix(".json"))):
-            tmp = dst.with_name(dst.name + ".tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        logger.info("installed %s", WEIGHTS)
+        install_weights(out, install)
     return weights
+
+
+def install_weights(out: str | Path, version: str) -> Path:
+    """Copy a finished run's weights and report to ``training/weights/emoji-vit-s-VERSION.*``.
+
+    A shipped version is immutable (benchmark tables name it): installing over a different file of the
+    same version is refused. ``emoji-vit-s`` names the last entry of ``emoji_backbone.VERSIONS``, so a
+    new version becomes the default only when it is added there.
+    """
+    out = Path(out)
+    if not re.fullmatch(r"v[0-9]+", version):
+        raise ValueError(f"version must look like v3, got {version!r}")
+    src = out / f"{NAME}.safetensors"
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} does not exist: the run in {out} has not finished")
+    dst = weights_path(version)
+    if dst.is_file() and dst.read_bytes() != src.read_bytes():
+        raise FileExistsError(f"{dst} already holds different weights; shipped versions never change, pick a new one")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for s, d in ((src, dst), (out / "report.json", dst.with_suffix(".json"))):
+        tmp = d.with_name(d.name + ".tmp")
+        shutil.copyfile(s, tmp)
+        os.replace(tmp, d)
+    logger.info("installed %s as %s%s", dst, versioned_name(version),
+                "" if version in VERSIONS else f"; add {version!r} to emoji_backbone.VERSIONS to make it loadable")
+    return dst
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -501,19 +541,34 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _three_floats(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.benchmark.pretrain", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="run folder (checkpoint, log.jsonl, report.json, weights)")
     defaults = PretrainConfig()
     for f in dataclasses.fields(PretrainConfig):
-        if f.name in ("arch", "scene_mix", "holdout_benchmark", "max_classes", "final_eval"):
+        if f.name in ("arch", "scene_mix", "holdout_benchmark", "max_classes", "final_eval", "style_weights"):
             continue
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(getattr(defaults, f.name)),
                        default=getattr(defaults, f.name))
+    p.add_argument("--style-weights", type=_three_floats, default=defaults.style_weights, metavar="N,O,S",
+                   help="relative odds of the noto, openmoji and symbola styles (default 1,1,1; e.g. 1,1,4 for a "
+                        "line-art phase)")
     p.add_argument("--no-final-eval", action="store_true", help="skip the zero-shot benchmark evaluation")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     p.add_argument("--stop-after", type=int, default=None, help="stop (checkpointed) after this many steps")
-    p.add_argument("--install", action="store_true", help=f"copy the final weights to {WEIGHTS}")
+    p.add_argument("--install", metavar="VERSION", default=None,
+                   help="copy the final weights to training/weights/emoji-vit-s-VERSION.safetensors (e.g. v3; never "
+                        "over a different file); with --report: install a finished run without training")
     p.add_argument("--report", action="store_true", help="print OUT/report.json as markdown and exit")
     return p.parse_args(argv)
 
@@ -525,6 +580,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         import sys
 
         sys.stdout.write(report_markdown(json.loads((Path(args.out) / "report.json").read_text())))
+        if args.install:
+            install_weights(args.out, args.install)
         return
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     kwargs = {k: v for k, v in vars(args).items() if k in fields}
