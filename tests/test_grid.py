@@ -91,3 +91,24 @@ def test_grid_refuses_to_mix_backbones_in_one_table(colour_root, tmp_path):
     with pytest.raises(RunError, match="trained on test-tiny, this benchmark asks for emoji-vit-s-v.*--backbone test-tiny"):
         run_grid(["zeroshot"], [ds], [1], tmp_path, "emoji-vit-s", shots=2, test_per_class=2, progress=False)
     assert (tmp_path / "results.json").read_text() == before
+
+
+def test_grid_refuses_finished_cells_of_other_options_and_reads_older_run_files(colour_root, tmp_path):
+    import pytest
+
+    from training.runs import RunError
+
+    ds = f"folder:{colour_root}"
+    opts = {"epochs": 1, "batch_size": 4}
+    rows = run_grid(["coop"], [ds], [1], tmp_path, "test-tiny", shots=2, train_options=opts, test_per_class=2,
+                    progress=False)
+    with pytest.raises(RunError, match=r"train\.epochs 1 \(asked 2\)"):
+        run_grid(["coop"], [ds], [1], tmp_path, "test-tiny", shots=2, train_options={**opts, "epochs": 2},
+                 test_per_class=2, progress=False)
+    # a run.json written before an option existed holds no value for it: it means the option's default
+    info_file = next(tmp_path.rglob("run.json"))
+    info = json.loads(info_file.read_text())
+    del info["train"]["min_crop_scale"]
+    info_file.write_text(json.dumps(info))
+    assert run_grid(["coop"], [ds], [1], tmp_path, "test-tiny", shots=2, train_options=opts, test_per_class=2,
+                    progress=False) == rows

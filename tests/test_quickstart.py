@@ -25,12 +25,13 @@ def test_default_served_artifact_is_the_embedded_backbone(tmp_path, monkeypatch)
     from PIL import Image
 
     from training.data import load_dataset, split_base_novel
-    from training.defaults import ensure_default_artifact
+    from training.defaults import DEFAULT_ARTIFACT_NAME, DEFAULT_BACKBONE_VERSION, ensure_default_artifact
 
     monkeypatch.setenv("PROMPTBAKE_HOME", str(tmp_path))
     art = ensure_default_artifact()
     manifest = load_artifact(art)
-    assert manifest.backbone.startswith("emoji-vit-s-v") and manifest.method == "zeroshot"  # the version, not the alias
+    assert manifest.backbone == DEFAULT_BACKBONE_VERSION and manifest.method == "zeroshot"  # the version, not the alias
+    assert art.name == f"{DEFAULT_BACKBONE_VERSION}-zeroshot"  # a new version is exported anew, never a stale cache
     assert manifest.parity.max_abs_diff_image <= 1e-4 and manifest.parity.max_abs_diff_text <= 1e-4
     stamp = (art / "manifest.json").stat().st_mtime_ns
     assert ensure_default_artifact() == art and (art / "manifest.json").stat().st_mtime_ns == stamp
@@ -47,6 +48,6 @@ def test_default_served_artifact_is_the_embedded_backbone(tmp_path, monkeypatch)
             images.append(im.convert("RGB"))
     preds = Predictor(art).classify(images, list(novel.classnames), top_k=5)
     assert all(len(p["top"]) == 5 for p in preds)
-    method, _ = load_run_method(tmp_path / "artifacts" / ".emoji-vit-s-zeroshot-run")
+    method, _ = load_run_method(tmp_path / "artifacts" / f".{DEFAULT_ARTIFACT_NAME}-run")
     torch_labels = predict_samples(method, samples, novel.classnames).tolist()
     assert [p["label"] for p in preds] == [novel.classnames[i] for i in torch_labels]

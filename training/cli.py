@@ -464,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="coop")
     s.add_argument("--backbone", default="emoji-vit-s")
     s.add_argument("--dataset", default="emoji-nature",
-                   help="default emoji-nature: the styles emoji-vit-s v1 has learned (line art not yet)")
+                   help="default emoji-nature: colour art, the benchmark emoji-vit-s knows best")
     s.add_argument("--epochs", type=int, default=10, help="short by default; the reference config trains longer")
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--no-progress", action="store_true")

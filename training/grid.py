@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from training.config import TrainConfig
-from training.jobs import eval_job, mean_std, train_job
+from training.jobs import describe_difference, eval_job, job_info, mean_std, recorded_info, train_job
 from training.methods import get_method
-from training.backbones import recorded_backbone_spec, resolve_backbone_spec
-from training.runs import LOG_FILE, METRICS_FILE, RUN_FILE, RunDir, RunError, atomic_write_bytes, atomic_write_json
+from training.backbones import resolve_backbone_spec
+from training.runs import LOG_FILE, METRICS_FILE, RUN_FILE, RunDir, RunError, RunInfo, atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +52,17 @@ def run_grid(
     rows: list[dict[str, Any]] = []
     for i, (method, dataset, seed) in enumerate(cells, 1):
         run = out / "runs" / method / dataset.replace("/", "_").replace(":", "_") / f"seed{seed}"
-        _check_backbone(run, backbone)
+        method_options, opts = _options_for(method, train_options, epochs_scale)
         metrics_file = run / METRICS_FILE
+        if (run / RUN_FILE).is_file():
+            _check_cell(run, job_info(method, backbone, dataset, shots, seed, method_options, opts,
+                                      base_classnames=RunDir(run).read_info().base_classnames))
         if metrics_file.is_file():
             metrics = json.loads(metrics_file.read_text())
             logger.info("[%d/%d] %s on %s seed %d: done before", i, len(cells), method, dataset, seed)
         else:
             logger.info("[%d/%d] %s on %s seed %d", i, len(cells), method, dataset, seed)
             t0 = time.perf_counter()
-            method_options, opts = _options_for(method, train_options, epochs_scale)
             train_job(method, backbone, dataset, shots, seed, run, method_options=method_options, train_options=opts,
                       progress=progress)
             seconds = _epoch_seconds(run)
@@ -77,15 +79,19 @@ def run_grid(
     return rows
 
 
-def _check_backbone(run: Path, backbone: str) -> None:
-    """Refuse to mix backbones in one results table: a cell trained on another backbone is an error."""
-    if not (run / RUN_FILE).is_file():
-        return
-    recorded = recorded_backbone_spec(RunDir(run).read_info().backbone)
-    if recorded != backbone:
+def _check_cell(run: Path, wanted: RunInfo) -> None:
+    """Refuse to mix runs of other backbones or options into one results table (a finished cell is
+    otherwise reused as it is)."""
+    recorded = recorded_info(run)
+    if recorded.backbone != wanted.backbone:
         raise RunError(
-            f"{run} was trained on {recorded}, this benchmark asks for {backbone}: a table cannot mix backbones. "
-            f"Pass --backbone {recorded} to continue that table, or another --out"
+            f"{run} was trained on {recorded.backbone}, this benchmark asks for {wanted.backbone}: a table cannot mix "
+            f"backbones. Pass --backbone {recorded.backbone} to continue that table, or another --out"
+        )
+    if not recorded.same_job(wanted):
+        raise RunError(
+            f"{run} was trained with other options ({describe_difference(recorded, wanted)}): a table cannot mix them. "
+            "Pass the options it was run with, or another --out"
         )
 
 

@@ -56,28 +56,14 @@ def train_job(
     train_cfg = make_train_config(method, train_options or {})
     ds = load_dataset(dataset)
     base, _ = split_base_novel(ds)
-    info = RunInfo(
-        method=method,
-        method_config=method_cfg.to_dict(),
-        train=train_cfg.to_dict(),
-        backbone=resolve_backbone_spec(backbone),  # never an alias: a later version must not change this run
-        dataset=dataset,
-        shots=shots,
-        seed=seed,
-        base_classnames=list(base.classnames),
-        capabilities=spec.method_cls.capabilities_for(method_cfg).to_dict(),
-    )
+    info = job_info(method, backbone, dataset, shots, seed, method_options, train_options, base.classnames)
     run = RunDir(out)
     if run.file("run.json").exists():
-        previous = run.read_info()
-        previous.backbone = recorded_backbone_spec(previous.backbone)
+        previous = recorded_info(run)
         if not previous.same_job(info):
             if not overwrite:
-                differ = ", ".join(previous.differences(info))
-                raise RunError(
-                    f"{run.path} holds a different run ({previous.method} on {previous.dataset} with {previous.backbone}, "
-                    f"seed {previous.seed}; differs in {differ}); pick another --out or pass --overwrite"
-                )
+                raise RunError(f"{run.path} holds a different run ({describe_difference(previous, info)}); "
+                               "pick another --out or pass --overwrite")
             for name in (CHECKPOINT_FILE, LEARNED_FILE, LOG_FILE, METRICS_FILE):
                 run.file(name).unlink(missing_ok=True)
         elif run.is_complete():
@@ -97,11 +83,64 @@ def train_job(
     return run
 
 
+def job_info(
+    method: str,
+    backbone: str,
+    dataset: str,
+    shots: int,
+    seed: int,
+    method_options: Mapping[str, Any] | None,
+    train_options: Mapping[str, Any] | None,
+    base_classnames: Sequence[str] | None = None,
+) -> RunInfo:
+    """The ``run.json`` of a training job (``base_classnames`` default: loaded from the dataset)."""
+    spec = get_method(method)
+    method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
+    if base_classnames is None:
+        base_classnames = split_base_novel(load_dataset(dataset))[0].classnames
+    return RunInfo(
+        method=method,
+        method_config=method_cfg.to_dict(),
+        train=make_train_config(method, train_options or {}).to_dict(),
+        backbone=resolve_backbone_spec(backbone),  # never an alias: a later version must not change this run
+        dataset=dataset,
+        shots=shots,
+        seed=seed,
+        base_classnames=list(base_classnames),
+        capabilities=spec.method_cls.capabilities_for(method_cfg).to_dict(),
+    )
+
+
+def recorded_info(run: RunDir | str | Path) -> RunInfo:
+    """A run's ``run.json`` as today's code reads it: the backbone it was built with (a pre-versioning
+    alias mapped to its version), and its configs completed with the defaults of options added since
+    (an option is only ever added with a default that keeps the earlier behaviour)."""
+    info = (run if isinstance(run, RunDir) else RunDir(run)).read_info()
+    info.backbone = recorded_backbone_spec(info.backbone)
+    info.method_config = get_method(info.method).config_cls.from_dict(dict(info.method_config)).to_dict()
+    info.train = make_train_config(info.method, info.train).to_dict()
+    return info
+
+
+def describe_difference(recorded: RunInfo, wanted: RunInfo) -> str:
+    """One line on how a recorded run differs from the wanted one: which fields, and their values."""
+    a, b = recorded.to_dict(), wanted.to_dict()
+    parts = []
+    for key in recorded.differences(wanted):
+        if isinstance(a[key], dict) and isinstance(b.get(key), dict):
+            sub = [k for k in sorted(set(a[key]) | set(b[key])) if a[key].get(k) != b[key].get(k)]
+            parts += [f"{key}.{k} {a[key].get(k)!r} (asked {b[key].get(k)!r})" for k in sub]
+        elif key == "base_classnames":
+            parts.append("base_classnames")
+        else:
+            parts.append(f"{key} {a[key]!r} (asked {b.get(key)!r})")
+    return f"{recorded.method} on {recorded.dataset}, seed {recorded.seed}; differs in " + ", ".join(parts)
+
+
 def load_run_method(run: RunDir | str | Path) -> tuple[PromptMethod, RunInfo]:
     """Rebuild the trained method of a run directory (backbone + learned tensors)."""
     run = run if isinstance(run, RunDir) else RunDir(run)
-    info = run.read_info()
-    info.backbone = recorded_backbone_spec(info.backbone)
+    info = recorded_info(run)
     bb = create_backbone(info.backbone)
     model = create_method(info.method, bb, info.method_config, info.base_classnames)
     model.load_learned_state(run.load_learned())

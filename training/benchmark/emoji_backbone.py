@@ -3,7 +3,7 @@
 The architecture is an ordinary open_clip ``CLIP`` (built with :func:`training.backbones.build_clip`),
 so every prompt method, deep vision prompts included, applies unchanged. Its weights are produced by
 ``promptbake pretrain`` (:mod:`training.benchmark.pretrain`) and ship as fp16 safetensors in
-``training/weights/``, one file per version (``emoji-vit-s-v1``, ...; the bare
+``training/weights/``, one file per version (``emoji-vit-s-v1``, ``emoji-vit-s-v2``, ...; the bare
 name ``emoji-vit-s`` is an alias of the latest), loaded as float32. The file's metadata records the architecture it was
 trained with (``arch``, JSON), so weights and code cannot silently disagree.
 """
@@ -19,6 +19,7 @@ import torch
 from open_clip.model import CLIP
 
 from exports.preprocess import PreprocessConfig
+from training.defaults import EMOJI_VIT_S_VERSIONS
 from training.backbones import (
     OPENAI_MEAN, OPENAI_STD, Backbone, BackboneError, build_clip, register_backbone, register_backbone_alias,
 )
@@ -27,9 +28,10 @@ logger = logging.getLogger(__name__)
 
 NAME = "emoji-vit-s"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-# Shipped weight versions, oldest first; ``emoji-vit-s`` names the last. A version, once shipped, never
-# changes (benchmark tables name the version they ran on); better weights ship as a new version.
-VERSIONS = ("v1",)
+# Shipped weight versions, oldest first (defined torch-free in training.defaults); ``emoji-vit-s`` names the
+# last. A version, once shipped, never changes (benchmark tables name the version they ran on); better
+# weights ship as a new version.
+VERSIONS = EMOJI_VIT_S_VERSIONS
 LATEST = VERSIONS[-1]
 TOKENIZER = "ViT-B-16"  # open_clip's CLIP BPE tokenizer (bundled with open_clip, works offline)
 

@@ -504,8 +504,8 @@ def install_weights(out: str | Path, version: str) -> Path:
     """Copy a finished run's weights and report to ``training/weights/emoji-vit-s-VERSION.*``.
 
     A shipped version is immutable (benchmark tables name it): installing over a different file of the
-    same version is refused. ``emoji-vit-s`` names the last entry of ``emoji_backbone.VERSIONS``, so a
-    new version becomes the default only when it is added there.
+    same version is refused. ``emoji-vit-s`` names the last entry of ``training.defaults.EMOJI_VIT_S_VERSIONS``,
+    so a new version becomes the default only when it is added there.
     """
     out = Path(out)
     if not re.fullmatch(r"v[0-9]+", version):
@@ -522,7 +522,7 @@ def install_weights(out: str | Path, version: str) -> Path:
         shutil.copyfile(s, tmp)
         os.replace(tmp, d)
     logger.info("installed %s as %s%s", dst, versioned_name(version),
-                "" if version in VERSIONS else f"; add {version!r} to emoji_backbone.VERSIONS to make it loadable")
+                "" if version in VERSIONS else f"; add {version!r} to training.defaults.EMOJI_VIT_S_VERSIONS to make it loadable")
     return dst
 
 
