@@ -112,3 +112,37 @@ def test_grid_refuses_finished_cells_of_other_options_and_reads_older_run_files(
     info_file.write_text(json.dumps(info))
     assert run_grid(["coop"], [ds], [1], tmp_path, "test-tiny", shots=2, train_options=opts, test_per_class=2,
                     progress=False) == rows
+
+
+def test_grid_trains_cells_in_worker_processes_and_leaves_locked_cells_to_their_owner(colour_root, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    ds = f"folder:{colour_root}"
+    kw = dict(shots=2, train_options={"epochs": 1, "batch_size": 4}, test_per_class=2, progress=False)
+    serial = run_grid(["zeroshot", "coop"], [ds], [1, 2], tmp_path / "serial", "test-tiny", **kw)
+    cell = ("runs", "coop", ds.replace("/", "_").replace(":", "_"))
+    locked = tmp_path.joinpath("par", *cell, "seed2")
+    locked.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live "other process"
+    try:
+        (locked / ".grid-lock").write_text(str(holder.pid))
+        rows = run_grid(["zeroshot", "coop"], [ds], [1, 2], tmp_path / "par", "test-tiny", parallel=2, **kw)
+        assert [(r["method"], r["seed"]) for r in rows] == [("zeroshot", 1), ("zeroshot", 2), ("coop", 1)]
+        assert not (locked / "run.json").exists()  # left to its owner
+    finally:
+        holder.kill()
+        holder.wait()
+    # the owner is gone: its lock is stale, the cell is trained and the table is complete
+    rows = run_grid(["zeroshot", "coop"], [ds], [1, 2], tmp_path / "par", "test-tiny", parallel=2, **kw)
+    assert [(r["method"], r["seed"]) for r in rows] == [(r["method"], r["seed"]) for r in serial]
+    assert json.loads((tmp_path / "par" / "results.json").read_text()) == rows
+    assert not list((tmp_path / "par").rglob(".grid-lock"))
+    # a worker process trains the same prompt as the serial loop
+    for seed in (1, 2):
+        a = load_file(str(tmp_path.joinpath("serial", *cell, f"seed{seed}", "learned.safetensors")))
+        b = load_file(str(tmp_path.joinpath("par", *cell, f"seed{seed}", "learned.safetensors")))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

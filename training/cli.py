@@ -312,7 +312,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     train_options = {k: v for k, v in (("epochs", args.epochs), ("feature_cache_views", args.feature_cache_views),
                                        ("min_crop_scale", args.min_crop_scale)) if v is not None}
     rows = run_grid(methods, datasets, seeds, args.out, args.backbone, args.shots, train_options,
-                    test_per_class=args.test_per_class, progress=not args.no_progress, epochs_scale=args.epochs_scale)
+                    test_per_class=args.test_per_class, progress=not args.no_progress, epochs_scale=args.epochs_scale,
+                    parallel=args.parallel)
     print(results_table(rows, methods, datasets))
     return 0
 
@@ -483,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-crop-scale", type=float, help="RandomResizedCrop's smallest area for every method (reference 0.08)")
     s.add_argument("--feature-cache-views", type=int, help="cache image features (methods that allow it)")
     s.add_argument("--test-per-class", type=int, help="evaluate on the first N test images per class (quick checks)")
+    s.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="train N cells at once, each in its own process with cpu_count/N torch threads (default 1)")
     s.add_argument("--no-progress", action="store_true")
 
     # its options live in its own parser (training.benchmark.pretrain): everything after `pretrain`,

@@ -3,7 +3,9 @@
 Every cell is an ordinary run directory (``DIR/runs/METHOD/DATASET/seedS``) trained by
 :func:`training.jobs.train_job` and evaluated by :func:`training.jobs.eval_job`, so a finished cell
 (one with ``metrics.json``) is never redone and an interrupted one resumes from its checkpoint.
-After every cell ``DIR/results.json`` and ``DIR/results.md`` are rewritten.
+After every cell ``DIR/results.json`` and ``DIR/results.md`` are rewritten. Finished cells must match
+the backbone and options asked for (a table never mixes them). ``parallel`` trains several cells at
+once in worker processes; a lock file per cell keeps two invocations off the same cell.
 
 ``epochs_scale`` shortens every method's reference schedule by the same factor (CPU budgets):
 ``epochs = max(MIN_SCALED_EPOCHS, round(reference epochs * scale))``. The floor exists because
@@ -15,7 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -42,41 +46,180 @@ def run_grid(
     test_per_class: int | None = None,
     progress: bool = True,
     epochs_scale: float | None = None,
+    parallel: int = 1,
 ) -> list[dict[str, Any]]:
-    """Train and evaluate every (method, dataset, seed); returns the result rows."""
+    """Train and evaluate every (method, dataset, seed); returns the result rows (in cell order).
+
+    ``parallel`` > 1 trains that many cells at once, each in its own process with ``cpu_count // parallel``
+    torch threads (per-epoch progress bars off). A cell being trained by another live process (its
+    ``.grid-lock``) is left out of this table with a warning; re-running collects it.
+    """
     if epochs_scale is not None and not 0 < epochs_scale <= 1:
         raise ValueError(f"epochs_scale must be in (0, 1], got {epochs_scale}")
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
     out = Path(out)
     backbone = resolve_backbone_spec(backbone)
-    cells = [(m, d, s) for d in datasets for m in methods for s in seeds]
-    rows: list[dict[str, Any]] = []
-    for i, (method, dataset, seed) in enumerate(cells, 1):
+    cells = []
+    for method, dataset, seed in ((m, d, s) for d in datasets for m in methods for s in seeds):
         run = out / "runs" / method / dataset.replace("/", "_").replace(":", "_") / f"seed{seed}"
         method_options, opts = _options_for(method, train_options, epochs_scale)
-        metrics_file = run / METRICS_FILE
-        if (run / RUN_FILE).is_file():
+        if (run / RUN_FILE).is_file():  # every finished or started cell is checked before anything trains
             _check_cell(run, job_info(method, backbone, dataset, shots, seed, method_options, opts,
                                       base_classnames=RunDir(run).read_info().base_classnames))
-        if metrics_file.is_file():
-            metrics = json.loads(metrics_file.read_text())
-            logger.info("[%d/%d] %s on %s seed %d: done before", i, len(cells), method, dataset, seed)
+        cells.append(_Cell(method, dataset, seed, run, backbone, shots, method_options, opts, test_per_class))
+    rows: dict[int, dict[str, Any]] = {}
+
+    def record(i: int, metrics: Mapping[str, Any]) -> None:
+        rows[i] = _row(cells[i].run, metrics)
+        logger.info("    %s on %s seed %d: base %.2f  novel %.2f  HM %.2f", cells[i].method, cells[i].dataset,
+                    cells[i].seed, metrics["base_acc"], metrics["novel_acc"], metrics["hm"])
+        write_results(out, [rows[k] for k in sorted(rows)], methods, datasets)
+
+    todo = []
+    for i, cell in enumerate(cells):
+        if (cell.run / METRICS_FILE).is_file():
+            logger.info("[%d/%d] %s on %s seed %d: done before", i + 1, len(cells), cell.method, cell.dataset, cell.seed)
+            record(i, json.loads((cell.run / METRICS_FILE).read_text()))
         else:
-            logger.info("[%d/%d] %s on %s seed %d", i, len(cells), method, dataset, seed)
-            t0 = time.perf_counter()
-            train_job(method, backbone, dataset, shots, seed, run, method_options=method_options, train_options=opts,
-                      progress=progress)
-            seconds = _epoch_seconds(run)
-            if seconds is None:  # nothing trained (zero-shot): the set-up time
-                seconds = round(time.perf_counter() - t0, 1)
-            metrics = eval_job(run, progress=progress, test_per_class=test_per_class, extra={"train_seconds": seconds})
-        row = {k: metrics.get(k) for k in ROW_KEYS}
-        epoch_seconds = _epoch_seconds(run)
-        if epoch_seconds is not None:  # cells evaluated before train_seconds came from the log
-            row["train_seconds"] = epoch_seconds
-        rows.append(row)
-        logger.info("    base %.2f  novel %.2f  HM %.2f", metrics["base_acc"], metrics["novel_acc"], metrics["hm"])
-        write_results(out, rows, methods, datasets)
-    return rows
+            todo.append(i)
+    locks = {}
+    try:
+        for i in todo:
+            lock = _CellLock.take(cells[i].run)
+            if lock is None:
+                logger.warning("[%d/%d] %s on %s seed %d is being trained by another process (%s): not in this table",
+                               i + 1, len(cells), cells[i].method, cells[i].dataset, cells[i].seed,
+                               cells[i].run / _CellLock.NAME)
+            else:
+                locks[i] = lock
+        if parallel == 1 or len(locks) <= 1:
+            for i in locks:
+                logger.info("[%d/%d] %s on %s seed %d", i + 1, len(cells), cells[i].method, cells[i].dataset, cells[i].seed)
+                record(i, _train_and_eval(cells[i], progress))
+                locks[i].release()
+        else:
+            _run_parallel(cells, list(locks), parallel, record, locks)
+    finally:
+        for lock in locks.values():
+            lock.release()
+    return [rows[k] for k in sorted(rows)]
+
+
+@dataclass(frozen=True)
+class _Cell:
+    method: str
+    dataset: str
+    seed: int
+    run: Path
+    backbone: str
+    shots: int
+    method_options: dict[str, Any]
+    train_options: dict[str, Any]
+    test_per_class: int | None
+
+
+def _train_and_eval(cell: _Cell, progress: bool) -> dict[str, Any]:
+    """Train (or resume) and evaluate one cell; returns its metrics."""
+    t0 = time.perf_counter()
+    train_job(cell.method, cell.backbone, cell.dataset, cell.shots, cell.seed, cell.run,
+              method_options=cell.method_options, train_options=cell.train_options, progress=progress)
+    seconds = _epoch_seconds(cell.run)
+    if seconds is None:  # nothing trained (zero-shot): the set-up time
+        seconds = round(time.perf_counter() - t0, 1)
+    return eval_job(cell.run, progress=progress, test_per_class=cell.test_per_class, extra={"train_seconds": seconds})
+
+
+def _row(run: Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    row = {k: metrics.get(k) for k in ROW_KEYS}
+    epoch_seconds = _epoch_seconds(run)
+    if epoch_seconds is not None:  # cells evaluated before train_seconds came from the log
+        row["train_seconds"] = epoch_seconds
+    return row
+
+
+def _run_parallel(cells: Sequence[_Cell], todo: Sequence[int], parallel: int, record, locks) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    level = logging.getLogger().getEffectiveLevel()
+    logger.info("training %d cells, %d at a time (%d torch thread(s) each)", len(todo), parallel, threads)
+    # spawn: a forked child would inherit torch's thread pools and locks from this process
+    with ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads, level)) as pool:
+        pending = {}
+        for i in todo:
+            label = f"[{i + 1}/{len(cells)}] {cells[i].method} on {cells[i].dataset} seed {cells[i].seed}"
+            pending[pool.submit(_worker_cell, cells[i], label)] = i
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    i = pending.pop(future)
+                    record(i, future.result())  # a failed cell raises here
+                    locks[i].release()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # cells already running finish (and checkpoint); no new ones
+            raise
+
+
+def _worker_init(threads: int, level: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [pid %(process)d] %(name)s: %(message)s")
+
+
+def _worker_cell(cell: _Cell, label: str) -> dict[str, Any]:
+    logger.info("%s", label)
+    return _train_and_eval(cell, progress=False)
+
+
+class _CellLock:
+    """``RUN/.grid-lock`` holding the pid of the process training that cell; a dead pid's lock is stale."""
+
+    NAME = ".grid-lock"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.held = True
+
+    @classmethod
+    def take(cls, run: Path) -> "_CellLock | None":
+        run.mkdir(parents=True, exist_ok=True)
+        path = run / cls.NAME
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _alive(pid):
+                    return None
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return cls(path)
+        return None
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _check_cell(run: Path, wanted: RunInfo) -> None:
