@@ -11,7 +11,9 @@ def test_quickstart_runs_every_step(colour_root, tmp_path, capsys):
     assert main(["quickstart", "--out", str(out), "--backbone", "test-tiny", "--dataset", f"folder:{colour_root}",
                  "--epochs", "1", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result["metrics"]) == {"base_acc", "novel_acc", "hm"}
+    assert set(result["metrics"]) == set(result["zeroshot_metrics"]) == {"base_acc", "novel_acc", "hm"}
+    assert json.loads((out / "run" / "run.json").read_text())["train"]["min_crop_scale"] == 0.5
+    assert json.loads((out / "zeroshot" / "run.json").read_text())["method"] == "zeroshot"
     assert (out / "run" / "metrics.json").is_file() and (out / "artifact" / "manifest.json").is_file()
     novel = {"magenta", "red", "yellow"}
     assert result["examples"] and all(e["truth"] in novel and e["predicted"] in novel for e in result["examples"])
