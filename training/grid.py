@@ -51,8 +51,9 @@ def run_grid(
     """Train and evaluate every (method, dataset, seed); returns the result rows (in cell order).
 
     ``parallel`` > 1 trains that many cells at once, each in its own process with ``cpu_count // parallel``
-    torch threads (per-epoch progress bars off). A cell being trained by another live process (its
-    ``.grid-lock``) is left out of this table with a warning; re-running collects it.
+    torch threads (per-epoch progress bars off). Every unfinished cell is claimed up front with a
+    ``.grid-lock``; a cell claimed by another live process is left out of this table with a warning
+    (re-running collects it).
     """
     if epochs_scale is not None and not 0 < epochs_scale <= 1:
         raise ValueError(f"epochs_scale must be in (0, 1], got {epochs_scale}")
@@ -88,7 +89,7 @@ def run_grid(
         for i in todo:
             lock = _CellLock.take(cells[i].run)
             if lock is None:
-                logger.warning("[%d/%d] %s on %s seed %d is being trained by another process (%s): not in this table",
+                logger.warning("[%d/%d] %s on %s seed %d is claimed by another running benchmark (%s): not in this table",
                                i + 1, len(cells), cells[i].method, cells[i].dataset, cells[i].seed,
                                cells[i].run / _CellLock.NAME)
             else:
@@ -177,7 +178,8 @@ def _worker_cell(cell: _Cell, label: str) -> dict[str, Any]:
 
 
 class _CellLock:
-    """``RUN/.grid-lock`` holding the pid of the process training that cell; a dead pid's lock is stale."""
+    """``RUN/.grid-lock`` holding the pid of the benchmark process that claimed the cell (from its start
+    until the cell is done); a dead pid's lock is stale."""
 
     NAME = ".grid-lock"
 
