@@ -27,7 +27,7 @@ from training.config import TrainConfig
 from training.jobs import describe_difference, eval_job, job_info, mean_std, recorded_info, train_job
 from training.methods import get_method
 from training.backbones import resolve_backbone_spec
-from training.runs import LOG_FILE, METRICS_FILE, RUN_FILE, RunDir, RunError, RunInfo, atomic_write_bytes, atomic_write_json
+from training.runs import LOG_FILE, METRICS_FILE, RUN_FILE, RunError, RunInfo, atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,9 @@ def run_grid(
         run = out / "runs" / method / dataset.replace("/", "_").replace(":", "_") / f"seed{seed}"
         method_options, opts = _options_for(method, train_options, epochs_scale)
         if (run / RUN_FILE).is_file():  # every finished or started cell is checked before anything trains
-            _check_cell(run, job_info(method, backbone, dataset, shots, seed, method_options, opts,
-                                      base_classnames=RunDir(run).read_info().base_classnames))
+            recorded = recorded_info(run)
+            _check_cell(run, recorded, job_info(method, backbone, dataset, shots, seed, method_options, opts,
+                                                base_classnames=recorded.base_classnames))
         cells.append(_Cell(method, dataset, seed, run, backbone, shots, method_options, opts, test_per_class))
     rows: dict[int, dict[str, Any]] = {}
 
@@ -224,10 +225,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _check_cell(run: Path, wanted: RunInfo) -> None:
+def _check_cell(run: Path, recorded: RunInfo, wanted: RunInfo) -> None:
     """Refuse to mix runs of other backbones or options into one results table (a finished cell is
     otherwise reused as it is)."""
-    recorded = recorded_info(run)
     if recorded.backbone != wanted.backbone:
         raise RunError(
             f"{run} was trained on {recorded.backbone}, this benchmark asks for {wanted.backbone}: a table cannot mix "

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 TRAIN_STREAM, PROBE_STREAM = 100, 101
 MAX_WEIGHTS_BYTES = 40 * 2**20
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
+UNIFORM_STYLES = (1.0, 1.0, 1.0)  # style_weights default: each allowed style equally likely
 # Run-time knobs that may change between a run and its resumption.
 _RUNTIME_FIELDS = frozenset({"threads", "log_every", "checkpoint_every", "eval_every", "final_eval"})
 
@@ -113,7 +114,7 @@ class PretrainConfig:
     eval_per_probe: int = 250
     final_eval: bool = True
     init_from: str = ""
-    style_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    style_weights: tuple[float, float, float] = UNIFORM_STYLES
 
     def __post_init__(self) -> None:
         if isinstance(self.arch, dict):  # from JSON
@@ -198,7 +199,7 @@ class PretrainData:
     def choose_style(self, cp: int, rng: np.random.Generator) -> str:
         """The style of one training scene of ``cp``: among those allowed, by ``style_weights``."""
         styles = self.styles_for(cp)
-        if self.cfg.style_weights == (1.0, 1.0, 1.0):  # uniform: the draw every run before the option made
+        if self.cfg.style_weights == UNIFORM_STYLES:  # the draw every run before the option made
             return styles[int(rng.integers(len(styles)))]
         w = np.asarray(self.cfg.style_weights[: len(styles)], dtype=np.float64)
         return styles[int(rng.choice(len(styles), p=w / w.sum()))]
@@ -301,7 +302,7 @@ def _config_json(cfg: PretrainConfig) -> dict[str, Any]:
     # fields at their default are not written: configs from before they existed stay resumable
     if not data["init_from"]:
         del data["init_from"]
-    if tuple(data["style_weights"]) == (1.0, 1.0, 1.0):
+    if tuple(data["style_weights"]) == UNIFORM_STYLES:
         del data["style_weights"]
     return data
 
