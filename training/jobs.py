@@ -17,7 +17,7 @@ from training.backbones import create_backbone, recorded_backbone_spec, resolve_
 from training.data import Sample, SampleDataset, build_train_transform, load_dataset, sample_few_shot, split_base_novel
 from training.evaluate import accuracy_report, harmonic_mean, predict_samples
 from training.loop import TrainConfig, resolve_device, train
-from training.methods import PromptMethod, create_method, get_method
+from training.methods import MethodConfig, PromptMethod, create_method, get_method
 from training.runs import (
     CHECKPOINT_FILE,
     LEARNED_FILE,
@@ -54,9 +54,8 @@ def train_job(
     spec = get_method(method)
     method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
     train_cfg = make_train_config(method, train_options or {})
-    ds = load_dataset(dataset)
-    base, _ = split_base_novel(ds)
-    info = job_info(method, backbone, dataset, shots, seed, method_options, train_options, base.classnames)
+    base, _ = split_base_novel(load_dataset(dataset))
+    info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base.classnames)
     run = RunDir(out)
     if run.file("run.json").exists():
         previous = recorded_info(run)
@@ -94,20 +93,26 @@ def job_info(
     base_classnames: Sequence[str] | None = None,
 ) -> RunInfo:
     """The ``run.json`` of a training job (``base_classnames`` default: loaded from the dataset)."""
-    spec = get_method(method)
-    method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
+    method_cfg = get_method(method).config_cls.from_dict(dict(method_options or {}))
+    train_cfg = make_train_config(method, train_options or {})
     if base_classnames is None:
         base_classnames = split_base_novel(load_dataset(dataset))[0].classnames
+    return _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base_classnames)
+
+
+def _run_info(method: str, method_cfg: MethodConfig, train_cfg: TrainConfig, backbone: str, dataset: str, shots: int, seed: int,
+              base_classnames: Sequence[str]) -> RunInfo:
+    """``job_info`` from options already parsed into their configs."""
     return RunInfo(
         method=method,
         method_config=method_cfg.to_dict(),
-        train=make_train_config(method, train_options or {}).to_dict(),
+        train=train_cfg.to_dict(),
         backbone=resolve_backbone_spec(backbone),  # never an alias: a later version must not change this run
         dataset=dataset,
         shots=shots,
         seed=seed,
         base_classnames=list(base_classnames),
-        capabilities=spec.method_cls.capabilities_for(method_cfg).to_dict(),
+        capabilities=get_method(method).method_cls.capabilities_for(method_cfg).to_dict(),
     )
 
 
