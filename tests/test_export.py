@@ -488,3 +488,35 @@ def test_bentoml_save_holds_a_verified_artifact(exported, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("promptbake-test:")
     assert (tmp_path / "bentoml" / "models" / "promptbake-test").is_dir()
+
+
+def test_bench_classify_times_methods_side_by_side(exported, capsys):
+    from training.cli import main
+
+    _, coop = exported("coop")
+    _, cocoop = exported("cocoop")
+    rc = main(["bench", "classify", "--artifact", str(coop), "--artifact", str(cocoop), "--names", "3",
+               "--images", "1,2", "--seconds", "0.01", "--rounds", "2", "--json"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("\n[") + 1:])
+    # every (names, images, class list) setting, both artifacts, in the order given
+    assert [(r["method"], r["images"], r["class_list"]) for r in rows] == [
+        (m, n, lst) for n in (1, 2) for lst in ("repeated", "new") for m in ("coop", "cocoop")]
+    for first, second in zip(rows[::2], rows[1::2]):
+        assert first["vs_first"] == 1.0
+        assert second["vs_first"] == pytest.approx(second["ms_per_call"] / first["ms_per_call"])
+        assert second["images_per_s"] == pytest.approx(second["images"] / second["ms_per_call"] * 1e3)
+    assert "| cocoop | 3 | 2 | new |" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--names", "0"], "--names takes comma-separated whole numbers >= 1"),
+    (["--images", "a,b"], "--images takes comma-separated whole numbers >= 1"),
+])
+def test_bench_classify_rejects_bad_counts(exported, capsys, args, message):
+    from training.cli import main
+
+    _, coop = exported("coop")
+    assert main(["bench", "classify", "--artifact", str(coop), *args]) == 2
+    assert message in capsys.readouterr().err

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _jpegs(n: int, seed: int = 0) -> list[bytes]:
+def synthetic_jpegs(n: int, seed: int = 0) -> list[bytes]:
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
@@ -208,7 +208,7 @@ def bench_http(artifact: str | os.PathLike[str], *, device: str, clients: int, r
         except RuntimeError as e:
             raise RuntimeError(f"{e}; see {log.name}") from None
         info = httpx.get(base + "/info", timeout=30).json()
-        images = _jpegs(64)
+        images = synthetic_jpegs(64)
         names = ["cat", "dog", "car", "tree", "house", "person", "bird", "boat"]
         _traffic(base, images, names, 2, 5, 1)  # warm-up: sessions, cache, dispatcher training
         rows = {}

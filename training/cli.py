@@ -392,7 +392,8 @@ def _add_artifact_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
-    s = _add_command(sub, "bench", "measurements: `bench cache` (image-feature cache), `bench serve` (HTTP service)")
+    s = _add_command(sub, "bench", "measurements: `bench cache` (image-feature cache), `bench serve` (HTTP service), "
+                      "`bench classify` (cost per method)")
     bench = s.add_subparsers(dest="bench", required=True)
 
     c = _add_command(bench, "cache", "train twice, feature cache off and on, and compare time and accuracy")
@@ -416,6 +417,39 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--names", type=int, default=1000, help="class names for the cold vs cached row (default 1000)")
     c.add_argument("--seconds", type=float, default=3.0, help="time per in-process measurement (default 3)")
     c.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
+
+    doc = "in-process cost of one classification with each artifact (methods side by side)"
+    c = _add_command(bench, "classify", doc, description=f"`promptbake bench classify`: {doc}.")
+    c.set_defaults(handler=cmd_bench_classify)
+    c.add_argument("--artifact", required=True, action="append", metavar="ART_DIR",
+                   help="an exported artifact; repeat for more (ratios are to the first)")
+    c.add_argument("--names", default="10,100", help="comma-separated class-name counts (default 10,100)")
+    c.add_argument("--images", default="1,8", help="comma-separated images per call (default 1,8)")
+    c.add_argument("--seconds", type=float, default=1.0, help="length of one timed block (default 1)")
+    c.add_argument("--rounds", type=int, default=5, help="timed blocks per artifact and setting; the median is kept (default 5)")
+    c.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    c.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ValueError(f"{option} takes comma-separated whole numbers >= 1, got {text!r}")
+    return values
+
+
+def cmd_bench_classify(args: argparse.Namespace) -> int:
+    from training.bench_classify import bench_classify, format_classify_table
+
+    rows = bench_classify(args.artifact, names=_int_list(args.names, "--names"), images=_int_list(args.images, "--images"),
+                          seconds=args.seconds, rounds=args.rounds, device=args.device)
+    print(format_classify_table(rows))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
