@@ -32,7 +32,7 @@ def test_help_lists_every_command(capsys):
     for name in COMMANDS:  # each with its one-line description
         assert re.search(rf"^    {name} +\S", out, re.M), name
     assert main(["bench", "--help"]) == 0
-    assert _choices(capsys.readouterr().out) == {"cache", "serve"}
+    assert _choices(capsys.readouterr().out) == {"cache", "classify", "serve"}
 
 
 def test_parser_and_torch_free_commands_import_no_torch(tmp_path):
@@ -45,13 +45,14 @@ art = sys.argv[1]
 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
     rcs = [main(argv) for argv in (["--help"], ["verify", "--help"], ["predict", "--help"], ["serve", "--help"],
                                    ["bench", "serve", "--help"], ["verify", art], ["serve", "--artifact", art],
-                                   ["predict", "--artifact", art, "--class-names", '["a"]', "x.png"])]
+                                   ["predict", "--artifact", art, "--class-names", '["a"]', "x.png"],
+                                   ["bench", "classify", "--artifact", art])]
 print(rcs, sorted(m for m in ("torch", "open_clip") if m in sys.modules))
 """
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "no-artifact")], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[0, 0, 0, 0, 0, 2, 2, 2] []"
+    assert proc.stdout.strip() == "[0, 0, 0, 0, 0, 2, 2, 2, 2] []"
 
 
 def test_serve_without_artifact_uses_the_default_one(monkeypatch, tmp_path, capsys):
