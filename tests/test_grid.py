@@ -146,3 +146,22 @@ def test_grid_trains_cells_in_worker_processes_and_leaves_locked_cells_to_their_
         a = load_file(str(tmp_path.joinpath("serial", *cell, f"seed{seed}", "learned.safetensors")))
         b = load_file(str(tmp_path.joinpath("par", *cell, f"seed{seed}", "learned.safetensors")))
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_collect_only_reports_finished_cells_and_trains_nothing(colour_root, tmp_path, caplog):
+    import os
+
+    ds = f"folder:{colour_root}"
+    kw = dict(shots=2, train_options={"epochs": 1, "batch_size": 4}, test_per_class=2, progress=False)
+    done = run_grid(["zeroshot"], [ds], [1], tmp_path, "test-tiny", **kw)
+    (tmp_path / "results.json").unlink()
+    cell = tmp_path / "runs" / "coop" / ds.replace("/", "_").replace(":", "_")
+    (cell / "seed1").mkdir(parents=True)
+    (cell / "seed1" / ".grid-lock").write_text(str(os.getppid()))  # claimed by another live process
+    caplog.set_level("WARNING", logger="training.grid")
+    rows = run_grid(["zeroshot", "coop"], [ds], [1, 2], tmp_path, "test-tiny", collect_only=True, **kw)
+    assert rows == done
+    assert not (tmp_path / "results.json").exists()  # writes nothing
+    assert not (cell / "seed2").exists() and not (cell / "seed1" / "run.json").exists()  # trains nothing
+    assert (cell / "seed1" / ".grid-lock").exists()  # and leaves the other process's claim alone
+    assert "1 of 4 cells finished; 1 claimed by a running benchmark, 2 not started" in caplog.text

@@ -314,7 +314,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                                        ("min_crop_scale", args.min_crop_scale)) if v is not None}
     rows = run_grid(methods, datasets, seeds, args.out, args.backbone, args.shots, train_options,
                     test_per_class=args.test_per_class, progress=not args.no_progress, epochs_scale=args.epochs_scale,
-                    parallel=args.parallel)
+                    parallel=args.parallel, collect_only=args.collect)
     print(results_table(rows, methods, datasets))
     return 0
 
@@ -524,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-per-class", type=int, help="evaluate on the first N test images per class (quick checks)")
     s.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="train N cells at once, each in its own process with cpu_count/N torch threads (default 1)")
+    s.add_argument("--collect", action="store_true",
+                   help="train nothing: print the table of the cells finished so far (e.g. a running benchmark's progress)")
     s.add_argument("--no-progress", action="store_true")
 
     # its options live in its own parser (training.benchmark.pretrain): everything after `pretrain`,

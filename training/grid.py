@@ -47,8 +47,12 @@ def run_grid(
     progress: bool = True,
     epochs_scale: float | None = None,
     parallel: int = 1,
+    collect_only: bool = False,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every (method, dataset, seed); returns the result rows (in cell order).
+
+    ``collect_only`` trains nothing and writes nothing: the rows of the cells finished so far (the
+    progress of a benchmark running elsewhere), with a count of the others.
 
     ``parallel`` > 1 trains that many cells at once, each in its own process with ``cpu_count // parallel``
     torch threads (per-epoch progress bars off). Every unfinished cell is claimed up front with a
@@ -76,7 +80,8 @@ def run_grid(
         rows[i] = _row(cells[i].run, metrics)
         logger.info("    %s on %s seed %d: base %.2f  novel %.2f  HM %.2f", cells[i].method, cells[i].dataset,
                     cells[i].seed, metrics["base_acc"], metrics["novel_acc"], metrics["hm"])
-        write_results(out, [rows[k] for k in sorted(rows)], methods, datasets)
+        if not collect_only:
+            write_results(out, [rows[k] for k in sorted(rows)], methods, datasets)
 
     todo = []
     for i, cell in enumerate(cells):
@@ -85,6 +90,12 @@ def run_grid(
             record(i, json.loads((cell.run / METRICS_FILE).read_text()))
         else:
             todo.append(i)
+    if collect_only:
+        if todo:
+            running = sum(_CellLock.claimed(cells[i].run) for i in todo)
+            logger.warning("%d of %d cells finished; %d claimed by a running benchmark, %d not started "
+                           "(--collect trains nothing)", len(cells) - len(todo), len(cells), running, len(todo) - running)
+        return [rows[k] for k in sorted(rows)]
     locks = {}
     try:
         for i in todo:
@@ -196,11 +207,7 @@ class _CellLock:
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                try:
-                    pid = int(path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _alive(pid):
+                if cls.claimed(run):
                     return None
                 path.unlink(missing_ok=True)  # stale: its process is gone
                 continue
@@ -208,6 +215,15 @@ class _CellLock:
                 f.write(str(os.getpid()))
             return cls(path)
         return None
+
+    @classmethod
+    def claimed(cls, run: Path) -> bool:
+        """Whether another live process holds the cell's lock."""
+        try:
+            pid = int((run / cls.NAME).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return False
+        return bool(pid) and pid != os.getpid() and _alive(pid)
 
     def release(self) -> None:
         if self.held:
