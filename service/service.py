@@ -292,6 +292,12 @@ class PromptbakeService:
         if self.predictor.conditioned:
             # class embeddings depend on the image (CoCoOp-like): nothing per name to cache; the
             # text graph runs on every (image, name) pair
+            pairs, limit = len(images) * len(keys), self.config.max_conditioned_pairs
+            if pairs > limit:
+                raise bad_request("too_many_pairs", f"{len(images)} images x {len(keys)} class_names = {pairs} pairs; "
+                                  f"method {self.predictor.manifest.method!r} runs its text graph on every (image, name) "
+                                  f"pair, at most {limit} per request: send fewer images or names per request",
+                                  limit=limit)
             img = await self._image_embeddings(images)
             logits = await self._conditioned_logits(img, keys)
         else:

@@ -280,6 +280,16 @@ def test_image_conditioned_method_is_served(exported, test_images, monkeypatch):
     assert e.value.kind == "text_depends_on_image"
     assert asyncio.run(svc.__is_ready__()) is True
 
+    # every (image, name) pair runs the text graph: a request is bounded by their count
+    monkeypatch.setenv("PROMPTBAKE_MAX_CONDITIONED_PAIRS", str(2 * len(NAMES)))
+    svc = PromptbakeService()
+    ok = asyncio.run(svc.classify(images=[_b64(p.read_bytes()) for p in paths[:2]], class_names=NAMES))
+    assert len(ok.predictions) == 2
+    with pytest.raises(RequestError) as e:
+        asyncio.run(svc.classify(images=[_b64(p.read_bytes()) for p in paths[:3]], class_names=NAMES))
+    assert e.value.status == 400 and e.value.kind == "too_many_pairs" and e.value.extra["limit"] == 2 * len(NAMES)
+    assert f"3 images x {len(NAMES)} class_names" in e.value.message
+
 
 # -- the ASGI app with a test client ---------------------------------------------------------------
 
