@@ -256,8 +256,13 @@ class Predictor:
                 self._cache.popitem(last=False)
         return emb
 
-    def _conditioned_logits(self, image_embeddings: np.ndarray, names: list[str]) -> np.ndarray:
-        """[B, D] image embeddings -> [B, C] logits through the image-conditioned text graph."""
+    def conditioned_logits(self, image_embeddings: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """``[B, D]`` image embeddings (from :meth:`embed_images`) and names -> ``[B, C]`` float64 logits
+        through the image-conditioned text graph (:attr:`conditioned` artifacts only): the text graph
+        runs on every (image, name) pair, at most ``_MAX_PROMPTS`` prompts per graph run."""
+        if not self.conditioned:
+            raise ValueError(f"method {self.manifest.method!r}: class embeddings do not depend on the image; use logits()")
+        names = list(names)
         tokens = self._tokens(names)
         g = self.manifest.graphs.text
         B, C = len(image_embeddings), len(names)
@@ -281,7 +286,7 @@ class Predictor:
             raise ValueError(f"class names must be unique; repeated: {dup}")
         img = self.embed_images(images)
         if self.conditioned:
-            return self._conditioned_logits(img, names)
+            return self.conditioned_logits(img, names)
         return self._logit_scale * img.astype(np.float64) @ self._class_embeddings(names).astype(np.float64).T
 
     def scores(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> np.ndarray:

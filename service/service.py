@@ -254,8 +254,8 @@ class PromptbakeService:
 
     async def _conditioned_logits(self, img: np.ndarray, keys: list[str]) -> np.ndarray:
         t0 = time.perf_counter()
-        # Predictor's (private) image-conditioned path, fed with the batched image embeddings
-        logits = await anyio.to_thread.run_sync(self.predictor._conditioned_logits, img, keys)  # noqa: SLF001
+        # the Predictor's image-conditioned path, fed with the batched image embeddings
+        logits = await anyio.to_thread.run_sync(self.predictor.conditioned_logits, img, keys)
         self.metrics.stage_seconds.labels("text_embed").observe(time.perf_counter() - t0)
         return np.asarray(logits, dtype=np.float64)
 

@@ -103,8 +103,13 @@ def test_every_method_exports_and_matches_torch(name, exported, dataset_spec):
         assert predictor.conditioned and manifest.graphs.text.image_input_name == "image_embeddings"
         with pytest.raises(ValueError, match="depend on the image"):
             predictor.embed_texts(names)
+        # the public path the service feeds with batched image embeddings
+        emb = predictor.embed_images(images)
+        assert np.abs(predictor.conditioned_logits(emb, names) - ref_logits).max() <= TOL * scale
     else:
         assert np.abs(predictor.embed_texts(names) - _torch_class_embeddings(method, names)).max() <= TOL
+        with pytest.raises(ValueError, match="do not depend on the image"):
+            predictor.conditioned_logits(predictor.embed_images(images[:1]), names)
     # top-1 equals torch's evaluation path
     torch_pred = predict_samples(method, samples, ds.classnames).tolist()
     onnx_pred = [ds.classnames.index(r["label"]) for r in predictor.classify(images, ds.classnames)]
