@@ -262,7 +262,7 @@ class Predictor:
         runs on every (image, name) pair, at most ``_MAX_PROMPTS`` prompts per graph run."""
         if not self.conditioned:
             raise ValueError(f"method {self.manifest.method!r}: class embeddings do not depend on the image; use logits()")
-        names = list(names)
+        names = _check_names(names)
         tokens = self._tokens(names)
         g = self.manifest.graphs.text
         B, C = len(image_embeddings), len(names)

@@ -106,6 +106,8 @@ def test_every_method_exports_and_matches_torch(name, exported, dataset_spec):
         # the public path the service feeds with batched image embeddings
         emb = predictor.embed_images(images)
         assert np.abs(predictor.conditioned_logits(emb, names) - ref_logits).max() <= TOL * scale
+        with pytest.raises(ValueError, match="must not be empty"):
+            predictor.conditioned_logits(emb, [])
     else:
         assert np.abs(predictor.embed_texts(names) - _torch_class_embeddings(method, names)).max() <= TOL
         with pytest.raises(ValueError, match="do not depend on the image"):

@@ -15,10 +15,11 @@ Images are synthetic JPEGs decoded once (preprocessing is timed, decoding is not
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import statistics
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from PIL import Image
 
@@ -27,18 +28,18 @@ from training.bench_serve import synthetic_jpegs
 LISTS = ("repeated", "new")
 
 
-def _names(n: int, call: int) -> list[str]:
-    """``n`` distinct class names; a different list for every ``call`` number."""
-    return [f"thing {i} of kind {call}" for i in range(n)]
+def _name_lists(n: int, class_list: str) -> Iterator[list[str]]:
+    """Lists of ``n`` distinct class names: the same list every time ("repeated") or a new one ("new")."""
+    if class_list == "repeated":
+        return itertools.repeat([f"thing {i} of kind 0" for i in range(n)])
+    return ([f"thing {i} of kind {call}" for i in range(n)] for call in itertools.count(1))
 
 
-def _block_seconds(predictor, images: list[Image.Image], n_names: int, class_list: str, calls: int, counter: list[int]) -> float:
-    """Seconds per call over ``calls`` calls of ``classify``."""
+def _block_seconds(predictor, images: list[Image.Image], lists: Iterator[list[str]], calls: int) -> float:
+    """Seconds per call over ``calls`` calls of ``classify``, each with the next class list."""
     t0 = time.perf_counter()
     for _ in range(calls):
-        if class_list == "new":
-            counter[0] += 1
-        predictor.classify(images, _names(n_names, counter[0]), top_k=1)
+        predictor.classify(images, next(lists), top_k=1)
     return (time.perf_counter() - t0) / calls
 
 
@@ -68,15 +69,15 @@ def bench_classify(
         for n_images in images:
             batch = pictures[:n_images]
             for class_list in LISTS:
-                counters = [[0] for _ in predictors]
+                lists = [_name_lists(n_names, class_list) for _ in predictors]
                 calls = []
-                for p, counter in zip(predictors, counters):  # warm-up, and how many calls fill a block
-                    per_call = _block_seconds(p, batch, n_names, class_list, 1, counter)
+                for p, it in zip(predictors, lists):  # warm-up, and how many calls fill a block
+                    per_call = _block_seconds(p, batch, it, 1)
                     calls.append(max(1, int(seconds / max(per_call, 1e-6))))
                 times: list[list[float]] = [[] for _ in predictors]
                 for _ in range(rounds):
-                    for k, (p, counter) in enumerate(zip(predictors, counters)):
-                        times[k].append(_block_seconds(p, batch, n_names, class_list, calls[k], counter))
+                    for k, (p, it) in enumerate(zip(predictors, lists)):
+                        times[k].append(_block_seconds(p, batch, it, calls[k]))
                 medians = [statistics.median(t) for t in times]
                 for path, p, med in zip(artifacts, predictors, medians):
                     rows.append({
@@ -96,6 +97,7 @@ def format_classify_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| artifact | method | class names | images/call | class list | ms/call | images/s | time vs first |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {os.path.basename(os.path.normpath(r['artifact']))} | {r['method']} | {r['names']} | {r['images']} | {r['class_list']} | {r['ms_per_call']:.1f} "
+        name = os.path.basename(os.path.normpath(r["artifact"]))
+        lines.append(f"| {name} | {r['method']} | {r['names']} | {r['images']} | {r['class_list']} | {r['ms_per_call']:.1f} "
                      f"| {r['images_per_s']:.1f} | {r['vs_first']:.2f}x |")
     return "\n".join(lines)
