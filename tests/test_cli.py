@@ -209,6 +209,16 @@ def test_bad_input_is_one_line_error(argv, message, colour_root, tmp_path, capsy
     assert not (tmp_path / "r" / "learned.safetensors").exists()
 
 
+@pytest.mark.parametrize("seeds", ["1,x", "1,1", "-1", ","])
+def test_benchmark_rejects_bad_seeds_before_any_work(seeds, tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = ["benchmark", "--methods", "zeroshot", "--datasets", "emoji-nature", "--seeds", seeds, "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--seeds takes distinct comma-separated whole numbers >= 0" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_unknown_method_option_fails(colour_root, tmp_path, capsys):
     assert main(["train", "--method", "zeroshot", "--backbone", "test-tiny", "--dataset", f"folder:{colour_root}",
                  "--out", str(tmp_path / "r"), "--n-ctx", "4"]) == 2

@@ -518,8 +518,9 @@ def test_bench_classify_times_methods_side_by_side(exported, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--names", "0"], "--names takes comma-separated whole numbers >= 1"),
-    (["--images", "a,b"], "--images takes comma-separated whole numbers >= 1"),
+    (["--names", "0"], "--names takes distinct comma-separated whole numbers >= 1"),
+    (["--images", "a,b"], "--images takes distinct comma-separated whole numbers >= 1"),
+    (["--images", "2,2"], "--images takes distinct"),
 ])
 def test_bench_classify_rejects_bad_counts(exported, capsys, args, message):
     from training.cli import main

@@ -307,7 +307,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         get_method(m)  # fail before any training on a typo
-    seeds = [int(x) for x in args.seeds.split(",") if x]
+    seeds = _int_list(args.seeds, "--seeds", minimum=0)
     if args.epochs is not None and args.epochs_scale is not None:
         raise ValueError("give --epochs or --epochs-scale, not both")
     train_options = {k: v for k, v in (("epochs", args.epochs), ("feature_cache_views", args.feature_cache_views),
@@ -431,13 +431,14 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
 
 
-def _int_list(text: str, option: str) -> list[int]:
+def _int_list(text: str, option: str, minimum: int = 1) -> list[int]:
+    """Parse "1,2,3" for `option`: whole numbers >= `minimum`, each once, in the order given."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         values = []
-    if not values or min(values) < 1:
-        raise ValueError(f"{option} takes comma-separated whole numbers >= 1, got {text!r}")
+    if not values or min(values) < minimum or len(set(values)) != len(values):
+        raise ValueError(f"{option} takes distinct comma-separated whole numbers >= {minimum}, got {text!r}")
     return values
 
 
