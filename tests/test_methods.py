@@ -8,7 +8,7 @@ import torch
 
 from training.methods import Capabilities, create_method, get_method, list_methods, register_method
 from training.methods.coop import CoOp
-from training.methods.text import eot_positions
+from training.prompts.text import eot_positions
 from training.runs import atomic_save_tensors, load_tensors
 
 METHODS = [spec.name for spec in list_methods()]
@@ -171,3 +171,35 @@ def test_trimmed_tokens_give_the_same_embeddings(name, tiny_backbone):
     else:
         a, b = method.class_embeddings(trimmed), method.class_embeddings(full)
     assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+
+
+def _imported_modules(path) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def test_methods_import_only_the_protocol_and_building_blocks():
+    """A method module never imports another method module; the building blocks import none at all."""
+    import importlib
+    from pathlib import Path
+
+    modules = {importlib.import_module(spec.method_cls.__module__) for spec in list_methods()}
+    method_modules = {m.__name__ for m in modules}
+    assert len(method_modules) == len(METHODS)  # one module per method
+    for module in modules:
+        others = method_modules - {module.__name__}
+        imported = _imported_modules(Path(module.__file__))
+        assert not imported & others, f"{module.__name__} imports {sorted(imported & others)}"
+    blocks = Path(importlib.import_module("training.prompts").__file__).parent
+    for path in sorted(blocks.glob("*.py")):
+        bad = {m for m in _imported_modules(path) if m.startswith("training.methods")}
+        assert not bad, f"building block {path.name} imports {sorted(bad)}"

@@ -19,9 +19,9 @@ from training.data import (
 )
 from training.loop import TrainConfig, train
 from training.methods import create_method, get_method
-from training.methods.deep import encode_image_deep, encode_text_deep, run_blocks
+from training.prompts.deep import encode_image_deep, encode_text_deep, run_blocks
 from training.methods.promptsrc import TEACHER_TEMPLATES
-from training.methods.text import eot_positions
+from training.prompts.text import eot_positions
 from training.runs import LOG_FILE, RunDir, atomic_save_tensors, load_tensors
 
 DEEP = ["vpt", "ivlp", "maple", "promptsrc"]

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from training.data import Sample, SampleDataset, build_eval_transform
-from training.methods.base import PromptMethod
+from training.protocol import PromptMethod
 
 logger = logging.getLogger(__name__)
 

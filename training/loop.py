@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from training.config import TrainConfig  # re-exported; it lives torch-free so the CLI can build its parser
 from training.data import SampleDataset
-from training.methods.base import PromptMethod
+from training.protocol import PromptMethod
 from training.runs import CHECKPOINT_FILE, LEARNED_FILE, RunDir, atomic_save_tensors, load_tensors
 
 logger = logging.getLogger(__name__)

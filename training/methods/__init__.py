@@ -1,5 +1,5 @@
 """Registered prompt methods. Each module registers itself on import; this file is the only list."""
-from training.methods.base import (
+from training.protocol import (
     Capabilities,
     MethodConfig,
     MethodSpec,

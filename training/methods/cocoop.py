@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.backbones import Backbone
-from training.methods.base import Capabilities, MethodConfig, PromptMethod, register_method
-from training.methods.coop import PLACEHOLDER, context_gather_index, init_context
-from training.methods.text import encode_text_embeddings, eot_positions
+from training.protocol import Capabilities, MethodConfig, PromptMethod, register_method
+from training.prompts.context import context_gather_index, context_template, init_context
+from training.prompts.text import encode_text_embeddings, eot_positions
 
 #: prompts per text-encoder call when evaluating (image chunks of MAX_PROMPTS // n_classes)
 MAX_PROMPTS = 4096
@@ -89,7 +89,7 @@ class CoCoOp(PromptMethod):
         return self.ctx.shape[0]
 
     def prompt_templates(self) -> list[str]:
-        return [" ".join([PLACEHOLDER] * self.n_ctx) + " {}."]
+        return [context_template(self.n_ctx)]
 
     def _encode(self, ctx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Context [B, n_ctx, W] and tokens [C, L] -> text features [B, C, D] (not normalised)."""

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from training.backbones import Backbone
-from training.methods.base import Capabilities, MethodConfig, register_method
-from training.methods.deep import DeepPromptMethod, validate_prompt_options
+from training.protocol import Capabilities, MethodConfig, register_method
+from training.prompts.deep import DeepPromptMethod, validate_prompt_options
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ Deliberate deviations:
   the model returns). Here ``w_clip`` is computed once in fp32 and the term applies in every
   precision.
 - The reference hard-codes the phrase "a photo of a" whenever ``CTX_INIT`` is set; here it is
-  ``ctx_init`` (same default). Context counting follows :mod:`training.methods.coop` (BPE tokens).
+  ``ctx_init`` (same default). Context counting follows :mod:`training.prompts.context` (BPE tokens).
 - The unused ``meta_net``, ``bias_vectors`` and ``Adapter`` of the reference (never optimised) are
   not built.
 - Checkpoint: the reference evaluates the last epoch (``--load-epoch 100``), as we do.
@@ -40,63 +40,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from training.methods.base import PromptMethod, register_method
-from training.methods.coop import CoOp, CoOpConfig
-from training.methods.text import encode_text_embeddings, eot_positions
-
-HANDCRAFTED_TEMPLATE = "a photo of a {}."
-
-
-def check_template(template: str, field: str) -> None:
-    if template.count("{}") != 1:
-        raise ValueError(f"{field} {template!r} must contain exactly one '{{}}'")
-
-
-def frozen_text_features(method: PromptMethod, tokens: torch.Tensor) -> torch.Tensor:
-    """[C, L] tokens of hand-written prompts -> [C, D] normalised frozen-CLIP embeddings (no grad, fp32)."""
-    with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
-        emb = method.clip.token_embedding(tokens)
-        feats = encode_text_embeddings(method.clip, emb, eot_positions(tokens, method.backbone.eot_token_id))
-        return F.normalize(feats.float(), dim=-1)
-
-
-def handcrafted_train_features(method: PromptMethod, template: str, tokens: torch.Tensor) -> torch.Tensor:
-    """Frozen-CLIP embeddings [C, D] of ``template`` filled with the method's training class names.
-
-    Like the reference, these are computed once (per device) for the training classes and cached on
-    the method; they are not learned state. ``tokens`` [C, L] are the learned-prompt tokens the
-    labels index, and must be those of the training classes in order: a loss against other classes'
-    hand-crafted embeddings would be silently wrong, so a mismatch is an error.
-    """
-    cache = getattr(method, "_handcrafted_cache", None)
-    if cache is None or cache[0].device != tokens.device or cache[2] != template:
-        names = method.train_classnames
-        expected = method.tokenize(names)[0].to(tokens.device)
-        hand = method.backbone.tokenizer([template.format(c) for c in names]).to(tokens.device)
-        cache = (expected, frozen_text_features(method, hand), template)
-        method._handcrafted_cache = cache  # a plain attribute: never saved, recomputed on a new device
-    expected, feats, _ = cache
-    if tokens.shape != expected.shape or not torch.equal(tokens, expected):
-        raise ValueError(
-            f"{method.name}: the training loss compares with hand-crafted embeddings of the {len(method.train_classnames)} "
-            "training classes the method was built with; the tokens given are not those classes' prompts"
-        )
-    return feats
-
-
-def knowledge_distance(learned: torch.Tensor, handcrafted: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
-    """Mean over classes of the distance between normalised [C, D] embeddings.
-
-    ``"cosine"``: 1 - mean cos (the reference code); ``"squared_l2"``: mean ||a - b||^2 (the paper).
-    """
-    learned, handcrafted = learned.float(), handcrafted.float()
-    if kind == "cosine":
-        return 1.0 - F.cosine_similarity(learned, handcrafted, dim=-1, eps=1e-7).mean()
-    return (learned - handcrafted).pow(2).sum(dim=-1).mean()
+from training.protocol import register_method
+from training.prompts.context import ContextConfig, ContextPromptMethod
+from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, handcrafted_train_features, knowledge_distance
 
 
 @dataclass(frozen=True)
-class KgCoOpConfig(CoOpConfig):
+class KgCoOpConfig(ContextConfig):
     """CoOp's options, plus:
 
     weight: the knowledge-guided term's weight (reference base-to-novel: 8.0).
@@ -118,7 +68,7 @@ class KgCoOpConfig(CoOpConfig):
 
 
 @register_method("kgcoop", "KgCoOp: CoOp + distance to hand-crafted class embeddings (Yao et al. 2023)")
-class KgCoOp(CoOp):
+class KgCoOp(ContextPromptMethod):
     config_cls = KgCoOpConfig
     train_defaults = {"epochs": 100, "batch_size": 128, "lr": 0.002}
 

@@ -18,7 +18,7 @@ J = 9, ctx init "a photo of a", 16 shots, SGD lr 0.0035, batch 4, 5 epochs, cons
 Deliberate deviations:
 - The reference forks CLIP (``design_details['trainer'] == 'MaPLe'`` selects other blocks and a
   different ViT inside the backbone, MaPLe#55); here the prompts are applied by a wrapper around
-  the unchanged open_clip towers (:mod:`training.methods.deep`), with the same token layout.
+  the unchanged open_clip towers (:mod:`training.prompts.deep`), with the same token layout.
 - Widths come from the backbone; the reference hard-codes 512 (text) and 768 (vision), ViT-B/16's.
 - Precision: the reference (PREC fp16) runs an fp16 CLIP, holds ``ctx`` and the first projection
   in fp16 and casts every vision prompt ``.half()``; we keep fp32 tensors and leave mixed precision
@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from training.backbones import Backbone
-from training.methods.base import Capabilities, MethodConfig, register_method
-from training.methods.deep import DeepPromptMethod, check_vision_tower, effective_depth, validate_prompt_options
+from training.protocol import Capabilities, MethodConfig, register_method
+from training.prompts.deep import DeepPromptMethod, check_vision_tower, effective_depth, validate_prompt_options
 
 
 @dataclass(frozen=True)

@@ -35,25 +35,23 @@ Deliberate deviations:
   the reference runs a second copy of CLIP on the same images).
 - ``compute_loss`` returns the cross-entropy only (the reference logs it as the loss); the
   projection happens in :meth:`ProGrad.backward_step`, which the loop calls.
-- Context counting follows :mod:`training.methods.coop` (BPE tokens, not words).
+- Context counting follows :mod:`training.prompts.context` (BPE tokens, not words).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from training.backbones import Backbone
-from training.methods.base import PromptMethod, register_method
-from training.methods.coop import CoOp, CoOpConfig, init_context
-from training.methods.kgcoop import HANDCRAFTED_TEMPLATE, check_template, handcrafted_train_features
+from training.protocol import register_method
+from training.prompts.context import ContextConfig, ContextPromptMethod, init_context
+from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, handcrafted_train_features
 
 
 @dataclass(frozen=True)
-class ProGradConfig(CoOpConfig):
+class ProGradConfig(ContextConfig):
     """CoOp's options (16 context tokens by default; a shorter ``ctx_init`` fills the last slots), plus:
 
     lambda_: strength of the projection (1.0 removes the whole conflicting component).
@@ -100,15 +98,14 @@ def project_conflicting(grad: torch.Tensor, general: torch.Tensor, lambda_: floa
 
 
 @register_method("prograd", "ProGrad: CoOp with gradients projected against zero-shot KL (Zhu et al. 2023)")
-class ProGrad(CoOp):
+class ProGrad(ContextPromptMethod):
     config_cls = ProGradConfig
     train_defaults = {"epochs": 100, "batch_size": 32, "lr": 0.002}
 
-    def __init__(self, backbone: Backbone, config: ProGradConfig, train_classnames: Sequence[str]):
-        # CoOp.__init__ would insist that ctx_init fill all n_ctx slots; build the context here instead.
-        PromptMethod.__init__(self, backbone, config, train_classnames)
-        n_copies = len(self.train_classnames) if config.class_specific else 0
-        self.ctx = nn.Parameter(init_right_aligned_context(backbone, config.n_ctx, config.ctx_init, config.init_std, n_copies))
+    def initial_context(self, n_copies: int) -> torch.Tensor:
+        # a ctx_init shorter than n_ctx fills the last slots (CoOp's init insists it fill them all)
+        c = self.config
+        return init_right_aligned_context(self.backbone, c.n_ctx, c.ctx_init, c.init_std, n_copies)
 
     def losses(
         self, inputs: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, *, are_features: bool = False

@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from training.backbones import Backbone
-from training.methods.base import Capabilities, MethodConfig, register_method
-from training.methods.deep import DeepPromptMethod, validate_prompt_options
+from training.protocol import Capabilities, MethodConfig, register_method
+from training.prompts.deep import DeepPromptMethod, validate_prompt_options
 
 logger = logging.getLogger(__name__)
 

@@ -54,10 +54,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.backbones import Backbone
-from training.methods.base import MethodConfig, PromptMethod, register_method
-from training.methods.coop import PLACEHOLDER, context_gather_index, init_context
-from training.methods.kgcoop import HANDCRAFTED_TEMPLATE, check_template, frozen_text_features, knowledge_distance
-from training.methods.text import eot_positions, text_position_inputs
+from training.protocol import MethodConfig, PromptMethod, register_method
+from training.prompts.context import context_template, init_context, place_context
+from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, frozen_text_features, knowledge_distance
+from training.prompts.text import eot_positions, text_position_inputs
 
 
 def default_inject_layer(layers: int) -> int:
@@ -136,7 +136,7 @@ class TCP(PromptMethod):
 
     def prompt_templates(self) -> list[str]:
         """The learned prompt's template, then the hand-crafted one (two roles, not an ensemble)."""
-        return [" ".join([PLACEHOLDER] * self.n_ctx) + " {}.", self.config.handcrafted_template]
+        return [context_template(self.n_ctx), self.config.handcrafted_template]
 
     def _split(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.dim() != 3 or tokens.shape[0] != 2:
@@ -151,10 +151,8 @@ class TCP(PromptMethod):
         """Learned-prompt tokens [C, L] and hand-crafted embeddings [C, D] -> [C, D] (not normalised)."""
         clip = self.clip
         eot = eot_positions(tokens, self.backbone.eot_token_id)
-        emb = clip.token_embedding(tokens)  # [C, L, W]
-        index = context_gather_index(tokens, eot, self.n_ctx, "end")
-        full = torch.cat([emb, self.ctx.to(emb.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)], dim=1)
-        x = full.gather(1, index.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))  # [C, L, W]
+        ctx = self.ctx.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        x = place_context(clip.token_embedding(tokens), tokens, eot, ctx)  # [C, L, W]
         pos, mask = text_position_inputs(clip, x.shape[1], x.dtype)
         x = x + pos
         class_tokens = self.class_tokens(handcrafted.to(x.dtype))  # [C, n_ctx, W]

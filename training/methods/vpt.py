@@ -15,7 +15,7 @@ Defaults are ``configs/trainers/VPT/vit_b16_c2_ep5_batch4_4.yaml`` (the config o
 
 Deliberate deviations:
 - The reference forks CLIP's ``model.py``; here open_clip's blocks are iterated by a wrapper
-  (:mod:`training.methods.deep`), with identical token layout.
+  (:mod:`training.prompts.deep`), with identical token layout.
 - Precision: the reference config says fp16, its loader nevertheless returns an fp32 CLIP, and the
   prompts are cast ``.half()`` at insertion (so they are rounded to fp16 and promoted back). We keep
   fp32 prompts; the loop's AMP covers mixed precision on CUDA.
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from training.backbones import Backbone
-from training.methods.base import Capabilities, MethodConfig, register_method
-from training.methods.deep import DeepPromptMethod, validate_prompt_options
+from training.protocol import Capabilities, MethodConfig, register_method
+from training.prompts.deep import DeepPromptMethod, validate_prompt_options
 
 
 @dataclass(frozen=True)

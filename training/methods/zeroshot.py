@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from training.methods.base import Capabilities, MethodConfig, PromptMethod, register_method
-from training.methods.text import encode_text_embeddings, eot_positions
+from training.protocol import Capabilities, MethodConfig, PromptMethod, register_method
+from training.prompts.text import encode_text_embeddings, eot_positions
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 # The 7 templates of CoOp's IMAGENET_TEMPLATES_SELECT (facts, reproduced for the ensemble option).

@@ -32,9 +32,9 @@ from open_clip.transformer import Transformer, VisionTransformer
 from torch import nn
 
 from training.backbones import Backbone
-from training.methods.base import MethodConfig, PromptMethod
-from training.methods.coop import PLACEHOLDER, context_gather_index, init_context
-from training.methods.text import eot_positions, text_position_inputs
+from training.protocol import MethodConfig, PromptMethod
+from training.prompts.context import PLACEHOLDER, init_context, place_context
+from training.prompts.text import eot_positions, text_position_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +228,7 @@ class DeepPromptMethod(PromptMethod):
         ctx, _ = self.text_prompts()
         if ctx is None:
             return emb, eot
-        index = context_gather_index(tokens, eot, ctx.shape[0], "end")
-        full = torch.cat([emb, ctx.to(emb.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)], dim=1)
-        return full.gather(1, index.unsqueeze(-1).expand(-1, -1, emb.shape[-1])), eot
+        return place_context(emb, tokens, eot, ctx.unsqueeze(0).expand(tokens.shape[0], -1, -1)), eot
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         emb, eot = self.prompt_embeddings(tokens)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.backbones import Backbone
-from training.methods.text import trim_tokens
+from training.prompts.text import trim_tokens
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,63 @@
+"""The knowledge-guided family's anchors: frozen-CLIP embeddings of hand-crafted prompts, and distances to them.
+
+KgCoOp (htyao89/KgCoOp at c43ccc3) keeps learned class embeddings close to those of a hand-written
+prompt through the frozen CLIP; ProGrad uses the same embeddings as its zero-shot teacher; TCP
+feeds them to its class-aware token generator and regularises towards them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from training.protocol import PromptMethod
+from training.prompts.text import encode_text_embeddings, eot_positions
+
+HANDCRAFTED_TEMPLATE = "a photo of a {}."
+
+
+def check_template(template: str, field: str) -> None:
+    if template.count("{}") != 1:
+        raise ValueError(f"{field} {template!r} must contain exactly one '{{}}'")
+
+
+def frozen_text_features(method: PromptMethod, tokens: torch.Tensor) -> torch.Tensor:
+    """[C, L] tokens of hand-written prompts -> [C, D] normalised frozen-CLIP embeddings (no grad, fp32)."""
+    with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
+        emb = method.clip.token_embedding(tokens)
+        feats = encode_text_embeddings(method.clip, emb, eot_positions(tokens, method.backbone.eot_token_id))
+        return F.normalize(feats.float(), dim=-1)
+
+
+def handcrafted_train_features(method: PromptMethod, template: str, tokens: torch.Tensor) -> torch.Tensor:
+    """Frozen-CLIP embeddings [C, D] of ``template`` filled with the method's training class names.
+
+    Like the reference, these are computed once (per device) for the training classes and cached on
+    the method; they are not learned state. ``tokens`` [C, L] are the learned-prompt tokens the
+    labels index, and must be those of the training classes in order: a loss against other classes'
+    hand-crafted embeddings would be silently wrong, so a mismatch is an error.
+    """
+    cache = getattr(method, "_handcrafted_cache", None)
+    if cache is None or cache[0].device != tokens.device or cache[2] != template:
+        names = method.train_classnames
+        expected = method.tokenize(names)[0].to(tokens.device)
+        hand = method.backbone.tokenizer([template.format(c) for c in names]).to(tokens.device)
+        cache = (expected, frozen_text_features(method, hand), template)
+        method._handcrafted_cache = cache  # a plain attribute: never saved, recomputed on a new device
+    expected, feats, _ = cache
+    if tokens.shape != expected.shape or not torch.equal(tokens, expected):
+        raise ValueError(
+            f"{method.name}: the training loss compares with hand-crafted embeddings of the {len(method.train_classnames)} "
+            "training classes the method was built with; the tokens given are not those classes' prompts"
+        )
+    return feats
+
+
+def knowledge_distance(learned: torch.Tensor, handcrafted: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
+    """Mean over classes of the distance between normalised [C, D] embeddings.
+
+    ``"cosine"``: 1 - mean cos (the reference code); ``"squared_l2"``: mean ||a - b||^2 (the paper).
+    """
+    learned, handcrafted = learned.float(), handcrafted.float()
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(learned, handcrafted, dim=-1, eps=1e-7).mean()
+    return (learned - handcrafted).pow(2).sum(dim=-1).mean()
