@@ -3,10 +3,13 @@
 Layout of ``ART_DIR``::
 
     manifest.json                  this module's :class:`Manifest` (the only file not listed in it)
-    image.onnx                     pixels [B, 3, S, S] float32 -> L2-normalised image embeddings [B, D]
-    text.onnx                      token ids [T, C, L] int64 -> L2-normalised class embeddings [C, D]
+    image.onnx                     pixels [B, 3, S, S] float32 -> L2-normalised image outputs [B, D] each
+    text.onnx                      token ids [T, C, L] int64 -> L2-normalised class outputs [C, D] each
                                    (image-conditioned methods: + image embeddings [B, D] -> logits [B, C])
     bpe_simple_vocab_16e6.txt.gz   the tokenizer's merges file
+
+The graphs' outputs and how they become logits (``heads``, with the base/novel switch) are declared
+by the method and recorded here; :mod:`exports.scoring` is the one place that reads them.
 
 :func:`load_artifact` refuses a directory whose schema version is unknown, or whose files differ
 from ``files`` in any way: missing, truncated, altered, or an extra file nobody listed. Extra
@@ -27,7 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from exports.preprocess import PreprocessConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions :func:`read_manifest` reads; older ones are upgraded in memory (:func:`_upgrade`)
+READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_FILENAME = "manifest.json"
 IMAGE_GRAPH_FILENAME = "image.onnx"
 TEXT_GRAPH_FILENAME = "text.onnx"
@@ -75,14 +80,39 @@ class GraphInfo(_Strict):
     """One graph file and its tensor names.
 
     Attributes:
+        outputs: the graph's outputs, in order; the first is the main one (what ``/embed_image``
+            and ``/embed_text`` return).
         image_input_name: text graph only, for methods with ``text_depends_on_image``: the input
-            fed with the image graph's output; the output is then logits ``[B, C]``.
+            fed with the image graph's first output; the output is then logits ``[B, C]``.
     """
 
     file: str
     input_name: str
-    output_name: str
+    outputs: Annotated[list[str], Field(min_length=1)]
     image_input_name: str | None = None
+
+    @property
+    def output_name(self) -> str:
+        return self.outputs[0]
+
+    @field_validator("outputs")
+    @classmethod
+    def _distinct(cls, outputs: list[str]) -> list[str]:
+        if len(set(outputs)) != len(outputs):
+            raise ValueError(f"outputs repeat a name: {outputs}")
+        return outputs
+
+
+class Head(_Strict):
+    """One term of the logits: ``weight * logit_scale * <image output, text output>`` (see :mod:`exports.scoring`).
+
+    ``base_weight`` applies to names treated as base classes, ``novel_weight`` to the others.
+    """
+
+    image: str
+    text: str
+    base_weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    novel_weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
 
 
 class Graphs(_Strict):
@@ -119,14 +149,15 @@ class Manifest(_Strict):
 
     The runtime tokenizes ``template.format(name)`` for every template in ``prompt_templates``
     and every class name into token ids ``[T, C, L]`` (template-major) and runs the text graph,
-    which is the method's whole ``class_embeddings`` (template averaging, or whatever roles the
-    method gives its templates, is inside the graph). Scores are
-    ``softmax(logit_scale * image_emb @ class_emb.T)``. When ``capabilities.text_depends_on_image``
-    the text graph also takes the image embeddings (``graphs.text.image_input_name``) and returns
-    the logits ``[B, C]`` itself; scores are their softmax.
+    which is the method's whole class-embedding side (template averaging, or whatever roles the
+    method gives its templates, is inside the graph). Logits are the sum of ``heads`` over the
+    graphs' outputs (:func:`exports.scoring.head_logits`); scores are their softmax. When
+    ``capabilities.text_depends_on_image`` the text graph also takes the image embeddings
+    (``graphs.text.image_input_name``) and returns the logits ``[B, C]`` itself; ``heads`` is then
+    empty.
     """
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     method: str
     capabilities: CapabilitiesInfo
     backbone: str
@@ -141,6 +172,7 @@ class Manifest(_Strict):
     exporter: str
     precision: Precision
     graphs: Graphs
+    heads: list[Head]
     files: dict[str, FileEntry]
     parity: Parity
 
@@ -162,8 +194,23 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _referenced_files_listed(self) -> "Manifest":
-        if self.capabilities.text_depends_on_image != (self.graphs.text.image_input_name is not None):
+        conditioned = self.capabilities.text_depends_on_image
+        if conditioned != (self.graphs.text.image_input_name is not None):
             raise ValueError("graphs.text.image_input_name must be set exactly when capabilities.text_depends_on_image")
+        if conditioned:
+            if self.heads or len(self.graphs.text.outputs) != 1:
+                raise ValueError("an image-conditioned text graph returns the logits: one text output and no heads")
+        elif not self.heads:
+            raise ValueError("heads: at least one head is needed")
+        for i, h in enumerate(self.heads):
+            if h.image not in self.graphs.image.outputs or h.text not in self.graphs.text.outputs:
+                raise ValueError(f"heads[{i}] uses {h.image!r} / {h.text!r}, which the graphs do not output")
+        switch = any(h.base_weight != h.novel_weight for h in self.heads)
+        if switch != self.capabilities.base_novel_switch:
+            raise ValueError(f"capabilities.base_novel_switch is {self.capabilities.base_novel_switch} but the heads "
+                             f"{'do' if switch else 'do not'} score base and novel names differently")
+        if switch and not self.base_classnames:
+            raise ValueError("a base/novel switch needs base_classnames")
         for what, name in (("graphs.image", self.graphs.image.file), ("graphs.text", self.graphs.text.file),
                            ("tokenizer", self.tokenizer.file)):
             if name not in self.files:
@@ -204,16 +251,36 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise ArtifactError(
-            f"{path}: schema_version {version!r} is not supported by this promptbake (expected {SCHEMA_VERSION}); "
-            "re-export the run or use a matching promptbake"
+            f"{path}: schema_version {version!r} is not supported by this promptbake (reads "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}); re-export the run or use a matching promptbake"
         )
     try:
-        return Manifest.model_validate(data)
+        return Manifest.model_validate(_upgrade(data))
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'manifest'}: {err['msg']}" for err in e.errors())
         raise ArtifactError(f"{path}: invalid manifest: {problems}") from e
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A schema-1 manifest as schema 2: one output per graph, one head (or none, image-conditioned)."""
+    if data.get("schema_version") != 1:
+        return data
+    data = json.loads(json.dumps(data))  # a deep copy
+    graphs = data.get("graphs")
+    if isinstance(graphs, dict):
+        for g in graphs.values():
+            if isinstance(g, dict) and "output_name" in g:
+                g["outputs"] = [g.pop("output_name")]
+    conditioned = bool((data.get("capabilities") or {}).get("text_depends_on_image"))
+    try:
+        heads = [] if conditioned else [{"image": graphs["image"]["outputs"][0], "text": graphs["text"]["outputs"][0]}]
+    except (KeyError, TypeError, IndexError):
+        heads = []  # malformed: validation names what is missing
+    data.setdefault("heads", heads)
+    data["schema_version"] = SCHEMA_VERSION
+    return data
 
 
 def verify_files(directory: str | os.PathLike[str], manifest: Manifest) -> None:

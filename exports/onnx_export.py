@@ -4,12 +4,15 @@ The caller (``training.export``) supplies the encoders as ``nn.Module``s with th
 inside; this module traces them, checks the graphs, measures onnxruntime against torch on the
 caller's real inputs, and writes the artifact atomically. It never imports ``training``.
 
-Graphs:
-    image: ``pixels`` [B, 3, S, S] float32 -> ``image_embeddings`` [B, D], L2-normalised.
+Graphs (their outputs and the heads that fuse them into logits are the method's declared
+signature, ``ArtifactInfo.image_outputs`` / ``text_outputs`` / ``heads``; nothing here knows a method):
+    image: ``pixels`` [B, 3, S, S] float32 -> one or more image outputs [B, D] (the first usually
+        ``image_embeddings``), L2-normalised.
     text: ``token_ids`` [T, C, L] int64 (every prompt template filled with every class name) ->
-        ``class_embeddings`` [C, D], L2-normalised: the method's whole ``class_embeddings``, so
-        template ensembles and methods whose templates play different roles (TCP) need no logic
-        in the runtime. B and C are dynamic; T and L are fixed by the method.
+        one or more class outputs [C, D] (usually ``class_embeddings``), L2-normalised: the
+        method's whole class-embedding side, so template ensembles and methods whose templates
+        play different roles (TCP) need no logic in the runtime. B and C are dynamic; T and L are
+        fixed by the method.
     text, for methods whose class embeddings depend on the image (``text_depends_on_image``,
         CoCoOp): ``token_ids`` [T, C, L] and ``image_embeddings`` [B, D] (the image graph's output)
         -> ``logits`` [B, C], the method's ``logits_from_features``. Nothing can be cached per
@@ -36,7 +39,7 @@ torch 2.9 but present in the pinned torch; ``export_graph(exporter="dynamo")`` i
 - Tracing bakes Python-level shape logic into constants. The graphs are traced with 2 images /
   2 classes and the parity check runs at other sizes (the caller's N and C, and 1), so a baked
   shape fails the export instead of a later request.
-- The end-of-text lookup avoids int64 ArgMax (``training.methods.text.eot_positions``).
+- The end-of-text lookup avoids int64 ArgMax (``training.prompts.text.eot_positions``).
 - ``dynamic_axes`` is the TorchScript exporter's API; with ``dynamo=True`` the axes are given as
   ``dynamic_shapes`` with ``torch.export.Dim`` (``dynamic_axes`` is only converted best-effort).
 """
@@ -67,6 +70,7 @@ from exports.manifest import (
     CapabilitiesInfo,
     GraphInfo,
     Graphs,
+    Head,
     Manifest,
     Parity,
     Precision,
@@ -76,6 +80,7 @@ from exports.manifest import (
 )
 from exports.preprocess import PreprocessConfig
 from exports.runtime import create_session
+from exports.scoring import base_mask, head_logits
 from exports.tokenizer import VOCAB_FILENAME, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -113,6 +118,10 @@ class ArtifactInfo:
         prompt_templates: templates with one ``{}``; the text graph takes each filled with each name.
         logit_scale: the (exponentiated) logit scale.
         embed_dim: D, the embedding width.
+        image_outputs, text_outputs: the names of the encoders' outputs, in the order they return
+            them (an image-conditioned text encoder returns the single output ``logits``).
+        heads: how the outputs become logits (:class:`exports.manifest.Head` or its fields as a
+            dict); empty for image-conditioned methods.
     """
 
     method: str
@@ -124,6 +133,9 @@ class ArtifactInfo:
     embed_dim: int
     run_config: Mapping[str, Any] = field(default_factory=dict)
     base_classnames: Sequence[str] = ()
+    image_outputs: Sequence[str] = (IMAGE_OUTPUT,)
+    text_outputs: Sequence[str] = (TEXT_OUTPUT,)
+    heads: Sequence[Any] = ({"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT},)
 
 
 def check_exportable(capabilities: Mapping[str, bool]) -> None:
@@ -175,9 +187,9 @@ def _mha_fastpath_disabled() -> Iterator[None]:
 
 
 def export_graph(module: nn.Module, examples: tuple[torch.Tensor, ...], path: Path, input_names: Sequence[str],
-                 output_name: str, dynamic: Mapping[str, Mapping[int, str]], opset: int = DEFAULT_OPSET,
+                 output_names: Sequence[str], dynamic: Mapping[str, Mapping[int, str]], opset: int = DEFAULT_OPSET,
                  exporter: str = DEFAULT_EXPORTER) -> float:
-    """Trace ``module`` (tensors in, one tensor out) to a single-file ONNX graph.
+    """Trace ``module`` (tensors in; one tensor, or a tuple in ``output_names`` order, out) to a single-file ONNX graph.
 
     Args:
         examples: one example tensor per input, in ``input_names`` order.
@@ -197,7 +209,7 @@ def export_graph(module: nn.Module, examples: tuple[torch.Tensor, ...], path: Pa
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # shape logic: caught by parity
         if exporter == "torchscript":
             torch.onnx.export(
-                module, tuple(examples), str(path), input_names=list(input_names), output_names=[output_name],
+                module, tuple(examples), str(path), input_names=list(input_names), output_names=list(output_names),
                 opset_version=opset, dynamo=False, do_constant_folding=True,
                 dynamic_axes={k: dict(v) for k, v in dynamic.items()},
             )
@@ -206,7 +218,7 @@ def export_graph(module: nn.Module, examples: tuple[torch.Tensor, ...], path: Pa
             shapes = tuple({axis: dims.setdefault(name, torch.export.Dim(name, min=1)) for axis, name in dynamic.get(i, {}).items()}
                            for i in input_names)
             program = torch.onnx.export(  # verbose=False: no progress prints on stdout
-                module, tuple(examples), input_names=list(input_names), output_names=[output_name], opset_version=opset,
+                module, tuple(examples), input_names=list(input_names), output_names=list(output_names), opset_version=opset,
                 dynamo=True, dynamic_shapes=shapes, verbose=False,
             )
             if program is None:
@@ -258,32 +270,62 @@ def _toposort(graph: onnx.GraphProto) -> None:
 
 # -- parity ---------------------------------------------------------------------------------------
 
-Outputs = tuple[np.ndarray, np.ndarray, np.ndarray]  # image [N, D], text output, cosines [N, C]
+@dataclass(frozen=True)
+class Signature:
+    """The encoders' outputs and heads, as the parity check and the manifest need them."""
+
+    image_outputs: tuple[str, ...]
+    text_outputs: tuple[str, ...]
+    heads: tuple[Head, ...]
+    conditioned: bool
+    logit_scale: float
+
+    @classmethod
+    def of(cls, info: ArtifactInfo) -> "Signature":
+        heads = tuple(h if isinstance(h, Head) else Head.model_validate(h if isinstance(h, Mapping) else vars(h))
+                      for h in info.heads)
+        return cls(tuple(info.image_outputs), tuple(info.text_outputs), heads,
+                   bool(info.capabilities["text_depends_on_image"]), float(info.logit_scale))
 
 
-def _cosines(img: np.ndarray, text: np.ndarray, conditioned: bool) -> np.ndarray:
-    return text if conditioned else img @ text.T
+@dataclass(frozen=True)
+class Outputs:
+    """Every output of both graphs as float64, and the cosines [N, C] (logits / logit scale) they score to.
+
+    For image-conditioned methods ``text`` holds the text graph's logits divided by the logit scale
+    (cosines, comparable with the same tolerance).
+    """
+
+    image: dict[str, np.ndarray]
+    text: dict[str, np.ndarray]
+    cosines: np.ndarray
+
+
+def _as_tuple(out: Any) -> tuple[Any, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _score(sig: Signature, image: dict[str, np.ndarray], text: dict[str, np.ndarray], is_base: np.ndarray) -> Outputs:
+    cos = next(iter(text.values())) if sig.conditioned else head_logits(image, text, sig.heads, is_base, 1.0)
+    return Outputs(image, text, cos)
 
 
 @torch.no_grad()
 def torch_outputs(image_encoder: nn.Module, text_encoder: nn.Module, pixels: np.ndarray, tokens: np.ndarray,
-                  conditioned: bool, logit_scale: float) -> Outputs:
-    """Reference outputs of the torch encoders, as float64.
-
-    The text output is the class embeddings [C, D], or for image-conditioned methods the logits
-    [N, C] divided by ``logit_scale`` (cosines, comparable with the same tolerance).
-    """
-    img_t = image_encoder(torch.from_numpy(pixels))
-    if conditioned:
-        text = (text_encoder(torch.from_numpy(tokens), img_t) / logit_scale).double().numpy()
+                  sig: Signature, is_base: np.ndarray) -> Outputs:
+    """Reference outputs of the torch encoders."""
+    img_t = _as_tuple(image_encoder(torch.from_numpy(pixels)))
+    image = {n: t.double().numpy() for n, t in zip(sig.image_outputs, img_t, strict=True)}
+    if sig.conditioned:
+        text = {sig.text_outputs[0]: (text_encoder(torch.from_numpy(tokens), img_t[0]) / sig.logit_scale).double().numpy()}
     else:
-        text = text_encoder(torch.from_numpy(tokens)).double().numpy()
-    img = img_t.double().numpy()
-    return img, text, _cosines(img, text, conditioned)
+        txt_t = _as_tuple(text_encoder(torch.from_numpy(tokens)))
+        text = {n: t.double().numpy() for n, t in zip(sig.text_outputs, txt_t, strict=True)}
+    return _score(sig, image, text, is_base)
 
 
-def ort_outputs(image_graph: Path, text_graph: Path, pixels: np.ndarray, tokens: np.ndarray, conditioned: bool,
-                logit_scale: float, providers: Sequence[str], precision: str = "fp32") -> tuple[Outputs, float]:
+def ort_outputs(image_graph: Path, text_graph: Path, pixels: np.ndarray, tokens: np.ndarray, sig: Signature,
+                is_base: np.ndarray, providers: Sequence[str], precision: str = "fp32") -> tuple[Outputs, float]:
     """The same through onnxruntime on the exported graphs, chained as the runtime chains them.
 
     Also runs one image and one class alone and returns the largest difference to the batched
@@ -292,37 +334,49 @@ def ort_outputs(image_graph: Path, text_graph: Path, pixels: np.ndarray, tokens:
     img_s = create_session(image_graph, providers, precision)
     txt_s = create_session(text_graph, providers, precision)
 
-    def run(px: np.ndarray, tok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        img = img_s.run([IMAGE_OUTPUT], {IMAGE_INPUT: px})[0]
+    def run(px: np.ndarray, tok: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        img = dict(zip(sig.image_outputs, img_s.run(list(sig.image_outputs), {IMAGE_INPUT: px}), strict=True))
         feeds = {TEXT_INPUT: np.ascontiguousarray(tok)}
-        if conditioned:
-            feeds[TEXT_IMAGE_INPUT] = img
-        out = txt_s.run([LOGITS_OUTPUT if conditioned else TEXT_OUTPUT], feeds)[0].astype(np.float64)
-        return img.astype(np.float64), out / logit_scale if conditioned else out
+        if sig.conditioned:
+            feeds[TEXT_IMAGE_INPUT] = img[sig.image_outputs[0]]
+        text = dict(zip(sig.text_outputs, txt_s.run(list(sig.text_outputs), feeds), strict=True))
+        if sig.conditioned:
+            text = {k: v.astype(np.float64) / sig.logit_scale for k, v in text.items()}
+        return ({k: v.astype(np.float64) for k, v in img.items()}, {k: v.astype(np.float64) for k, v in text.items()})
 
     img, text = run(pixels, tokens)
-    n_text = text.shape[1] if conditioned else text.shape[0]
-    if img.shape[0] != len(pixels) or n_text != tokens.shape[1]:
-        raise ExportError(f"exported graphs return {img.shape[0]} image / {n_text} class rows for "
-                          f"{len(pixels)} / {tokens.shape[1]}: a traced shape is not dynamic")
+    for name, v in img.items():
+        if v.shape[0] != len(pixels):
+            raise ExportError(f"exported image graph returns {v.shape[0]} rows of {name} for {len(pixels)} images: "
+                              "a traced shape is not dynamic")
+    for name, v in text.items():
+        n_text = v.shape[1] if sig.conditioned else v.shape[0]
+        if n_text != tokens.shape[1]:
+            raise ExportError(f"exported text graph returns {n_text} class rows of {name} for {tokens.shape[1]}: "
+                              "a traced shape is not dynamic")
     one_img, one_text = run(pixels[-1:], tokens[:, -1:])
-    last_text = text[-1:, -1:] if conditioned else text[-1:]
-    gap = max(float(np.abs(one_img - img[-1:]).max()), float(np.abs(one_text - last_text).max()))
-    return (img, text, _cosines(img, text, conditioned)), gap
+    gap = max(float(np.abs(one_img[k] - img[k][-1:]).max()) for k in img)
+    gap = max(gap, *(float(np.abs(one_text[k] - (text[k][-1:, -1:] if sig.conditioned else text[k][-1:])).max())
+                     for k in text))
+    return _score(sig, img, text, is_base), gap
+
+
+def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
 
 
 def measure_parity(reference: Outputs, candidate: Outputs, batch_gap: float, tolerance: float | None,
                    min_top1: float, providers: Sequence[str]) -> Parity:
-    (ref_img, ref_text, ref_cos), (img, text, cos) = reference, candidate
     # only meaningful for fp32: int8 quantizes activations with a scale computed over the batch
     if tolerance is not None and not batch_gap <= tolerance:
         raise ExportError(f"the exported graphs give other results for a batch of 1 (difference {batch_gap:.3g}): "
                           "a traced shape is not dynamic")
+    ref_cos, cos = reference.cosines, candidate.cosines
     return Parity(
-        max_abs_diff_image=float(np.abs(img - ref_img).max()),
-        max_abs_diff_text=float(np.abs(text - ref_text).max()),
+        max_abs_diff_image=_max_diff(candidate.image, reference.image),
+        max_abs_diff_text=_max_diff(candidate.text, reference.text),
         top1_agreement=float((cos.argmax(axis=1) == ref_cos.argmax(axis=1)).mean()),
-        n_images=len(ref_img),
+        n_images=ref_cos.shape[0],
         n_classes=ref_cos.shape[1],
         tolerance=tolerance,
         min_top1_agreement=min_top1,
@@ -444,9 +498,10 @@ def export_artifact(
             bad = next((p for p, a, b in zip(prompts, tokens, expected) if not np.array_equal(a, b)), prompts[0])
             raise ExportError(f"the artifact tokenizer differs from the training tokenizer on {bad!r}")
         tokens = tokens.reshape(len(templates), len(names), context_length)  # [T, C, L]
-        conditioned = bool(info.capabilities["text_depends_on_image"])
-        scale = float(info.logit_scale)
-        reference = torch_outputs(image_encoder, text_encoder, pixels, tokens, conditioned, scale)
+        sig = Signature.of(info)
+        conditioned = sig.conditioned
+        is_base = base_mask(names, info.base_classnames, "auto")
+        reference = torch_outputs(image_encoder, text_encoder, pixels, tokens, sig, is_base)
         cpu = ["CPUExecutionProvider"]
 
         with contextlib.ExitStack() as stack:
@@ -456,23 +511,26 @@ def export_artifact(
             example_tokens = torch.from_numpy(tokenizer([t.format(n) for t in templates for n in ("a photo", "two words")]))
             example_tokens = example_tokens.reshape(len(templates), 2, context_length)
             example_pixels = torch.from_numpy(pixels[:1]).repeat(2, 1, 1, 1)
-            t_img = export_graph(image_encoder, (example_pixels,), src / IMAGE_GRAPH_FILENAME, [IMAGE_INPUT], IMAGE_OUTPUT,
-                                 {IMAGE_INPUT: {0: "batch"}, IMAGE_OUTPUT: {0: "batch"}}, opset, exporter)
+            t_img = export_graph(image_encoder, (example_pixels,), src / IMAGE_GRAPH_FILENAME, [IMAGE_INPUT],
+                                 sig.image_outputs,
+                                 {IMAGE_INPUT: {0: "batch"}, **{o: {0: "batch"} for o in sig.image_outputs}}, opset, exporter)
             if conditioned:
                 with torch.no_grad():
-                    example_images = image_encoder(example_pixels)
+                    example_images = _as_tuple(image_encoder(example_pixels))[0]
                 t_txt = export_graph(text_encoder, (example_tokens, example_images), src / TEXT_GRAPH_FILENAME,
-                                     [TEXT_INPUT, TEXT_IMAGE_INPUT], LOGITS_OUTPUT,
+                                     [TEXT_INPUT, TEXT_IMAGE_INPUT], sig.text_outputs,
                                      {TEXT_INPUT: {1: "classes"}, TEXT_IMAGE_INPUT: {0: "batch"},
-                                      LOGITS_OUTPUT: {0: "batch", 1: "classes"}}, opset, exporter)
+                                      sig.text_outputs[0]: {0: "batch", 1: "classes"}}, opset, exporter)
             else:
-                t_txt = export_graph(text_encoder, (example_tokens,), src / TEXT_GRAPH_FILENAME, [TEXT_INPUT], TEXT_OUTPUT,
-                                     {TEXT_INPUT: {1: "classes"}, TEXT_OUTPUT: {0: "classes"}}, opset, exporter)
+                t_txt = export_graph(text_encoder, (example_tokens,), src / TEXT_GRAPH_FILENAME, [TEXT_INPUT],
+                                     sig.text_outputs,
+                                     {TEXT_INPUT: {1: "classes"}, **{o: {0: "classes"} for o in sig.text_outputs}},
+                                     opset, exporter)
             logger.info("exported graphs with %s in %.1f s (image) and %.1f s (text)", exporter, t_img, t_txt)
             for name in (IMAGE_GRAPH_FILENAME, TEXT_GRAPH_FILENAME):
                 _check_graph(src / name)
-            outputs, gap = ort_outputs(src / IMAGE_GRAPH_FILENAME, src / TEXT_GRAPH_FILENAME, pixels, tokens, conditioned,
-                                       scale, cpu)
+            outputs, gap = ort_outputs(src / IMAGE_GRAPH_FILENAME, src / TEXT_GRAPH_FILENAME, pixels, tokens, sig,
+                                       is_base, cpu)
             fp32 = measure_parity(reference, outputs, gap, FP32_TOLERANCE, 0.0, cpu)
             _check_parity(fp32, "fp32")
             parity = fp32
@@ -481,8 +539,8 @@ def export_artifact(
                     _convert_precision(src / name, tmp / name, precision)
                     _check_graph(tmp / name)
                 providers = _parity_providers(precision)
-                outputs, gap = ort_outputs(tmp / IMAGE_GRAPH_FILENAME, tmp / TEXT_GRAPH_FILENAME, pixels, tokens, conditioned,
-                                           scale, providers, precision)
+                outputs, gap = ort_outputs(tmp / IMAGE_GRAPH_FILENAME, tmp / TEXT_GRAPH_FILENAME, pixels, tokens, sig,
+                                           is_base, providers, precision)
                 parity = measure_parity(reference, outputs, gap, None, MIN_TOP1_AGREEMENT, providers)
                 _check_parity(parity, precision)
         logger.info("parity (%s): image %.2e, text %.2e, top-1 agreement %.3f on %d images x %d classes",
@@ -505,10 +563,10 @@ def export_artifact(
             exporter=f"torch.onnx.export({'dynamo=True' if exporter == 'dynamo' else 'dynamo=False, TorchScript'}), "
                      f"torch {torch.__version__}, onnx {onnx.__version__}",
             precision=precision,
-            graphs=Graphs(image=GraphInfo(file=IMAGE_GRAPH_FILENAME, input_name=IMAGE_INPUT, output_name=IMAGE_OUTPUT),
-                          text=GraphInfo(file=TEXT_GRAPH_FILENAME, input_name=TEXT_INPUT,
-                                         output_name=LOGITS_OUTPUT if conditioned else TEXT_OUTPUT,
+            graphs=Graphs(image=GraphInfo(file=IMAGE_GRAPH_FILENAME, input_name=IMAGE_INPUT, outputs=list(sig.image_outputs)),
+                          text=GraphInfo(file=TEXT_GRAPH_FILENAME, input_name=TEXT_INPUT, outputs=list(sig.text_outputs),
                                          image_input_name=TEXT_IMAGE_INPUT if conditioned else None)),
+            heads=list(sig.heads),
             files=describe_files(tmp),
             parity=parity,
         )

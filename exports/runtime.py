@@ -4,8 +4,9 @@ A :class:`Predictor` checks the artifact (schema version, every file's sha256) b
 onnxruntime sessions, then turns PIL images and class names into embeddings and predictions
 exactly as the exporter measured them against torch. It holds no per-request state, so one
 instance can serve concurrent requests (``InferenceSession.run`` is thread-safe, and with IOBinding
-every run makes its own binding); the only shared mutable state, a small cache of class embeddings,
-is behind a lock.
+every run makes its own binding); the only shared mutable state, the per-name cache of class
+embeddings (:class:`exports.text_cache.TextEmbeddingCache`), is behind a lock. Logits, softmax and
+top-k come from :mod:`exports.scoring`, the path evaluation and the service use too.
 
 On CUDA the sessions are created on one device (``device_id``) and run through onnxruntime's
 IOBinding by default. Those paths are exercised on CPU by the tests (IOBinding with CPU OrtValues
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -26,8 +25,10 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from exports import scoring
 from exports.manifest import ArtifactError, Manifest, load_artifact
 from exports.preprocess import preprocess_batch
+from exports.text_cache import TextEmbeddingCache, normalize_name
 from exports.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -93,18 +94,6 @@ def create_session(path: Path, providers: Sequence[Provider], precision: str = "
     return session
 
 
-def _check_names(class_names: Sequence[str]) -> list[str]:
-    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
-        raise ValueError("class names must be a list of strings")
-    names = list(class_names)
-    if not names:
-        raise ValueError("class names must not be empty")
-    for i, n in enumerate(names):
-        if not isinstance(n, str) or not n.strip():
-            raise ValueError(f"class name {i} is empty or not a string: {n!r}")
-    return names
-
-
 class Predictor:
     """Open-vocabulary classification with an exported artifact.
 
@@ -121,7 +110,8 @@ class Predictor:
             runs, which the tests check). Not yet measured on a GPU.
         intra_op_threads: threads per graph run; 0 lets onnxruntime use one per physical core.
         batch_size: images (or prompts) per graph run, bounding memory for long inputs.
-        text_cache_size: class lists whose embeddings are kept (services reuse the same lists).
+        text_cache_names: class names whose embeddings are kept (per normalised name, least
+            recently used dropped first); 0 turns the cache off.
 
     Raises:
         ArtifactError: the artifact fails its checks, or asks for something this runtime lacks.
@@ -136,7 +126,7 @@ class Predictor:
         io_binding: bool | None = None,
         intra_op_threads: int = 0,
         batch_size: int = 32,
-        text_cache_size: int = 16,
+        text_cache_names: int = 4096,
     ):
         if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
             raise ValueError(f"device_id must be an integer >= 0, got {device_id!r}")
@@ -163,24 +153,25 @@ class Predictor:
         self._image = create_session(self.path / m.graphs.image.file, providers, m.precision, intra_op_threads)
         self._text = create_session(self.path / m.graphs.text.file, providers, m.precision, intra_op_threads)
         self._logit_scale = float(m.logit_scale)
-        self._cache: OrderedDict[tuple[str, ...], np.ndarray] = OrderedDict()
-        self._cache_size = text_cache_size
-        self._lock = threading.Lock()
+        if text_cache_names < 0:
+            raise ValueError("text_cache_names must be >= 0")
+        self.text_cache = TextEmbeddingCache(self._stacked_text_outputs, text_cache_names) if text_cache_names else None
         logger.debug("Predictor %s: %s device %d, io_binding=%s", self.path, self.providers[0], device_id, self.io_binding)
 
-    def _run(self, session: ort.InferenceSession, output_name: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """One graph run -> its (single) output on the host. Every graph run of the Predictor goes here."""
+    def _run(self, session: ort.InferenceSession, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """One graph run -> its outputs on the host. Every graph run of the Predictor goes here."""
         if not self.io_binding:
-            return session.run([output_name], feeds)[0]
+            return session.run(list(output_names), feeds)
         # one binding per run: an IOBinding is mutable state, so sharing one would race between threads
         binding = session.io_binding()
         # held until the run ends: on CPU an OrtValue borrows the numpy array's memory
         inputs = {name: ort.OrtValue.ortvalue_from_numpy(arr, self._ort_device, self.device_id) for name, arr in feeds.items()}
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output(output_name, self._ort_device, self.device_id)
+        for name in output_names:
+            binding.bind_output(name, self._ort_device, self.device_id)
         session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return binding.copy_outputs_to_cpu()
 
     # -- embeddings ------------------------------------------------------------------------------
     @property
@@ -192,16 +183,22 @@ class Predictor:
     def class_names_trained_on(self) -> list[str]:
         return list(self.manifest.base_classnames)
 
-    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """Preprocessed pixels ``[B, 3, S, S]`` float32 -> L2-normalised embeddings ``[B, D]`` float32."""
+    def image_outputs(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        """Preprocessed pixels ``[B, 3, S, S]`` float32 -> every declared image output, L2-normalised ``[B, D]`` float32."""
         s = self.manifest.preprocess.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (3, s, s):
             raise ValueError(f"pixels must be [B, 3, {s}, {s}], got {list(pixels.shape)}")
         g = self.manifest.graphs.image
-        out = [self._run(self._image, g.output_name,
-                         {g.input_name: np.ascontiguousarray(pixels[i : i + self.batch_size], dtype=np.float32)})
-               for i in range(0, len(pixels), self.batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, self.manifest.embed_dim), np.float32)
+        runs = [self._run(self._image, g.outputs,
+                          {g.input_name: np.ascontiguousarray(pixels[i : i + self.batch_size], dtype=np.float32)})
+                for i in range(0, len(pixels), self.batch_size)]
+        if not runs:
+            return {name: np.zeros((0, self.manifest.embed_dim), np.float32) for name in g.outputs}
+        return {name: np.concatenate([r[j] for r in runs]) for j, name in enumerate(g.outputs)}
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """Preprocessed pixels ``[B, 3, S, S]`` float32 -> the main (first) image output ``[B, D]`` float32."""
+        return self.image_outputs(pixels)[self.manifest.graphs.image.outputs[0]]
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """PIL images -> L2-normalised image embeddings ``[B, D]`` float32."""
@@ -222,39 +219,43 @@ class Predictor:
         # template-major [T, C, L], as the exporter traced the text graph
         return self.tokenizer([t.format(n) for t in templates for n in names]).reshape(len(templates), len(names), L)
 
-    def embed_texts(self, class_names: Sequence[str]) -> np.ndarray:
-        """Class names -> L2-normalised class embeddings ``[C, D]`` float32.
+    def text_outputs(self, class_names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Class names -> every declared class output, L2-normalised ``[C, D]`` float32 (cached per name).
 
         Every prompt template is filled with every name (``[T, C, L]`` token ids); the text graph
-        is the method's ``class_embeddings``, so nothing is averaged here.
+        is the method's whole class-embedding side, so nothing is averaged here.
 
         Raises:
             ValueError: the method's class embeddings depend on the image (:attr:`conditioned`).
         """
+        return self.counted_text_outputs(class_names)[0]
+
+    def counted_text_outputs(self, class_names: Sequence[str], cache: bool = True) -> tuple[dict[str, np.ndarray], int, int]:
+        """:meth:`text_outputs`, and how many names this call found in the cache and how many it computed.
+
+        ``cache=False`` runs the text graph and leaves the cache alone (readiness probes).
+        """
         if self.conditioned:
             raise ValueError(f"method {self.manifest.method!r}: class embeddings depend on the image; use scores() or classify()")
-        names = _check_names(class_names)
-        tokens = self._tokens(names)
+        names = scoring.check_class_names(class_names, unique=False)
+        if self.text_cache is None or not cache:
+            stacked, hits, misses = self._stacked_text_outputs(names), 0, len(names)
+        else:
+            stacked, hits, misses = self.text_cache.get([normalize_name(n) for n in names])
+        return {name: stacked[:, j] for j, name in enumerate(self.manifest.graphs.text.outputs)}, hits, misses
+
+    def embed_texts(self, class_names: Sequence[str]) -> np.ndarray:
+        """Class names -> the main (first) class output ``[C, D]`` float32 (see :meth:`text_outputs`)."""
+        return self.text_outputs(class_names)[self.manifest.graphs.text.outputs[0]]
+
+    def _stacked_text_outputs(self, names: Sequence[str]) -> np.ndarray:
+        """``[C, n_outputs, D]``: the text graph's outputs for ``names``, one row per name (what the cache keeps)."""
+        tokens = self._tokens(list(names))
         g = self.manifest.graphs.text
         step = self.batch_size * 8  # class names per run
-        out = [self._run(self._text, g.output_name, {g.input_name: np.ascontiguousarray(tokens[:, i : i + step])})
-               for i in range(0, len(names), step)]
-        return np.concatenate(out).astype(np.float32, copy=False)
-
-    def _class_embeddings(self, names: list[str]) -> np.ndarray:
-        key = tuple(names)
-        with self._lock:
-            hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-        emb = self.embed_texts(names)
-        emb.setflags(write=False)
-        with self._lock:
-            self._cache[key] = emb
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return emb
+        runs = [self._run(self._text, g.outputs, {g.input_name: np.ascontiguousarray(tokens[:, i : i + step])})
+                for i in range(0, len(names), step)]
+        return np.stack([np.concatenate([r[j] for r in runs]) for j in range(len(g.outputs))], axis=1).astype(np.float32, copy=False)
 
     def conditioned_logits(self, image_embeddings: np.ndarray, names: Sequence[str]) -> np.ndarray:
         """``[B, D]`` image embeddings (from :meth:`embed_images`) and names -> ``[B, C]`` float64 logits
@@ -262,7 +263,7 @@ class Predictor:
         runs on every (image, name) pair, at most ``_MAX_PROMPTS`` prompts per graph run."""
         if not self.conditioned:
             raise ValueError(f"method {self.manifest.method!r}: class embeddings do not depend on the image; use logits()")
-        names = _check_names(names)
+        names = scoring.check_class_names(names)
         tokens = self._tokens(names)
         g = self.manifest.graphs.text
         B, C = len(image_embeddings), len(names)
@@ -274,42 +275,44 @@ class Predictor:
             for j in range(0, C, c_step):
                 feeds = {g.input_name: np.ascontiguousarray(tokens[:, j : j + c_step]),
                          g.image_input_name: np.ascontiguousarray(image_embeddings[i : i + b_step], dtype=np.float32)}
-                out[i : i + b_step, j : j + c_step] = self._run(self._text, g.output_name, feeds)
+                out[i : i + b_step, j : j + c_step] = self._run(self._text, g.outputs, feeds)[0]
         return out
 
     # -- classification ----------------------------------------------------------------------------
-    def logits(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> np.ndarray:
-        """``[B, C]`` float64 ``logit_scale * cosine`` of the images against the names."""
-        names = _check_names(class_names)
-        if len(set(names)) != len(names):
-            dup = sorted({n for n in names if names.count(n) > 1})
-            raise ValueError(f"class names must be unique; repeated: {dup}")
-        img = self.embed_images(images)
+    def logits_from_outputs(self, image_outputs: dict[str, np.ndarray], text_outputs: dict[str, np.ndarray],
+                            class_names: Sequence[str], mode: str = "auto") -> np.ndarray:
+        """``[B, C]`` float64 logits of image outputs against the names' class outputs, through the
+        manifest's heads (:func:`exports.scoring.head_logits`); ``mode`` picks the base/novel heads."""
+        is_base = scoring.base_mask(class_names, self.manifest.base_classnames, mode)
+        return scoring.head_logits(image_outputs, text_outputs, self.manifest.heads, is_base, self._logit_scale)
+
+    def logits(self, images: Sequence[Image.Image], class_names: Sequence[str], mode: str = "auto") -> np.ndarray:
+        """``[B, C]`` float64 logits of the images against the names (``logit_scale * cosine`` for one head).
+
+        Args:
+            mode: ``auto`` scores the names the method was trained on with its base heads and
+                other names with its novel heads; ``base`` / ``novel`` force one set for all names.
+                Only methods with ``capabilities.base_novel_switch`` score differently.
+        """
+        names = scoring.check_class_names(class_names)
+        scoring.check_mode(mode)
+        pixels = preprocess_batch(list(images), self.manifest.preprocess)
         if self.conditioned:
-            return self.conditioned_logits(img, names)
-        return self._logit_scale * img.astype(np.float64) @ self._class_embeddings(names).astype(np.float64).T
+            return self.conditioned_logits(self.embed_pixels(pixels), names)
+        return self.logits_from_outputs(self.image_outputs(pixels), self.text_outputs(names), names, mode)
 
-    def scores(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> np.ndarray:
-        """``[B, C]`` probabilities: softmax over the names of ``logit_scale * cosine``."""
-        logits = self.logits(images, class_names)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
+    def scores(self, images: Sequence[Image.Image], class_names: Sequence[str], mode: str = "auto") -> np.ndarray:
+        """``[B, C]`` probabilities: softmax over the names of :meth:`logits`."""
+        return scoring.softmax(self.logits(images, class_names, mode))
 
-    def classify(self, images: Sequence[Image.Image], class_names: Sequence[str], top_k: int = 5) -> list[dict[str, Any]]:
+    def classify(self, images: Sequence[Image.Image], class_names: Sequence[str], top_k: int = 5,
+                 mode: str = "auto") -> list[dict[str, Any]]:
         """One prediction per image: ``{"label", "score", "top": [{"class_name", "score"}, ...]}``.
 
         ``top`` holds the ``top_k`` best names (at most all of them), best first; ``label`` and
         ``score`` are its first entry.
         """
-        if top_k < 1:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError("top_k must be >= 1")
-        names = _check_names(class_names)
-        probs = self.scores(images, names)
-        k = min(top_k, len(names))
-        results = []
-        for row in probs:
-            order = np.argsort(-row, kind="stable")[:k]
-            top = [{"class_name": names[j], "score": float(row[j])} for j in order]
-            results.append({"label": top[0]["class_name"], "score": top[0]["score"], "top": top})
-        return results
+        names = scoring.check_class_names(class_names)
+        return scoring.top_k(self.scores(images, names, mode), names, top_k)

@@ -6,7 +6,7 @@ What it does, per HTTP request:
 * the request body is counted while it streams in; over ``max_request_bytes`` is 413 before the
   rest is read (a declared ``Content-Length`` over the limit is refused without reading at all).
 * the API routes accept ``application/json`` and, for images, ``multipart/form-data``; the
-  multipart form (files ``images``, fields ``class_names`` as a JSON list and ``top_k``) is
+  multipart form (files ``images``, fields ``class_names`` as a JSON list, ``top_k`` and ``mode``) is
   parsed here with bounded part counts and turned into the JSON form the typed API takes, so
   BentoML's own file handling (which would fetch a URL sent in place of a file) never sees it.
 * ``GET /info`` is answered like ``POST /info``.
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 HEALTH_PATHS = frozenset({"/livez", "/healthz", "/readyz"})
 JSON_ROUTES = frozenset({"/classify", "/embed_image", "/embed_text", "/info"})
 MULTIPART_ROUTES = frozenset({"/classify", "/embed_image"})
-_MULTIPART_FIELDS = {"/classify": {"images", "class_names", "top_k"}, "/embed_image": {"images"}}
+_MULTIPART_FIELDS = {"/classify": {"images", "class_names", "top_k", "mode"}, "/embed_image": {"images"}}
 PROVIDER_HEADER = "x-promptbake-provider"
 
 
@@ -215,6 +215,9 @@ async def _multipart_to_json(scope: dict[str, Any], body: bytes, path: str, cfg:
             raise bad_request("image_source", "every 'images' part must be an uploaded file (the server never fetches "
                               "URLs or opens paths)")
         payload: dict[str, Any] = {"images": [base64.b64encode(await f.read()).decode() for f in files]}  # type: ignore[union-attr]
+        if "mode" in form:
+            mode = form["mode"]
+            payload["mode"] = (await mode.read()).decode("utf-8", "replace") if isinstance(mode, UploadFile) else mode
         for field in ("class_names", "top_k"):
             if field in form:
                 value = form[field]

@@ -36,6 +36,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
+from exports import scoring
 from exports.manifest import MANIFEST_FILENAME, ArtifactError
 from exports.preprocess import preprocess_batch
 from exports.runtime import Predictor
@@ -45,7 +46,6 @@ from service.errors import IN_HTTP_REQUEST, RequestError, bad_request
 from service.http import PromptbakeMiddleware
 from service.images import decode_base64, decode_image, harden_pillow
 from service.metrics import get_metrics
-from service.text_cache import TextEmbeddingCache, normalize_name
 
 logger = logging.getLogger("promptbake.service")
 
@@ -124,7 +124,8 @@ def create_predictor(path: Path, cfg: ServiceConfig, worker_index: int | None = 
     On CUDA the sessions go on device :func:`cuda_device_for_worker` ``(worker_index, cfg.cuda_devices)``
     with IOBinding (the Predictor's CUDA default).
     """
-    kwargs: dict[str, Any] = dict(intra_op_threads=cfg.intra_op_threads, batch_size=cfg.max_batch_size, text_cache_size=1)
+    kwargs: dict[str, Any] = dict(intra_op_threads=cfg.intra_op_threads, batch_size=cfg.max_batch_size,
+                                  text_cache_names=cfg.text_cache_names)
     if cfg.device == "cuda":
         if hasattr(ort, "preload_dlls"):
             try:  # CUDA/cuDNN from the nvidia-* wheels of onnxruntime-gpu[cuda,cudnn] (the Bento's image)
@@ -185,8 +186,10 @@ class PromptbakeService:
         self.device_id: int | None = self.predictor.device_id if on_cuda else None
         self.io_binding = self.predictor.io_binding
         self.metrics = get_metrics()
-        self.text_cache = TextEmbeddingCache(self.predictor.embed_texts, cfg.text_cache_names)
-        self.batcher = ImageBatcher(self.predictor.embed_pixels, cfg.max_batch_size, cfg.max_latency_ms,
+        self.text_cache = self.predictor.text_cache  # per normalised name; the Predictor's own
+        self.image_output_names = list(m.graphs.image.outputs)
+        # the batcher splits [n, ...] arrays by rows: every image output stacked on axis 1
+        self.batcher = ImageBatcher(self._stacked_image_outputs, cfg.max_batch_size, cfg.max_latency_ms,
                                     on_batch=self.metrics.batch_size.observe)
         logger.info("promptbake: serving %s (%s on %s, %s) with onnxruntime %s on %s%s (providers %s), IOBinding %s, "
                     "worker %d; batching max_batch_size=%d max_latency_ms=%d", name, m.method, m.backbone, m.precision,
@@ -195,29 +198,21 @@ class PromptbakeService:
 
     # -- validation (cheap, on the event loop) ---------------------------------------------------
     def _check_names(self, names: list[str], what: str = "class_names") -> list[str]:
+        """The service's limits, then the shared check (:func:`exports.scoring.check_class_names`); normalised keys."""
         cfg = self.config
-        if not names:
-            raise bad_request(f"{what}_empty", f"{what} must not be empty")
         if len(names) > cfg.max_class_names:
             raise bad_request(f"too_many_{what}", f"{len(names)} {what}; at most {cfg.max_class_names}",
                               limit=cfg.max_class_names)
-        keys = []
         for i, n in enumerate(names):
             if len(n) > cfg.max_name_chars:
                 raise bad_request("name_length", f"{what}[{i}] has {len(n)} characters; at most {cfg.max_name_chars}",
                                   limit=cfg.max_name_chars)
-            key = normalize_name(n)
-            if not key:
-                raise bad_request("name_empty", f"{what}[{i}] is empty or only whitespace")
-            keys.append(key)
-        if what == "class_names" and len(set(keys)) != len(keys):
-            seen: dict[str, int] = {}
-            for i, k in enumerate(keys):
-                if k in seen:
-                    raise bad_request("name_duplicate", f"class_names[{i}] {names[i]!r} repeats class_names[{seen[k]}] "
-                                      f"{names[seen[k]]!r} (names are compared ignoring case and extra whitespace)")
-                seen[k] = i
-        return keys
+        try:
+            scoring.check_class_names(names, what, unique=what == "class_names")
+        except scoring.ClassNameError as e:
+            kind = f"{what}_empty" if e.kind == "names_empty" else e.kind
+            raise bad_request(kind, str(e)) from None
+        return [scoring.normalize_name(n) for n in names]
 
     def _check_images(self, images: list[str]) -> None:
         if not images:
@@ -234,23 +229,29 @@ class PromptbakeService:
                                 max_image_pixels=cfg.max_image_pixels) for i, s in enumerate(images)]
         return preprocess_batch(decoded, self.predictor.manifest.preprocess)
 
-    async def _image_embeddings(self, images: list[str]) -> np.ndarray:
+    def _stacked_image_outputs(self, pixels: np.ndarray) -> np.ndarray:
+        outputs = self.predictor.image_outputs(pixels)
+        return np.stack([outputs[n] for n in self.image_output_names], axis=1)  # [n, outputs, D]
+
+    async def _image_outputs(self, images: list[str]) -> dict[str, np.ndarray]:
+        """Every declared image output ``{name: [n, D]}``, batched across requests."""
         t0 = time.perf_counter()
         pixels = await anyio.to_thread.run_sync(self._pixels, images)
         t1 = time.perf_counter()
-        emb = await self.batcher.embed(pixels)
+        stacked = await self.batcher.embed(pixels)
         self.metrics.stage_seconds.labels("decode").observe(t1 - t0)
         self.metrics.stage_seconds.labels("image_embed").observe(time.perf_counter() - t1)
         self.metrics.images.inc(len(images))
-        return emb
+        return {n: stacked[:, j] for j, n in enumerate(self.image_output_names)}
 
-    async def _text_embeddings(self, keys: list[str]) -> np.ndarray:
+    async def _text_outputs(self, keys: list[str]) -> dict[str, np.ndarray]:
+        """Every declared class output ``{name: [C, D]}`` of normalised names, through the per-name cache."""
         t0 = time.perf_counter()
-        emb, hits, misses = await anyio.to_thread.run_sync(self.text_cache.get, keys)
+        out, hits, misses = await anyio.to_thread.run_sync(self.predictor.counted_text_outputs, keys)
         self.metrics.text_cache.labels("hit").inc(hits)
         self.metrics.text_cache.labels("miss").inc(misses)
         self.metrics.stage_seconds.labels("text_embed").observe(time.perf_counter() - t0)
-        return emb
+        return out
 
     async def _conditioned_logits(self, img: np.ndarray, keys: list[str]) -> np.ndarray:
         t0 = time.perf_counter()
@@ -280,13 +281,18 @@ class PromptbakeService:
                                               "multipart requests send files named 'images' instead"),
         class_names: list[str] = Field(description="the candidate names, any language the backbone knows"),
         top_k: int = Field(default=5, description="names listed in each prediction's 'top', best first"),
+        mode: str = Field(default="auto", description="which heads score the names, for methods with a base/novel "
+                          "switch: 'auto' (names the method was trained on use its base heads, others its novel "
+                          "heads), 'base' or 'novel' (one set for every name); other methods ignore it"),
     ) -> ClassifyResponse:
         """Classify each image among ``class_names``; scores are softmax probabilities over those names."""
-        return await self._respond(self._classify(images, class_names, top_k))
+        return await self._respond(self._classify(images, class_names, top_k, mode))
 
-    async def _classify(self, images: list[str], class_names: list[str], top_k: int) -> ClassifyResponse:
+    async def _classify(self, images: list[str], class_names: list[str], top_k: int, mode: str) -> ClassifyResponse:
         if not 1 <= top_k <= self.config.max_top_k:
             raise bad_request("top_k", f"top_k must be between 1 and {self.config.max_top_k}, got {top_k}")
+        if mode not in scoring.MODES:
+            raise bad_request("mode", f"mode must be one of {', '.join(scoring.MODES)}, got {mode!r}")
         keys = self._check_names(class_names)
         self._check_images(images)
         if self.predictor.conditioned:
@@ -298,23 +304,13 @@ class PromptbakeService:
                                   f"method {self.predictor.manifest.method!r} runs its text graph on every (image, name) "
                                   f"pair, at most {limit} per request: send fewer images or names per request",
                                   limit=limit)
-            img = await self._image_embeddings(images)
-            logits = await self._conditioned_logits(img, keys)
+            img = await self._image_outputs(images)
+            logits = await self._conditioned_logits(img[self.image_output_names[0]], keys)
         else:
-            img, txt = await asyncio.gather(self._image_embeddings(images), self._text_embeddings(keys))
-            # as Predictor.logits: logit_scale * cosine, in float64
-            logits = float(self.predictor.manifest.logit_scale) * img.astype(np.float64) @ txt.astype(np.float64).T
-        # as Predictor.scores: softmax over the names
-        logits -= logits.max(axis=1, keepdims=True)
-        probs = np.exp(logits)
-        probs /= probs.sum(axis=1, keepdims=True)
-        k = min(top_k, len(class_names))
-        predictions = []
-        for row in probs:
-            order = np.argsort(-row, kind="stable")[:k]
-            top = [TopEntry(class_name=class_names[j], score=float(row[j])) for j in order]
-            predictions.append(Prediction(label=top[0].class_name, score=top[0].score, top=top))
-        return ClassifyResponse(artifact=self.artifact, predictions=predictions)
+            img, txt = await asyncio.gather(self._image_outputs(images), self._text_outputs(keys))
+            logits = self.predictor.logits_from_outputs(img, txt, keys, mode)
+        top = scoring.top_k(scoring.softmax(logits), class_names, top_k)
+        return ClassifyResponse(artifact=self.artifact, predictions=[Prediction.model_validate(p) for p in top])
 
     @bentoml.api(route="/embed_image")
     async def embed_image(
@@ -326,7 +322,7 @@ class PromptbakeService:
 
     async def _embed_image(self, images: list[str]) -> EmbeddingResponse:
         self._check_images(images)
-        emb = await self._image_embeddings(images)
+        emb = (await self._image_outputs(images))[self.image_output_names[0]]
         return EmbeddingResponse(artifact=self.artifact, dim=emb.shape[1], embeddings=emb.tolist())
 
     @bentoml.api(route="/embed_text")
@@ -341,7 +337,8 @@ class PromptbakeService:
         if self.predictor.conditioned:
             raise bad_request("text_depends_on_image", f"method {self.artifact.method!r} has no image-independent "
                               "class embeddings (they depend on the image); use /classify")
-        emb = await self._text_embeddings(self._check_names(texts, what="texts"))
+        keys = self._check_names(texts, what="texts")
+        emb = (await self._text_outputs(keys))[self.predictor.manifest.graphs.text.outputs[0]]
         return EmbeddingResponse(artifact=self.artifact, dim=emb.shape[1], embeddings=emb.tolist())
 
     @bentoml.api(route="/info")
@@ -363,12 +360,13 @@ class PromptbakeService:
             with anyio.fail_after(self.config.ready_timeout_s):
                 s = self.predictor.manifest.preprocess.image_size
                 pixels = np.zeros((1, 3, s, s), np.float32)
-                img = await self.batcher.embed(pixels)
+                img = await self.batcher.embed(pixels)  # [1, outputs, D]
                 if self.predictor.conditioned:
-                    txt = await self._conditioned_logits(img, ["ready"])
+                    txt = await self._conditioned_logits(img[:, 0], ["ready"])
                 else:
-                    txt = await anyio.to_thread.run_sync(self.predictor.embed_texts, ["ready"])
-            ok = bool(np.isfinite(img).all() and np.isfinite(txt).all() and img.shape[1] == self.artifact.embed_dim)
+                    outputs, _, _ = await anyio.to_thread.run_sync(self.predictor.counted_text_outputs, ["ready"], False)
+                    txt = np.stack(list(outputs.values()))
+            ok = bool(np.isfinite(img).all() and np.isfinite(txt).all() and img.shape[-1] == self.artifact.embed_dim)
         except Exception as e:  # noqa: BLE001 - any failure means not ready
             logger.warning("readiness check failed: %r", e)
             ok = False

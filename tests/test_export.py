@@ -329,7 +329,7 @@ def test_predictor_io_binding_is_thread_safe(name, exported, dataset_spec):
     _, art = exported(name)
     ds = load_dataset(dataset_spec)
     images = [load_image(s.path) for s in ds.test]
-    predictor = Predictor(art, batch_size=3, io_binding=True, text_cache_size=0)  # no cache: every call runs the text graph
+    predictor = Predictor(art, batch_size=3, io_binding=True, text_cache_names=0)  # no cache: every call runs the text graph
     calls = [(images[i % 5 : i % 5 + 1 + i % 4], list(ds.classnames)[: 2 + i % 5][:: 1 if i % 2 else -1]) for i in range(24)]
     serial = [predictor.classify(ims, names, top_k=2) for ims, names in calls]
     with ThreadPoolExecutor(8) as pool:

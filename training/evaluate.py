@@ -10,10 +10,10 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from exports import scoring
 from training.data import Sample, SampleDataset, build_eval_transform
 from training.protocol import PromptMethod
 
@@ -34,22 +34,34 @@ def predict_samples(
     workers: int = 0,
     progress: bool = False,
     desc: str = "eval",
+    mode: str = "auto",
 ) -> torch.Tensor:
-    """Predicted label (index into ``classnames``) for every sample."""
+    """Predicted label (index into ``classnames``) for every sample.
+
+    Logits come from the method's declared outputs through :func:`exports.scoring.head_logits`, the
+    function the runtime and the service score with; ``mode`` (``auto``: the names the method was
+    trained on are base) picks the heads of methods with a base/novel switch, as the papers do at
+    test time (base names on the base test set, novel names on the novel one).
+    """
     device = torch.device(device)
     method.to(device).eval()
     tokens = method.tokenize(classnames).to(device)
-    text_feats = None if method.capabilities.text_depends_on_image else method.class_embeddings(tokens)
+    conditioned = method.capabilities.text_depends_on_image
+    heads = method.graph_signature().heads
+    is_base = scoring.base_mask(classnames, method.train_classnames, mode)
+    scale = float(method.logit_scale())
+    text = None if conditioned else {k: v.float().cpu().numpy() for k, v in method.text_outputs(tokens).items()}
     loader = DataLoader(SampleDataset(samples, build_eval_transform(method.backbone.preprocess)),
                         batch_size=batch_size, shuffle=False, num_workers=workers)
     preds = []
     for x, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x = x.to(device)
-        if text_feats is None:
-            logits = method(x, tokens)
+        if conditioned:
+            logits = method(x, tokens).float().cpu().numpy()
         else:
-            logits = F.normalize(method.encode_image(x), dim=-1) @ text_feats.t()
-        preds.append(logits.argmax(-1).cpu())
+            image = {k: v.float().cpu().numpy() for k, v in method.image_outputs(x).items()}
+            logits = scoring.head_logits(image, text, heads, is_base, scale)
+        preds.append(torch.from_numpy(logits.argmax(-1)))
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 

@@ -33,30 +33,44 @@ BENTOML_ARTIFACT_SUBDIR = "artifact"  # the artifact inside a BentoML model's di
 FALLBACK_CLASSNAMES = ("cat", "dog", "golden retriever", "airplane", "red car", "apple pie", "crème brûlée", "t-shirt")
 
 
+def _in_order(outputs: dict[str, torch.Tensor], names: Sequence[str], what: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    if list(outputs) != list(names):
+        raise ExportError(f"the method's {what} are {list(outputs)}, but its graph signature declares {list(names)}")
+    values = tuple(outputs[n] for n in names)
+    return values[0] if len(values) == 1 else values
+
+
 class ImageEncoder(nn.Module):
-    """pixels [B, 3, S, S] -> L2-normalised [B, D] through the method's image path."""
+    """pixels [B, 3, S, S] -> the method's declared image outputs, each L2-normalised [B, D].
 
-    def __init__(self, method: PromptMethod):
-        super().__init__()
-        self.method = method
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.method.encode_image(pixels), dim=-1)
-
-
-class TextEncoder(nn.Module):
-    """token ids [T, C, L] (every template x every class name) -> L2-normalised class embeddings [C, D].
-
-    The method's own ``class_embeddings``: the template ensemble of zero-shot CLIP, or TCP's two
-    templates with different roles, is traced into the graph rather than re-implemented at runtime.
+    One tensor for a method with one image output (the usual ``image_embeddings``), else a tuple
+    in the order of ``graph_signature().image_outputs``.
     """
 
     def __init__(self, method: PromptMethod):
         super().__init__()
         self.method = method
+        self.names = method.graph_signature().image_outputs
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.method.class_embeddings(tokens)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return _in_order(self.method.image_outputs(pixels), self.names, "image outputs")
+
+
+class TextEncoder(nn.Module):
+    """token ids [T, C, L] (every template x every class name) -> the declared class outputs [C, D], L2-normalised.
+
+    The method's own ``text_outputs`` (by default its ``class_embeddings``): the template ensemble
+    of zero-shot CLIP, or TCP's two templates with different roles, is traced into the graph rather
+    than re-implemented at runtime.
+    """
+
+    def __init__(self, method: PromptMethod):
+        super().__init__()
+        self.method = method
+        self.names = method.graph_signature().text_outputs
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return _in_order(self.method.text_outputs(tokens), self.names, "text outputs")
 
 
 class ConditionedTextEncoder(nn.Module):
@@ -161,6 +175,10 @@ def export_method(
     check_exportable(method.capabilities.to_dict())  # before anything slow
     method = method.eval()
     bb = method.backbone
+    sig = method.graph_signature()
+    if sig.switch != method.capabilities.base_novel_switch:
+        raise ExportError(f"{method.name}: capabilities.base_novel_switch is {method.capabilities.base_novel_switch} "
+                          f"but its heads {'do' if sig.switch else 'do not'} score base and novel names differently")
     art = ArtifactInfo(
         method=method.name,
         capabilities=method.capabilities.to_dict(),
@@ -172,6 +190,9 @@ def export_method(
         run_config={"method_config": info.method_config, "train": info.train, "dataset": info.dataset,
                     "shots": info.shots, "seed": info.seed},
         base_classnames=list(info.base_classnames),
+        image_outputs=sig.image_outputs,
+        text_outputs=sig.text_outputs,
+        heads=[h.to_dict() for h in sig.heads],
     )
     pixels = preprocess_batch(list(images), bb.preprocess)
     conditioned = method.capabilities.text_depends_on_image

@@ -46,6 +46,56 @@ class Capabilities:
         return dataclasses.asdict(self)
 
 
+IMAGE_EMBEDDINGS = "image_embeddings"
+CLASS_EMBEDDINGS = "class_embeddings"
+
+
+@dataclass(frozen=True)
+class Head:
+    """One term of the logits: ``weight * logit_scale * cos(image output, text output)``.
+
+    ``base_weight`` applies to class names the method treats as base (by default the names it was
+    trained on), ``novel_weight`` to the others; :mod:`exports.scoring` reads the same fields.
+    """
+
+    image: str = IMAGE_EMBEDDINGS
+    text: str = CLASS_EMBEDDINGS
+    base_weight: float = 1.0
+    novel_weight: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    """What a method's two graphs output and how the outputs become logits.
+
+    Attributes:
+        image_outputs: names of :meth:`PromptMethod.image_outputs`, main one first.
+        text_outputs: names of :meth:`PromptMethod.text_outputs`, main one first (an
+            image-conditioned method has the single output ``logits``).
+        heads: the terms of the logits (none for image-conditioned methods, whose text graph
+            returns the logits).
+    """
+
+    image_outputs: tuple[str, ...] = (IMAGE_EMBEDDINGS,)
+    text_outputs: tuple[str, ...] = (CLASS_EMBEDDINGS,)
+    heads: tuple[Head, ...] = (Head(),)
+
+    def __post_init__(self) -> None:
+        for i, h in enumerate(self.heads):
+            if h.image not in self.image_outputs or h.text not in self.text_outputs:
+                raise ValueError(f"head {i} uses {h.image!r} / {h.text!r}, which are not declared outputs")
+            if min(h.base_weight, h.novel_weight) < 0:
+                raise ValueError(f"head {i}: weights must be >= 0")
+
+    @property
+    def switch(self) -> bool:
+        """Whether base and novel names are scored differently (``Capabilities.base_novel_switch``)."""
+        return any(h.base_weight != h.novel_weight for h in self.heads)
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Base of every method config: frozen, typed, validated in ``__post_init__``."""
@@ -118,6 +168,24 @@ class PromptMethod(nn.Module):
     def prompt_templates(self) -> list[str]:
         """Templates with one ``{}`` for the class name; embeddings are averaged over them."""
         return ["{}"]
+
+    def graph_signature(self) -> GraphSignature:
+        """The graphs' outputs and heads (default: one image and one class embedding, one head).
+
+        A method with several heads or a base/novel switch overrides this together with
+        :meth:`image_outputs` / :meth:`text_outputs`, and declares ``base_novel_switch``.
+        """
+        if self.capabilities.text_depends_on_image:
+            return GraphSignature(text_outputs=("logits",), heads=())
+        return GraphSignature()
+
+    def image_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[B, 3, H, W] pixels -> ``{name: [B, D] L2-normalised}`` for every declared image output."""
+        return {IMAGE_EMBEDDINGS: F.normalize(self.encode_image(images), dim=-1)}
+
+    def text_outputs(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[T, C, L] tokens -> ``{name: [C, D] L2-normalised}`` for every declared text output."""
+        return {CLASS_EMBEDDINGS: self.class_embeddings(tokens)}
 
     # -- encoders --------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

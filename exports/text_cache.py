@@ -1,6 +1,7 @@
 """Class-name embeddings, cached per normalised name with a bound on entries.
 
-Per name rather than per list: a client that adds one name to a 1,000-name list pays for one
+The one text cache: :class:`exports.runtime.Predictor` keeps one, and the service uses the
+Predictor's. Per name rather than per list: a client that adds one name to a 1,000-name list pays for one
 name. Keys are normalised the way the tokenizer would see them anyway (Unicode NFC, whitespace
 collapsed, lower-cased), and the *normalised* name is what gets embedded, so a cached vector is a
 pure function of its key. Memory: ``max_names x embed_dim x 4`` bytes plus ~100 bytes of key per
@@ -9,19 +10,18 @@ entry (20,000 names x 512 dims = 41 MB).
 from __future__ import annotations
 
 import threading
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from exports.scoring import normalize_name
 
-def normalize_name(name: str) -> str:
-    return " ".join(unicodedata.normalize("NFC", name).split()).lower()
+__all__ = ["TextEmbeddingCache", "normalize_name"]
 
 
 class TextEmbeddingCache:
-    """LRU of ``normalised name -> [D] float32`` in front of ``embed(names) -> [C, D]``.
+    """LRU of ``normalised name -> [...] float32`` in front of ``embed(names) -> [C, ...]`` (one row per name).
 
     Thread-safe; two requests missing the same name at once both compute it (no waiting on each
     other), and the second write is a no-op.
@@ -41,7 +41,7 @@ class TextEmbeddingCache:
         return len(self._entries)
 
     def get(self, keys: Sequence[str]) -> tuple[np.ndarray, int, int]:
-        """``[C, D]`` embeddings of already-normalised ``keys``; also (hits, misses) of this call."""
+        """``[C, ...]`` rows of already-normalised ``keys``; also (hits, misses) of this call."""
         found: dict[str, np.ndarray] = {}
         with self._lock:
             for k in keys:
