@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.methods import list_methods
+from training.methods import get_method, list_methods
 
 METHODS = [spec.name for spec in list_methods()]
 NAMES = ["red", "green", "blue", "yellow", "cyan", "magenta"]
@@ -101,3 +101,48 @@ def test_train_eval_export_verify_serve(name, exported, colour_root, capsys, mon
         else:
             assert r.status_code == 200, r.text
             assert np.abs(np.array(r.json()["embeddings"]) - predictor.embed_texts(names)).max() <= 1e-5
+
+
+SWITCH_METHODS = [n for n in METHODS if get_method(n).method_cls.capabilities_for(get_method(n).config_cls()).base_novel_switch]
+
+
+def test_some_method_has_a_base_novel_switch():
+    assert "mmrl" in SWITCH_METHODS
+
+
+@pytest.mark.parametrize("name", SWITCH_METHODS)
+def test_base_and_new_names_are_scored_by_their_heads_over_http(name, exported, colour_root, monkeypatch,
+                                                                fresh_http_metrics):
+    """The trained names use the base heads and new names the novel heads (``mode=auto``), over HTTP as in the
+    runtime; forcing ``base`` or ``novel`` changes the trained names' scores, so the two heads really differ."""
+    from starlette.testclient import TestClient
+
+    from exports.runtime import Predictor
+    from service.service import PromptbakeService
+
+    run, art = exported(name)
+    predictor = Predictor(art)
+    base = list(predictor.manifest.base_classnames)
+    assert base and set(base) < set(NAMES)
+    names = base + UNSEEN
+    paths = sorted((colour_root / "test").rglob("*.png"))[::3]
+    images = [Image.open(p).convert("RGB") for p in paths]
+    logits = {mode: predictor.logits(images, names, mode) for mode in ("auto", "base", "novel")}
+    nb = len(base)
+    np.testing.assert_allclose(logits["auto"][:, :nb], logits["base"][:, :nb])  # trained names: base heads
+    np.testing.assert_allclose(logits["auto"][:, nb:], logits["novel"][:, nb:])  # new names: novel heads
+    assert np.abs(logits["base"] - logits["novel"]).max() > 1e-3  # the heads differ
+
+    monkeypatch.setenv("PROMPTBAKE_ARTIFACT", str(art))
+    files = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    with TestClient(PromptbakeService.to_asgi()) as client:
+        for mode in ("auto", "base", "novel"):
+            r = client.post("/classify", files=files, data={"class_names": json.dumps(names), "top_k": str(len(names)),
+                                                            "mode": mode})
+            assert r.status_code == 200, r.text
+            want = predictor.classify(images, names, top_k=len(names), mode=mode)
+            for g, w in zip(r.json()["predictions"], want):
+                got = {t["class_name"]: t["score"] for t in g["top"]}
+                assert np.allclose([got[t["class_name"]] for t in w["top"]], [t["score"] for t in w["top"]], atol=1e-6)
+        r = client.post("/classify", files=files[:1], data={"class_names": json.dumps(names), "mode": "both"})
+        assert r.status_code == 400 and r.json()["error"]["kind"] == "mode", r.text

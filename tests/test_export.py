@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from exports import scoring
 from exports.manifest import (
     MANIFEST_FILENAME,
     ArtifactError,
@@ -93,7 +94,16 @@ def test_every_method_exports_and_matches_torch(name, exported, dataset_spec):
     with torch.no_grad():
         x = torch.stack([tf(im) for im in images])
         ref_img = F.normalize(method.encode_image(x), dim=-1).numpy()
-        ref_logits = method(x, method.tokenize(names)).numpy()
+        tokens = method.tokenize(names)
+        if caps.text_depends_on_image:
+            ref_logits = method(x, tokens).numpy()
+        else:  # every declared output through the method's heads, trained names as base (mode auto)
+            is_base = scoring.base_mask(names, method.train_classnames, "auto")
+            ref_logits = scoring.head_logits({k: v.numpy() for k, v in method.image_outputs(x).items()},
+                                             {k: v.numpy() for k, v in method.text_outputs(tokens).items()},
+                                             method.graph_signature().heads, is_base, float(method.logit_scale()))
+            if not caps.base_novel_switch:  # one head: the method's own forward gives the same logits
+                np.testing.assert_allclose(ref_logits, method(x, tokens).numpy(), rtol=1e-4, atol=1e-3)
     # images: the runtime's numpy preprocessing against open_clip's transform + torch encoder
     assert np.abs(predictor.embed_images(images) - ref_img).max() <= TOL
     # logits over all names, through the same graphs the service uses (cosines within TOL)

@@ -7,8 +7,9 @@ code, muzairkhattak/multimodal-prompt-learning at 69bce21ae8eda80ad6187534b2dce0
 ``clip/model.py`` ``ResidualAttentionBlock_IVLP`` / ``_MaPLe``, does it inside forked residual
 blocks; here the method iterates open_clip's ``resblocks`` itself). Layers past the depth see the
 prompt tokens as ordinary tokens. This module holds that one layer-by-layer forward
-(:func:`run_blocks`), the two towers written around it (:func:`encode_text_deep`,
-:func:`encode_image_deep`), and :class:`DeepPromptMethod`, the base the four methods share.
+(:func:`run_blocks`), its variant that inserts tokens part-way up (:func:`run_blocks_inserting`,
+MMRL), the two towers written around it (:func:`encode_text_deep`, :func:`encode_image_deep`), and
+:class:`DeepPromptMethod`, the base the four methods share.
 
 Layout (as the reference):
 - text: ``[SOT] p_1..p_n <rest of the prompt> [EOT]``. The input prompts replace the token
@@ -72,6 +73,44 @@ def run_blocks(
     return x
 
 
+def causal_mask(length: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[L, L] additive mask with -inf above the diagonal (CLIP's text-tower mask for any length)."""
+    return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu_(1)
+
+
+def run_blocks_inserting(
+    transformer: Transformer,
+    x: torch.Tensor,
+    inserted: Sequence[torch.Tensor],
+    first_block: int,
+    position: int = 1,
+    attn_mask: torch.Tensor | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """Run ``transformer``'s blocks on x [N, L, W]; before block ``first_block`` the tokens
+    ``inserted[0]`` ([n, W], shared by all N) enter after the first ``position`` tokens (the sequence
+    grows to L + n), and before each next block ``first_block + k`` they are replaced by ``inserted[k]``.
+
+    ``causal`` rebuilds CLIP's causal mask for the longer sequence from ``first_block`` on (the text
+    tower); otherwise ``attn_mask`` is used throughout. MMRL's representation tokens enter this way.
+    """
+    blocks = transformer.resblocks
+    if not 0 <= first_block or first_block + len(inserted) > len(blocks):
+        raise ValueError(f"{len(inserted)} inserted token sets from block {first_block} do not fit {len(blocks)} blocks")
+    if not getattr(transformer, "batch_first", False):
+        raise ValueError("inserted tokens need a batch-first open_clip transformer (as in open_clip 3.x)")
+    for i, block in enumerate(blocks):
+        k = i - first_block
+        if 0 <= k < len(inserted):
+            p = inserted[k].to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            rest = x[:, position:] if k == 0 else x[:, position + p.shape[1] :]
+            x = torch.cat([x[:, :position], p, rest], dim=1)
+            if causal and k == 0:
+                attn_mask = causal_mask(x.shape[1], x.device, x.dtype)
+        x = block(x, attn_mask=attn_mask)
+    return x
+
+
 # -- the two towers --------------------------------------------------------------------------------
 
 def encode_text_deep(
@@ -97,6 +136,15 @@ def check_vision_tower(visual: nn.Module) -> VisionTransformer:
     return visual
 
 
+def vision_input_tokens(visual: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """open_clip's ViT up to (not including) ``ln_pre``: [B, 3, H, W] -> [B, 1 + g*g, W] class + patch tokens."""
+    x = visual.conv1(images)  # [B, W, g, g]
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, g*g, W]
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # [B, 1 + g*g, W]
+    return visual.patch_dropout(x)
+
+
 def encode_image_deep(
     visual: VisionTransformer,
     images: torch.Tensor,
@@ -104,11 +152,7 @@ def encode_image_deep(
     deep_prompts: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """open_clip's ViT forward on images [B, 3, H, W] with prompts [n, W] after the patches -> [B, D]."""
-    x = visual.conv1(images)  # [B, W, g, g]
-    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [B, g*g, W]
-    cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # [B, 1 + g*g, W]
-    x = visual.patch_dropout(x)
+    x = vision_input_tokens(visual, images)
     start = x.shape[1]
     if prompts is not None:
         x = torch.cat([x, prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
