@@ -21,7 +21,6 @@ from training.data.core import (
     subset_classes,
 )
 from training.data.folder import load_folder_dataset
-from training.data.transforms import SampleDataset, build_eval_transform, build_train_transform
 
 __all__ = [
     "COOP_DATASETS",
@@ -41,6 +40,19 @@ __all__ = [
     "split_base_novel",
     "subset_classes",
 ]
+
+# The transforms import torch, torchvision and open_clip; they load on first use, so specs,
+# splits and descriptions stay importable without torch (and `promptbake datasets` stays quick).
+_TRANSFORMS = ("SampleDataset", "build_eval_transform", "build_train_transform")
+
+
+def __getattr__(name: str):
+    if name in _TRANSFORMS:
+        from training.data import transforms
+
+        return getattr(transforms, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _PREFIXES = ("coop", "folder")
 SPEC_FORMS = "coop:NAME:ROOT (NAME one of " + ", ".join(COOP_DATASETS) + "), folder:ROOT, or a benchmark name"
