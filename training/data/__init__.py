@@ -20,6 +20,7 @@ from training.data.core import (
     split_base_novel,
     subset_classes,
 )
+from training.data.descriptions import benchmark_descriptions, load_descriptions, match_descriptions
 from training.data.folder import load_folder_dataset
 
 __all__ = [
@@ -30,12 +31,15 @@ __all__ = [
     "ImageDataset",
     "Sample",
     "SampleDataset",
+    "benchmark_descriptions",
     "build_eval_transform",
     "build_train_transform",
     "list_dataset_specs",
     "load_coop_dataset",
     "load_dataset",
+    "load_descriptions",
     "load_folder_dataset",
+    "match_descriptions",
     "sample_few_shot",
     "split_base_novel",
     "subset_classes",
