@@ -20,8 +20,8 @@ from training.data.core import (
     split_base_novel,
     subset_classes,
 )
+from training.data.descriptions import benchmark_descriptions, load_descriptions, match_descriptions
 from training.data.folder import load_folder_dataset
-from training.data.transforms import SampleDataset, build_eval_transform, build_train_transform
 
 __all__ = [
     "COOP_DATASETS",
@@ -31,16 +31,32 @@ __all__ = [
     "ImageDataset",
     "Sample",
     "SampleDataset",
+    "benchmark_descriptions",
     "build_eval_transform",
     "build_train_transform",
     "list_dataset_specs",
     "load_coop_dataset",
     "load_dataset",
+    "load_descriptions",
     "load_folder_dataset",
+    "match_descriptions",
     "sample_few_shot",
     "split_base_novel",
     "subset_classes",
 ]
+
+# The transforms import torch, torchvision and open_clip; they load on first use, so specs,
+# splits and descriptions stay importable without torch (and `promptbake datasets` stays quick).
+_TRANSFORMS = ("SampleDataset", "build_eval_transform", "build_train_transform")
+
+
+def __getattr__(name: str):
+    if name in _TRANSFORMS:
+        from training.data import transforms
+
+        return getattr(transforms, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _PREFIXES = ("coop", "folder")
 SPEC_FORMS = "coop:NAME:ROOT (NAME one of " + ", ".join(COOP_DATASETS) + "), folder:ROOT, or a benchmark name"
