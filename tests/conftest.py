@@ -25,11 +25,22 @@ COLOURS = {
 }
 
 
+def colour_descriptions() -> dict[str, list[str]]:
+    """CuPL-format descriptions of the colour classes, generated from the dataset's own RGB values."""
+    return {name: [f"{name}, red {r}, green {g}, blue {b}.", f"{name}, the colour {r} {g} {b}."]
+            for name, (r, g, b) in COLOURS.items()}
+
+
 def make_colour_dataset(root: Path, n_train: int = 8, n_test: int = 4, size: int = 32, seed: int = 0) -> Path:
-    """ROOT/{train,test}/<colour>/*.png: noisy solid-colour squares, one class per colour.
+    """ROOT/{train,test}/<colour>/*.png: noisy solid-colour squares, one class per colour, and
+    ROOT/descriptions.json (:func:`colour_descriptions`).
 
     Separable by colour, so a working prompt method must fit the base classes on it.
     """
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "descriptions.json").write_text(json.dumps(colour_descriptions()))
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("test", n_test)):
         for name, rgb in COLOURS.items():
@@ -74,10 +85,15 @@ def exported(tmp_path_factory, colour_spec):
             root = tmp_path_factory.mktemp(f"export-{name}")
             run, art = root / "run", root / "artifact"
             out, err = io.StringIO(), io.StringIO()
+            from training.methods import get_method
+
+            extra = []
+            if get_method(name).method_cls.needs_train_descriptions:
+                extra = ["--descriptions", str(Path(colour_spec.removeprefix("folder:")) / "descriptions.json")]
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 rc = main(["train", "--method", name, "--backbone", "test-tiny", "--dataset", colour_spec,
                            "--shots", "2", "--seed", "1", "--out", str(run), "--epochs", "1", "--batch-size", "4",
-                           "--no-progress"])
+                           "--no-progress", *extra])
                 assert rc == 0, f"promptbake train --method {name} failed: {err.getvalue()}"
                 rc = main(["export", "--run", str(run), "--out", str(art)])
             cache[name] = (run, art if rc == 0 else err.getvalue())

@@ -19,6 +19,7 @@ class TrainConfig:
     optimizer: "sgd" (the reference) or "adamw".
     lr: peak learning rate after warm-up.
     weight_decay, momentum: optimizer settings (Dassl defaults).
+    adam_betas: AdamW's betas (Dassl default (0.9, 0.999); ProText (0.9, 0.98)).
     warmup_epochs, warmup_lr: the reference's constant warm-up.
     precision: "auto" = AMP (fp16 autocast + grad scaling) on CUDA, fp32 on CPU.
     device: "auto", "cpu" or "cuda".
@@ -36,6 +37,7 @@ class TrainConfig:
     lr: float = 0.002
     weight_decay: float = 5e-4
     momentum: float = 0.9
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     precision: Literal["auto", "fp32", "amp"] = "auto"
@@ -45,6 +47,7 @@ class TrainConfig:
     min_crop_scale: float = 0.08
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "adam_betas", tuple(self.adam_betas))  # a list from the CLI or run.json
         if self.epochs < 0:
             raise ValueError("epochs must be >= 0")
         if self.batch_size < 1:
@@ -57,11 +60,14 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32 or amp, got {self.precision!r}")
         if not 0 < self.min_crop_scale <= 1:
             raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         if self.workers < 0 or self.feature_cache_views < 0 or self.warmup_epochs < 0:
             raise ValueError("workers, feature_cache_views and warmup_epochs must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready (tuples as lists), as run.json holds it."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":

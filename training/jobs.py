@@ -5,6 +5,8 @@ re-derives the base/novel split from the dataset spec, and writes ``metrics.json
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import statistics
@@ -14,7 +16,18 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from training.backbones import create_backbone, recorded_backbone_spec, resolve_backbone_spec
-from training.data import Sample, SampleDataset, build_train_transform, load_dataset, sample_few_shot, split_base_novel
+from training.data import (
+    DatasetError,
+    Sample,
+    SampleDataset,
+    benchmark_descriptions,
+    build_train_transform,
+    load_dataset,
+    load_descriptions,
+    match_descriptions,
+    sample_few_shot,
+    split_base_novel,
+)
 from training.evaluate import accuracy_report, harmonic_mean, predict_samples
 from training.loop import TrainConfig, resolve_device, train
 from training.methods import MethodConfig, PromptMethod, create_method, get_method
@@ -38,6 +51,38 @@ def make_train_config(method: str, overrides: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(**{**defaults, **overrides})
 
 
+def train_descriptions(path: str | Path | None, dataset: str, classnames: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The training classes' descriptions and where they came from (``{"source", "sha256"}`` for run.json).
+
+    From ``path`` (CuPL format), else the shipped descriptions when ``dataset`` is an emoji
+    benchmark. Classes without a description are left out (the loop trains on the others, as
+    ProText's reference does), with a warning that counts them; none at all is an error.
+    """
+    if path:
+        try:
+            loaded = load_descriptions(path)
+        except (OSError, ValueError) as e:
+            raise RunError(f"--descriptions {path}: {e}") from None
+        source = {"source": str(Path(path).resolve()), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+    else:
+        try:
+            loaded = benchmark_descriptions(dataset)
+        except DatasetError:
+            raise RunError(f"no class descriptions for {dataset}: pass --descriptions FILE "
+                           '(CuPL format: {"class name": ["sentence", ...]})') from None
+        canonical = json.dumps(loaded, sort_keys=True, ensure_ascii=False).encode()
+        source = {"source": f"shipped descriptions of {dataset}", "sha256": hashlib.sha256(canonical).hexdigest()}
+    matched, unmatched = match_descriptions(loaded, classnames)
+    if not matched:
+        raise RunError(f"{source['source']}: none of the {len(classnames)} training classes has a description")
+    if unmatched:
+        logger.warning("%d of %d training classes have no description and are left out of training (%s)",
+                       len(unmatched), len(classnames), ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else ""))
+    logger.info("descriptions: %d classes, %d sentences from %s", len(matched), sum(map(len, matched.values())),
+                source["source"])
+    return matched, source
+
+
 def train_job(
     method: str,
     backbone: str,
@@ -49,13 +94,23 @@ def train_job(
     train_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    descriptions: str | Path | None = None,
 ) -> RunDir:
-    """Train ``method`` on the ``shots``-shot base classes of ``dataset``; resumes an interrupted run."""
+    """Train ``method`` on the ``shots``-shot base classes of ``dataset``; resumes an interrupted run.
+
+    ``descriptions``: a CuPL-format file of class descriptions, for methods that train on them
+    (default for emoji benchmarks: the shipped ones; see :func:`train_descriptions`).
+    """
     spec = get_method(method)
     method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
     train_cfg = make_train_config(method, train_options or {})
     base, _ = split_base_novel(load_dataset(dataset))
     info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base.classnames)
+    class_descriptions = None
+    if spec.method_cls.needs_train_descriptions:
+        class_descriptions, info.descriptions = train_descriptions(descriptions, dataset, base.classnames)
+    elif descriptions:
+        raise RunError(f"{method} does not train on class descriptions; drop --descriptions")
     run = RunDir(out)
     if run.file("run.json").exists():
         previous = recorded_info(run)
@@ -74,6 +129,8 @@ def train_job(
     torch.manual_seed(seed)  # random context initialisation
     bb = create_backbone(info.backbone)
     model = spec.method_cls(bb, method_cfg, base.classnames)
+    if class_descriptions is not None:
+        model.use_descriptions(class_descriptions)
     train_samples = sample_few_shot(base.train, shots, seed)
     logger.info("training %s on %d base classes, %d images (%d-shot, seed %d)", method, len(base.classnames), len(train_samples), shots, seed)
     train_set = SampleDataset(train_samples, build_train_transform(bb.preprocess, train_cfg.min_crop_scale))
@@ -91,13 +148,18 @@ def job_info(
     method_options: Mapping[str, Any] | None,
     train_options: Mapping[str, Any] | None,
     base_classnames: Sequence[str] | None = None,
+    descriptions: str | Path | None = None,
 ) -> RunInfo:
     """The ``run.json`` of a training job (``base_classnames`` default: loaded from the dataset)."""
-    method_cfg = get_method(method).config_cls.from_dict(dict(method_options or {}))
+    spec = get_method(method)
+    method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
     train_cfg = make_train_config(method, train_options or {})
     if base_classnames is None:
         base_classnames = split_base_novel(load_dataset(dataset))[0].classnames
-    return _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base_classnames)
+    info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base_classnames)
+    if spec.method_cls.needs_train_descriptions:
+        info.descriptions = train_descriptions(descriptions, dataset, base_classnames)[1]
+    return info
 
 
 def _run_info(method: str, method_cfg: MethodConfig, train_cfg: TrainConfig, backbone: str, dataset: str, shots: int, seed: int,

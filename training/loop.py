@@ -53,7 +53,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -140,6 +140,9 @@ def train(
         logger.info("resuming %s from epoch %d/%d", run.path, start_epoch, cfg.epochs)
 
     cache = None
+    data = method.training_texts() if method.training_data == "texts" else train_set
+    if cfg.feature_cache_views and method.training_data == "texts":
+        raise ValueError(f"{method.name} trains on texts: there are no image features to cache")
     if cfg.feature_cache_views:
         if method.capabilities.changes_image_graph:
             raise ValueError(f"{method.name} changes the image graph: its image features cannot be cached")
@@ -160,8 +163,8 @@ def train(
             n_batches = max(len(train_set) // cfg.batch_size, 1)
         else:
             batches = DataLoader(
-                train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator, num_workers=cfg.workers,
-                drop_last=len(train_set) >= cfg.batch_size, persistent_workers=False,
+                data, batch_size=cfg.batch_size, shuffle=True, generator=generator, num_workers=cfg.workers,
+                drop_last=len(data) >= cfg.batch_size, persistent_workers=False,
             )
             n_batches = len(batches)
         method.train()
@@ -175,7 +178,8 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             tot_loss += loss.item() * y.shape[0]
-            tot_correct += int((logits.argmax(-1) == y).sum())
+            if logits is not None:
+                tot_correct += int((logits.argmax(-1) == y).sum())
             tot_n += y.shape[0]
             bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{100 * tot_correct / tot_n:.1f}", lr=f"{lr:.2e}")
         bar.close()
@@ -183,10 +187,11 @@ def train(
             "epoch": epoch + 1,
             "lr": lr,
             "loss": tot_loss / max(tot_n, 1),
-            "acc": 100.0 * tot_correct / max(tot_n, 1),
+            "acc": 100.0 * tot_correct / max(tot_n, 1) if method.training_data == "images" else None,
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        logger.info("epoch %d/%d loss %.4f acc %.1f%% lr %.2e (%.1fs)", epoch + 1, cfg.epochs, record["loss"], record["acc"], lr, record["seconds"])
+        acc = "" if record["acc"] is None else f" acc {record['acc']:.1f}%"
+        logger.info("epoch %d/%d loss %.4f%s lr %.2e (%.1fs)", epoch + 1, cfg.epochs, record["loss"], acc, lr, record["seconds"])
         method.on_epoch_end(epoch + 1, cfg.epochs)
         _save_checkpoint(run, method, optimizer, scaler, epoch + 1)
         run.append_log(record)

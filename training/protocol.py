@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,6 +135,11 @@ class PromptMethod(nn.Module):
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     #: training hyper-parameters of the reference config (epochs, batch_size, lr, ...)
     train_defaults: ClassVar[dict[str, Any]] = {}
+    #: what the loop feeds :meth:`backward_step`: few-shot "images" (with labels), or "texts"
+    #: (pairs from :meth:`training_texts`; ProText trains on class descriptions alone)
+    training_data: ClassVar[Literal["images", "texts"]] = "images"
+    #: the method trains on class descriptions (``--descriptions``; :meth:`use_descriptions`)
+    needs_train_descriptions: ClassVar[bool] = False
 
     @classmethod
     def options_for_epochs(cls, config: MethodConfig, epochs: int) -> dict[str, Any]:
@@ -154,6 +159,21 @@ class PromptMethod(nn.Module):
         self.clip = backbone.model
         for p in self.clip.parameters():
             p.requires_grad_(False)
+        self.descriptions: dict[str, list[str]] = {}
+
+    def use_descriptions(self, descriptions: Mapping[str, Sequence[str]]) -> None:
+        """Class descriptions (``{class name: [sentence, ...]}``) of the training classes, for training.
+
+        Only the training classes' descriptions are kept; a method that needs them checks coverage
+        when it builds its training data.
+        """
+        keep = set(self.train_classnames)
+        self.descriptions = {k: list(v) for k, v in descriptions.items() if k in keep}
+
+    def training_texts(self) -> torch.utils.data.Dataset:
+        """For ``training_data == "texts"``: a dataset of ``(inputs, targets)`` tensor pairs the loop
+        batches and hands to :meth:`backward_step` in place of images and labels."""
+        raise NotImplementedError(f"{self.name} trains on images")
 
     # -- declared properties -------------------------------------------------------------------
     @classmethod
@@ -229,7 +249,9 @@ class PromptMethod(nn.Module):
         """Training loss and logits for one batch; methods add their regularisers here.
 
         ``inputs`` are images, or cached image features when ``are_features`` (only offered to
-        methods that do not change the image graph).
+        methods that do not change the image graph); for ``training_data == "texts"`` they and
+        ``labels`` are the two tensors of a :meth:`training_texts` batch, and the logits may be
+        None (no accuracy to report).
         """
         feats = inputs if are_features else self.encode_image(inputs)
         logits = self.logits_from_features(feats, tokens)

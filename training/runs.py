@@ -97,6 +97,8 @@ class RunInfo:
     seed: int
     base_classnames: list[str]
     capabilities: dict[str, bool] = field(default_factory=dict)
+    #: where the training descriptions came from (``{"source", "sha256"}``), for methods that train on them
+    descriptions: dict[str, str] | None = None
     format_version: int = RUN_FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
