@@ -88,8 +88,11 @@ def exported(tmp_path_factory, colour_spec):
             from training.methods import get_method
 
             extra = []
-            if get_method(name).method_cls.needs_train_descriptions:
+            cls = get_method(name).method_cls
+            if cls.needs_train_descriptions:
                 extra = ["--descriptions", str(Path(colour_spec.removeprefix("folder:")) / "descriptions.json")]
+            if cls.needs_init_run:  # DPC: stage 2 of a finished run of its default host
+                extra = ["--init-run", str(get(get_method(name).config_cls().host)[0])]
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 rc = main(["train", "--method", name, "--backbone", "test-tiny", "--dataset", colour_spec,
                            "--shots", "2", "--seed", "1", "--out", str(run), "--epochs", "1", "--batch-size", "4",

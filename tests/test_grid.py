@@ -165,3 +165,22 @@ def test_collect_only_reports_finished_cells_and_trains_nothing(colour_root, tmp
     assert not (cell / "seed2").exists() and not (cell / "seed1" / "run.json").exists()  # trains nothing
     assert (cell / "seed1" / ".grid-lock").exists()  # and leaves the other process's claim alone
     assert "1 of 4 cells finished; 1 claimed by a running benchmark, 2 not started" in caplog.text
+
+
+def test_grid_starts_dpc_cells_from_their_host_cells(colour_root, tmp_path):
+    import pytest
+
+    ds = f"folder:{colour_root}"
+    opts = {"epochs": 1, "batch_size": 2}
+    with pytest.raises(ValueError, match="add coop to the methods"):
+        run_grid(["dpc"], [ds], [1], tmp_path, "test-tiny", shots=2, train_options=opts, progress=False)
+    # dpc listed first: its cell still trains after the coop cell it starts from
+    rows = run_grid(["dpc", "coop"], [ds], [1], tmp_path, "test-tiny", shots=2, train_options=opts,
+                    test_per_class=2, progress=False)
+    assert [r["method"] for r in rows] == ["dpc", "coop"]
+    cells = tmp_path / "runs"
+    info = json.loads(next((cells / "dpc").rglob("run.json")).read_text())
+    assert info["init_run"]["path"] == str(next((cells / "coop").rglob("run.json")).parent.resolve())
+    again = run_grid(["dpc", "coop"], [ds], [1], tmp_path, "test-tiny", shots=2, train_options=opts,
+                     test_per_class=2, progress=False)  # the finished cells check out against their run.json
+    assert again == rows

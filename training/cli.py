@@ -159,7 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = train_job(
         args.method, args.backbone, args.dataset, args.shots, args.seed, args.out,
         method_options=method_options, train_options=train_options, overwrite=args.overwrite, progress=not args.no_progress,
-        descriptions=args.descriptions,
+        descriptions=args.descriptions, init_run=args.init_run,
     )
     print(f"trained run: {run.path}")
     return 0
@@ -482,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
     s.add_argument("--descriptions", metavar="FILE", help='class descriptions in CuPL format ({"class": ["sentence", ...]}) '
                    "for methods that train on them (default on emoji benchmarks: the shipped CLDR descriptions)")
+    s.add_argument("--init-run", metavar="RUN", help="the finished run a method starts from (dpc: a run of its --host "
+                   "on the same dataset and shots)")
     s.add_argument("--no-progress", action="store_true")
     g = s.add_argument_group(
         "training options",

@@ -66,14 +66,23 @@ def run_grid(
     out = Path(out)
     backbone = resolve_backbone_spec(backbone)
     cells = []
+    def cell_dir(method: str, dataset: str, seed: int) -> Path:
+        return out / "runs" / method / dataset.replace("/", "_").replace(":", "_") / f"seed{seed}"
+
     for method, dataset, seed in ((m, d, s) for d in datasets for m in methods for s in seeds):
-        run = out / "runs" / method / dataset.replace("/", "_").replace(":", "_") / f"seed{seed}"
+        run = cell_dir(method, dataset, seed)
         method_options, opts = _options_for(method, train_options, epochs_scale)
+        init_run = None
+        if get_method(method).method_cls.needs_init_run:  # DPC: stage 2 of the host's cell in this grid
+            host = method_options.get("host", get_method(method).config_cls().host)
+            if host not in methods:
+                raise ValueError(f"{method} cells start from the {host} cells of the same grid: add {host} to the methods")
+            init_run = cell_dir(host, dataset, seed)
         if (run / RUN_FILE).is_file():  # every finished or started cell is checked before anything trains
             recorded = recorded_info(run)
             _check_cell(run, recorded, job_info(method, backbone, dataset, shots, seed, method_options, opts,
-                                                base_classnames=recorded.base_classnames))
-        cells.append(_Cell(method, dataset, seed, run, backbone, shots, method_options, opts, test_per_class))
+                                                base_classnames=recorded.base_classnames, init_run=init_run))
+        cells.append(_Cell(method, dataset, seed, run, backbone, shots, method_options, opts, test_per_class, init_run))
     rows: dict[int, dict[str, Any]] = {}
 
     def record(i: int, metrics: Mapping[str, Any]) -> None:
@@ -83,7 +92,7 @@ def run_grid(
         if not collect_only:
             write_results(out, [rows[k] for k in sorted(rows)], methods, datasets)
 
-    todo = []
+    todo: list[int] = []
     for i, cell in enumerate(cells):
         if (cell.run / METRICS_FILE).is_file():
             logger.info("[%d/%d] %s on %s seed %d: done before", i + 1, len(cells), cell.method, cell.dataset, cell.seed)
@@ -106,13 +115,16 @@ def run_grid(
                                cells[i].run / _CellLock.NAME)
             else:
                 locks[i] = lock
-        if parallel == 1 or len(locks) <= 1:
-            for i in locks:
-                logger.info("[%d/%d] %s on %s seed %d", i + 1, len(cells), cells[i].method, cells[i].dataset, cells[i].seed)
-                record(i, _train_and_eval(cells[i], progress))
-                locks[i].release()
-        else:
-            _run_parallel(cells, list(locks), parallel, record, locks)
+        # cells that start from another cell (DPC from its host's) run in a second wave, after all others
+        waves = [[i for i in locks if cells[i].init_run is None], [i for i in locks if cells[i].init_run is not None]]
+        for wave in waves:
+            if parallel == 1 or len(wave) <= 1:
+                for i in wave:
+                    logger.info("[%d/%d] %s on %s seed %d", i + 1, len(cells), cells[i].method, cells[i].dataset, cells[i].seed)
+                    record(i, _train_and_eval(cells[i], progress))
+                    locks[i].release()
+            else:
+                _run_parallel(cells, wave, parallel, record, locks)
     finally:
         for lock in locks.values():
             lock.release()
@@ -130,13 +142,15 @@ class _Cell:
     method_options: dict[str, Any]
     train_options: dict[str, Any]
     test_per_class: int | None
+    init_run: Path | None = None
 
 
 def _train_and_eval(cell: _Cell, progress: bool) -> dict[str, Any]:
     """Train (or resume) and evaluate one cell; returns its metrics."""
     t0 = time.perf_counter()
     train_job(cell.method, cell.backbone, cell.dataset, cell.shots, cell.seed, cell.run,
-              method_options=cell.method_options, train_options=cell.train_options, progress=progress)
+              method_options=cell.method_options, train_options=cell.train_options, progress=progress,
+              init_run=cell.init_run)
     seconds = _epoch_seconds(cell.run)
     if seconds is None:  # nothing trained (zero-shot): the set-up time
         seconds = round(time.perf_counter() - t0, 1)
@@ -287,19 +301,14 @@ def _options_for(method: str, train_options: Mapping[str, Any] | None,
     return method_options, opts
 
 
-# Published base-to-novel averages over the 11 standard datasets, CLIP ViT-B/16, 16 shots (Base, Novel,
-# HM), as the papers report them (CoOp and CoCoOp from the CoCoOp paper, the others from their own).
-# Our backbone and data differ, so only the direction of each method's effect is comparable.
-PUBLISHED_B2N: dict[str, tuple[float, float, float]] = {
-    "zeroshot": (69.34, 74.22, 71.70),
-    "coop": (82.69, 63.22, 71.66),
-    "cocoop": (80.47, 71.69, 75.83),
-    "prograd": (82.48, 70.75, 76.16),
-    "kgcoop": (80.73, 73.60, 77.00),
-    "maple": (82.28, 75.14, 78.55),
-    "promptsrc": (84.26, 76.10, 79.97),
-    "tcp": (84.13, 75.36, 79.51),
-}
+def published_b2n(method: str) -> tuple[float, float, float] | None:
+    """The published 11-dataset base-to-novel average of ``method`` (its metadata), if any.
+
+    Our backbone and data differ, so only the direction of each method's effect is comparable.
+    """
+    return get_method(method).method_cls.published_b2n
+
+
 SAME_BAND = 0.5  # |difference| below this many points counts as "no change" when comparing directions
 
 
@@ -311,7 +320,7 @@ def results_table(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], dat
     """Markdown: per dataset and method, mean ± std over seeds, then the average over datasets.
 
     When zero-shot and CoOp have averages too, a second table gives each method's average change
-    against both, beside the same changes in the published 11-dataset averages (``PUBLISHED_B2N``).
+    against both, beside the same changes in the published 11-dataset averages (:func:`published_b2n`).
     """
     lines = ["| dataset | method | seeds | base | novel | HM | train s/run |", "|---|---|---|---|---|---|---|"]
     per_method_avg: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
@@ -363,11 +372,11 @@ def _directions_table(averages: Mapping[str, tuple[float, ...]]) -> str:
             continue
         k = 2 if m == "coop" else 4  # CoOp against itself says nothing
         ours = _changes((b, n), averages["zeroshot"], averages["coop"])[:k]
-        ref = PUBLISHED_B2N.get(m)
+        ref = published_b2n(m)
         if ref is None:
             pub_cells, agree = ["n/a"] * 4, "n/a"
         else:
-            pub = _changes(ref, PUBLISHED_B2N["zeroshot"], PUBLISHED_B2N["coop"])[:k]
+            pub = _changes(ref, published_b2n("zeroshot"), published_b2n("coop"))[:k]
             pub_cells = _cells(pub)
             agree = f"{sum(_direction(o) == _direction(p) for o, p in zip(ours, pub))}/{k}"
         lines.append(f"| {m} | " + " | ".join(_cells(ours) + pub_cells) + f" | {agree} |")

@@ -83,6 +83,36 @@ def train_descriptions(path: str | Path | None, dataset: str, classnames: Sequen
     return matched, source
 
 
+def start_run(method: str, init_run: str | Path | None, method_options: Mapping[str, Any] | None, backbone: str,
+              dataset: str, shots: int, base_classnames: Sequence[str]) -> tuple[PromptMethod, dict[str, Any], dict[str, str]]:
+    """The trained method of ``init_run`` a ``method`` starts from, the method options completed with
+    the host's (``host`` and ``host_options`` come from the run), and what run.json records of it.
+
+    The run must be finished, of the host method, and on the same backbone, dataset, shots and base
+    classes: a stage 2 on other data would silently train on a mismatched stage 1.
+    """
+    if not init_run:
+        raise RunError(f"{method} starts from a finished run of its host: pass --init-run RUN "
+                       "(e.g. a coop run on the same dataset, shots and seed)")
+    host, info = load_run_method(init_run)
+    options = dict(method_options or {})
+    if options.get("host", info.method) != info.method:
+        raise RunError(f"--init-run {init_run} is a {info.method} run, but {method} was given host={options['host']!r}")
+    recorded = json.dumps(info.method_config, sort_keys=True)
+    if "host_options" in options and json.loads(options["host_options"]) != info.method_config:
+        raise RunError(f"host_options {options['host_options']} differ from the --init-run's options {recorded}")
+    options.update(host=info.method, host_options=recorded)
+    for what, theirs, ours in (("backbone", info.backbone, resolve_backbone_spec(backbone)), ("dataset", info.dataset, dataset),
+                               ("shots", info.shots, shots), ("base classes", info.base_classnames, list(base_classnames))):
+        if theirs != ours:
+            raise RunError(f"--init-run {init_run} was trained with another {what} ({theirs if what != 'base classes' else '...'}); "
+                           f"{method} must start from a run on the same data")
+    learned = RunDir(init_run).file(LEARNED_FILE)
+    record = {"path": str(Path(init_run).resolve()), "method": info.method,
+              "sha256": hashlib.sha256(learned.read_bytes()).hexdigest()}
+    return host, options, record
+
+
 def train_job(
     method: str,
     backbone: str,
@@ -95,17 +125,29 @@ def train_job(
     overwrite: bool = False,
     progress: bool = True,
     descriptions: str | Path | None = None,
+    init_run: str | Path | None = None,
 ) -> RunDir:
     """Train ``method`` on the ``shots``-shot base classes of ``dataset``; resumes an interrupted run.
+
+    ``init_run``: the finished run a method that needs one starts from (DPC: a run of its host on
+    the same data; see :func:`start_run`).
 
     ``descriptions``: a CuPL-format file of class descriptions, for methods that train on them
     (default for emoji benchmarks: the shipped ones; see :func:`train_descriptions`).
     """
     spec = get_method(method)
+    base, _ = split_base_novel(load_dataset(dataset))
+    start = None
+    if spec.method_cls.needs_init_run:
+        start, method_options, init_info = start_run(method, init_run, method_options, backbone, dataset, shots,
+                                                     base.classnames)
+    elif init_run:
+        raise RunError(f"{method} does not start from another run; drop --init-run")
     method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
     train_cfg = make_train_config(method, train_options or {})
-    base, _ = split_base_novel(load_dataset(dataset))
     info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base.classnames)
+    if start is not None:
+        info.init_run = init_info
     class_descriptions = None
     if spec.method_cls.needs_train_descriptions:
         class_descriptions, info.descriptions = train_descriptions(descriptions, dataset, base.classnames)
@@ -131,6 +173,8 @@ def train_job(
     model = spec.method_cls(bb, method_cfg, base.classnames)
     if class_descriptions is not None:
         model.use_descriptions(class_descriptions)
+    if start is not None:
+        model.init_from(start)
     train_samples = sample_few_shot(base.train, shots, seed)
     logger.info("training %s on %d base classes, %d images (%d-shot, seed %d)", method, len(base.classnames), len(train_samples), shots, seed)
     train_set = SampleDataset(train_samples, build_train_transform(bb.preprocess, train_cfg.min_crop_scale))
@@ -149,9 +193,15 @@ def job_info(
     train_options: Mapping[str, Any] | None,
     base_classnames: Sequence[str] | None = None,
     descriptions: str | Path | None = None,
+    init_run: str | Path | None = None,
 ) -> RunInfo:
     """The ``run.json`` of a training job (``base_classnames`` default: loaded from the dataset)."""
     spec = get_method(method)
+    init_info = None
+    if spec.method_cls.needs_init_run:
+        if base_classnames is None:
+            base_classnames = split_base_novel(load_dataset(dataset))[0].classnames
+        _, method_options, init_info = start_run(method, init_run, method_options, backbone, dataset, shots, base_classnames)
     method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
     train_cfg = make_train_config(method, train_options or {})
     if base_classnames is None:
@@ -159,6 +209,7 @@ def job_info(
     info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base_classnames)
     if spec.method_cls.needs_train_descriptions:
         info.descriptions = train_descriptions(descriptions, dataset, base_classnames)[1]
+    info.init_run = init_info
     return info
 
 

@@ -151,6 +151,7 @@ def train(
         cache = _FeatureCache(method, train_set, cfg.feature_cache_views, seed, device, cfg.workers)
         logger.info("cached %d views of %d images in %.1fs", cfg.feature_cache_views, len(train_set), time.perf_counter() - t0)
 
+    method.on_train_start(data)
     for epoch in range(start_epoch, cfg.epochs):
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
@@ -169,7 +170,7 @@ def train(
             n_batches = len(batches)
         method.train()
         t0 = time.perf_counter()
-        tot_loss, tot_correct, tot_n = 0.0, 0, 0
+        tot_loss, tot_correct, tot_n, n_scored = 0.0, 0, 0, 0
         bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -180,14 +181,15 @@ def train(
             tot_loss += loss.item() * y.shape[0]
             if logits is not None:
                 tot_correct += int((logits.argmax(-1) == y).sum())
+                n_scored += y.shape[0]
             tot_n += y.shape[0]
-            bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{100 * tot_correct / tot_n:.1f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{tot_loss / tot_n:.4f}", acc=f"{100 * tot_correct / max(n_scored, 1):.1f}", lr=f"{lr:.2e}")
         bar.close()
         record = {
             "epoch": epoch + 1,
             "lr": lr,
             "loss": tot_loss / max(tot_n, 1),
-            "acc": 100.0 * tot_correct / max(tot_n, 1) if method.training_data == "images" else None,
+            "acc": 100.0 * tot_correct / n_scored if n_scored else None,  # None: the method reports no logits
             "seconds": round(time.perf_counter() - t0, 3),
         }
         acc = "" if record["acc"] is None else f" acc {record['acc']:.1f}%"

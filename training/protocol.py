@@ -135,6 +135,10 @@ class PromptMethod(nn.Module):
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     #: training hyper-parameters of the reference config (epochs, batch_size, lr, ...)
     train_defaults: ClassVar[dict[str, Any]] = {}
+    #: the published base-to-novel average (Base, Novel, HM) over the 11 standard datasets with CLIP
+    #: ViT-B/16, 16 shots, and where it comes from; None where no number is published (or verified)
+    published_b2n: ClassVar[tuple[float, float, float] | None] = None
+    published_source: ClassVar[str] = ""
     #: what the loop feeds :meth:`backward_step`: few-shot "images" (with labels), or "texts"
     #: (pairs from :meth:`training_texts`; ProText trains on class descriptions alone)
     training_data: ClassVar[Literal["images", "texts"]] = "images"
@@ -294,21 +298,45 @@ class PromptMethod(nn.Module):
         return self.learned_state()
 
     # -- learned state ---------------------------------------------------------------------------
+    def register_learned_buffer(self, name: str, tensor: torch.Tensor) -> None:
+        """A tensor that is part of the learned state without being trained (a stage-1 prompt, a
+        concept cache, cluster centres): saved in checkpoints and artifacts, loaded back, never
+        handed to the optimizer."""
+        self.register_buffer(name, tensor)
+        self._learned_buffers = getattr(self, "_learned_buffers", ()) + (name,)
+
+    def _learned_tensors(self) -> dict[str, torch.Tensor]:
+        out = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        buffers = dict(self.named_buffers())
+        out.update({n: buffers[n] for n in getattr(self, "_learned_buffers", ())})
+        return out
+
     def learned_state(self) -> dict[str, torch.Tensor]:
-        """Only the tensors the method learns (what a checkpoint holds)."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        """Only the tensors the method learns (what a checkpoint holds): trainable parameters and learned buffers."""
+        return {n: t.detach() for n, t in self._learned_tensors().items()}
 
     def load_learned_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        params = dict(self.named_parameters())
-        expected = {n for n, p in params.items() if p.requires_grad}
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        tensors = self._learned_tensors()
+        missing, unexpected = sorted(set(tensors) - set(state)), sorted(set(state) - set(tensors))
         if missing or unexpected:
             raise ValueError(f"learned state does not fit {self.name}: missing {missing}, unexpected {unexpected}")
         with torch.no_grad():
             for n, t in state.items():
-                if params[n].shape != t.shape:
-                    raise ValueError(f"learned tensor {n!r} has shape {tuple(t.shape)}, expected {tuple(params[n].shape)}")
-                params[n].copy_(t)
+                if tensors[n].shape != t.shape:
+                    raise ValueError(f"learned tensor {n!r} has shape {tuple(t.shape)}, expected {tuple(tensors[n].shape)}")
+                tensors[n].copy_(t)
+
+    # -- training hooks --------------------------------------------------------------------------
+    #: the method's training starts from a finished run of another method (``--init-run``; DPC's stage 2)
+    needs_init_run: ClassVar[bool] = False
+
+    def init_from(self, other: "PromptMethod") -> None:
+        """Take what the method starts from out of ``other``, the trained method of the ``--init-run``."""
+        raise ValueError(f"{self.name} does not start from another run")
+
+    def on_train_start(self, train_set: Any) -> None:
+        """Called by the loop once before the first (or resumed) epoch with the training dataset
+        (methods that draw extra samples from it: DPC's hard negatives)."""
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,8 @@ class RunInfo:
     capabilities: dict[str, bool] = field(default_factory=dict)
     #: where the training descriptions came from (``{"source", "sha256"}``), for methods that train on them
     descriptions: dict[str, str] | None = None
+    #: the finished run training started from (``{"path", "method", "sha256"}`` of its learned tensors), for DPC-like methods
+    init_run: dict[str, str] | None = None
     format_version: int = RUN_FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -68,6 +68,8 @@ class MaPLeConfig(MethodConfig):
 class MaPLe(DeepPromptMethod):
     config_cls = MaPLeConfig
     train_defaults = {"epochs": 5, "batch_size": 4, "lr": 0.0035}
+    published_b2n = (82.28, 75.14, 78.55)
+    published_source = "its paper (Khattak et al., CVPR 2023)"
 
     def __init__(self, backbone: Backbone, config: MaPLeConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)

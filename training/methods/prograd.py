@@ -101,6 +101,8 @@ def project_conflicting(grad: torch.Tensor, general: torch.Tensor, lambda_: floa
 class ProGrad(ContextPromptMethod):
     config_cls = ProGradConfig
     train_defaults = {"epochs": 100, "batch_size": 32, "lr": 0.002}
+    published_b2n = (82.48, 70.75, 76.16)
+    published_source = "its paper (Zhu et al., ICCV 2023)"
 
     def initial_context(self, n_copies: int) -> torch.Tensor:
         # a ctx_init shorter than n_ctx fills the last slots (CoOp's init insists it fill them all)

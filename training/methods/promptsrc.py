@@ -174,6 +174,8 @@ def gpa_weights(epochs: int, mean: float, std: float) -> list[float]:
 class PromptSRC(DeepPromptMethod):
     config_cls = PromptSRCConfig
     train_defaults = {"epochs": 20, "batch_size": 4, "lr": 0.0025}
+    published_b2n = (84.26, 76.10, 79.97)
+    published_source = "its paper (Khattak et al., ICCV 2023)"
 
     @classmethod
     def options_for_epochs(cls, config: PromptSRCConfig, epochs: int) -> dict[str, Any]:

@@ -113,6 +113,8 @@ class TCPConfig(MethodConfig):
 class TCP(PromptMethod):
     config_cls = TCPConfig
     train_defaults = {"epochs": 50, "batch_size": 32, "lr": 0.002, "optimizer": "adamw"}
+    published_b2n = (84.13, 75.36, 79.51)
+    published_source = "its paper (Yao et al., CVPR 2024)"
 
     def __init__(self, backbone: Backbone, config: TCPConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)

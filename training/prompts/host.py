@@ -1,0 +1,108 @@
+"""Plug-ins on host methods: a method that wraps another registered method (``--host coop``).
+
+A plug-in (DPC, and later ATPrompt, DeKg-on-TCP, the FM/SPTR/DiSa regularisers) is written once
+against the protocol and works on every host it declares compatible. The host is built through the
+registry (never by importing its module) with the options recorded in the plug-in's config, and
+its frozen CLIP is the plug-in's. :meth:`HostedMethod.call_host` runs any of the host's protocol
+methods with some of its learned tensors replaced (as ``torch.func.functional_call`` would), so a plug-in
+can evaluate the host under tensors it derives (DPC's tuned prompt P' and stage-1 prompt P)
+without copying the host's code; gradients reach the replacing tensors, and the call traces into
+ONNX like any other.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from training.backbones import Backbone
+from training.protocol import MethodConfig, PromptMethod, create_method, get_method
+
+
+def host_options(config: MethodConfig) -> dict[str, Any]:
+    """The host's options recorded in a plug-in config's ``host_options`` (a JSON object string)."""
+    try:
+        options = json.loads(getattr(config, "host_options"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"host_options must be a JSON object, got {getattr(config, 'host_options')!r} ({e})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"host_options must be a JSON object, got {options!r}")
+    return options
+
+
+def host_config(config: MethodConfig) -> MethodConfig:
+    """The host's typed config (validated by the host's own config class)."""
+    return get_method(getattr(config, "host")).config_cls.from_dict(host_options(config))
+
+
+def check_host(config: MethodConfig, compatible: Sequence[str], plugin: str) -> None:
+    host = getattr(config, "host")
+    if host not in compatible:
+        raise ValueError(f"{plugin} works on the hosts {', '.join(compatible)}; got host={host!r}")
+    get_method(host)  # registered (with close matches in the error otherwise)
+    host_options(config)
+
+
+class HostedMethod(PromptMethod):
+    """A method wrapping a host method (not registered).
+
+    The config must have ``host`` (a registered method name) and ``host_options`` (its options as
+    a JSON object string). The host's own tensors are frozen: the plug-in owns what is learned.
+    """
+
+    compatible_hosts: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, backbone: Backbone, config: MethodConfig, train_classnames: Sequence[str]):
+        super().__init__(backbone, config, train_classnames)
+        check_host(config, self.compatible_hosts, type(self).__name__)
+        self.host = create_method(config.host, backbone, host_config(config), train_classnames)
+        self._host_tensors = tuple(sorted(self.host.learned_state()))  # before freezing: what a host run learns
+        self.host.requires_grad_(False)
+
+    def host_tensor_names(self) -> tuple[str, ...]:
+        """Names of the host's learned tensors (what a host run's learned.safetensors holds)."""
+        return self._host_tensors
+
+    def host_tensors(self) -> dict[str, torch.Tensor]:
+        """The host's own learned tensors (frozen inside the plug-in; its initialisation until loaded)."""
+        own = {**dict(self.host.named_parameters()), **dict(self.host.named_buffers())}
+        return {n: own[n].detach() for n in self._host_tensors}
+
+    def call_host(self, fn: str, *args: Any, tensors: Mapping[str, torch.Tensor] | None = None) -> Any:
+        """``host.fn(*args)`` with the host's learned tensors named in ``tensors`` replaced."""
+        with _swapped(self.host, tensors or {}):
+            return getattr(self.host, fn)(*args)
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """``module``'s parameters / buffers named in ``tensors`` replaced by those tensors for the block.
+
+    What ``torch.func.functional_call`` does, by hand: that refuses to run under ``torch.jit.trace``,
+    which the exporter uses. The replacing tensors are plain tensors in the module's parameter slots
+    (attribute access returns them; autograd flows into them). Not thread-safe: one call at a time
+    per method, as torch modules are used anyway.
+    """
+    saved = []
+    try:
+        for name, tensor in tensors.items():
+            path, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(path)
+            slots = owner._parameters if leaf in owner._parameters else owner._buffers  # noqa: SLF001
+            if leaf not in slots:
+                raise KeyError(f"{type(module).__name__} has no tensor {name!r}")
+            saved.append((slots, leaf, slots[leaf]))
+            slots[leaf] = tensor
+        yield
+    finally:
+        for slots, leaf, original in reversed(saved):
+            slots[leaf] = original
+
+    def prompt_templates(self) -> list[str]:
+        return self.host.prompt_templates()
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.host.logit_scale()
