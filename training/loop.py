@@ -50,10 +50,16 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
 
 
-def _make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    groups = [{"params": g["params"], "lr_scale": float(g.get("lr_scale", 1.0))} for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+
+
+def group_lr(cfg: TrainConfig, epoch: int, lr_scale: float) -> float:
+    """A parameter group's lr: the warm-up lr for every group, then the cosine of ``lr * lr_scale``."""
+    return cfg.warmup_lr if epoch < cfg.warmup_epochs else learning_rate(cfg, epoch) * lr_scale
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -125,7 +131,11 @@ def train(
         learned = method.learned_state()
         atomic_save_tensors(run.file(LEARNED_FILE), learned, {"epoch": "0"})
         return learned
-    optimizer = _make_optimizer(cfg, params)
+    groups = method.param_groups()
+    grouped = [id(p) for g in groups for p in g["params"]]
+    if sorted(grouped) != sorted(id(p) for p in params):
+        raise ValueError(f"{method.name}: param_groups() must hold every trainable tensor exactly once")
+    optimizer = _make_optimizer(cfg, groups)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch = 0
@@ -155,7 +165,7 @@ def train(
     for epoch in range(start_epoch, cfg.epochs):
         lr = learning_rate(cfg, epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group_lr(cfg, epoch, group["lr_scale"])
         es = epoch_seed(seed, epoch)
         torch.manual_seed(es)  # augmentations in the main process
         generator = torch.Generator().manual_seed(es)
@@ -163,10 +173,14 @@ def train(
             batches = cache.batches(cfg.batch_size, generator)
             n_batches = max(len(train_set) // cfg.batch_size, 1)
         else:
-            batches = DataLoader(
-                data, batch_size=cfg.batch_size, shuffle=True, generator=generator, num_workers=cfg.workers,
-                drop_last=len(data) >= cfg.batch_size, persistent_workers=False,
-            )
+            index_batches = method.train_batches(data, cfg.batch_size, generator)
+            if index_batches is None:
+                batches = DataLoader(
+                    data, batch_size=cfg.batch_size, shuffle=True, generator=generator, num_workers=cfg.workers,
+                    drop_last=len(data) >= cfg.batch_size, persistent_workers=False,
+                )
+            else:
+                batches = DataLoader(data, batch_sampler=index_batches, num_workers=cfg.workers, persistent_workers=False)
             n_batches = len(batches)
         method.train()
         t0 = time.perf_counter()

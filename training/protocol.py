@@ -338,6 +338,17 @@ class PromptMethod(nn.Module):
         """Called by the loop once before the first (or resumed) epoch with the training dataset
         (methods that draw extra samples from it: DPC's hard negatives)."""
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: ``{"params": [...], "lr_scale": s}`` (default: one group of
+        every trainable tensor at the training lr). A group's peak lr is ``lr * lr_scale``; the
+        constant warm-up runs every group at ``warmup_lr`` (Dassl's ConstantWarmupScheduler)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": 1.0}]
+
+    def train_batches(self, train_set: Any, batch_size: int, generator: torch.Generator) -> list[list[int]] | None:
+        """Index batches of one epoch, drawn with ``generator``; None (default) = shuffled batches of
+        ``batch_size`` (SkipT draws class-homogeneous ones)."""
+        return None
+
 
 @dataclass(frozen=True)
 class MethodSpec:
