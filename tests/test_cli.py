@@ -20,7 +20,7 @@ COMMANDS = {"methods", "datasets", "backbones", "train", "eval", "quickstart", "
 
 def _choices(help_text: str) -> set[str]:
     """The subcommands a help text lists, from the first ``{a,b,...}`` in its usage."""
-    m = re.search(r"\{([a-z,]+)\}", help_text)
+    m = re.search(r"\{([a-z,-]+)\}", help_text)
     assert m, help_text
     return set(m.group(1).split(","))
 
@@ -32,7 +32,7 @@ def test_help_lists_every_command(capsys):
     for name in COMMANDS:  # each with its one-line description
         assert re.search(rf"^    {name} +\S", out, re.M), name
     assert main(["bench", "--help"]) == 0
-    assert _choices(capsys.readouterr().out) == {"cache", "classify", "serve"}
+    assert _choices(capsys.readouterr().out) == {"cache", "classify", "serve", "train-cost"}
 
 
 def test_parser_and_torch_free_commands_import_no_torch(tmp_path):
@@ -254,3 +254,17 @@ def test_console_script_runs():
     out = subprocess.run([exe, "methods"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "coop" in out.stdout
+
+
+def test_bench_train_cost_measures_each_method_in_its_own_process(colour_root, capsys):
+    from training.cli import main
+
+    assert main(["bench", "train-cost", "--methods", "coop,skipt", "--backbone", "test-tiny", "--dataset",
+                 f"folder:{colour_root}", "--shots", "2", "--epochs", "1", "--batch-size", "2", "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("["):])
+    assert [r["method"] for r in rows] == ["coop", "skipt"] and "| skipt |" in out
+    for r in rows:
+        assert r["epochs"] == 1 and r["epoch_seconds"] > 0 and r["peak_rss_mb"] > 50 and r["trainable"] > 0
+    assert rows[1]["trainable"] > rows[0]["trainable"]  # SkipT tunes backbone weights, CoOp 4 context vectors
+    assert main(["bench", "train-cost", "--methods", "coop", "--epochs", "0"]) == 2

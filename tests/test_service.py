@@ -416,7 +416,7 @@ def test_asgi_embed_text_limits(client):
 
 @pytest.fixture(scope="module")
 def server(artifact, tmp_path_factory):
-    from training.bench_serve import wait_until_ready
+    from training.bench.serve import wait_until_ready
 
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
@@ -578,7 +578,7 @@ def test_bentoml_build_makes_a_torch_free_gpu_bento(artifact, tmp_path):
 
 
 def test_bench_serve_table_formats_every_row():
-    from training.bench_serve import format_serve_table
+    from training.bench.serve import format_serve_table
 
     http = {"images_per_s": 40.0, "p50_ms": 20.0, "p99_ms": 50.0, "requests": 64, "failed": 0}
     res = {"gflop_per_image": 35.13, "matmul_gflops": 100.0, "backbone": "ViT-B-16", "device": "cpu",

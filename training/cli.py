@@ -321,7 +321,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_cache(args: argparse.Namespace) -> int:
-    from training.bench_cache import bench_cache, format_cache_table
+    from training.bench.cache import bench_cache, format_cache_table
 
     rows = bench_cache(args.method, args.backbone, args.dataset, seed=args.seed, views=args.views,
                        train_options={"epochs": args.epochs}, test_per_class=args.test_per_class)
@@ -330,7 +330,7 @@ def cmd_bench_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
-    from training.bench_serve import bench_serve, format_serve_table
+    from training.bench.serve import bench_serve, format_serve_table
 
     try:
         res = bench_serve(args.artifact, device=args.device, clients=args.clients, requests=args.requests,
@@ -394,7 +394,7 @@ def _add_artifact_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     s = _add_command(sub, "bench", "measurements: `bench cache` (image-feature cache), `bench serve` (HTTP service), "
-                      "`bench classify` (cost per method)")
+                      "`bench classify` (cost per method), `bench train-cost` (training time and memory per method)")
     bench = s.add_subparsers(dest="bench", required=True)
 
     c = _add_command(bench, "cache", "train twice, feature cache off and on, and compare time and accuracy")
@@ -417,6 +417,19 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--batch-images", type=int, default=8, help="images per request in the client-batch row (default 8)")
     c.add_argument("--names", type=int, default=1000, help="class names for the cold vs cached row (default 1000)")
     c.add_argument("--seconds", type=float, default=3.0, help="time per in-process measurement (default 3)")
+    c.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
+
+    doc = "epoch time and peak memory of several methods' training, each in a fresh process"
+    c = _add_command(bench, "train-cost", doc, description=f"`promptbake bench train-cost`: {doc}.")
+    c.set_defaults(handler=cmd_bench_train_cost)
+    c.add_argument("--methods", default="coop,skipt", help="comma-separated methods; ratios are to the first (default coop,skipt)")
+    c.add_argument("--backbone", default="emoji-vit-s")
+    c.add_argument("--dataset", default="emoji-nature")
+    c.add_argument("--epochs", type=int, default=2)
+    c.add_argument("--shots", type=int, default=16)
+    c.add_argument("--seed", type=int, default=1)
+    c.add_argument("--threads", type=int, default=1, help="torch threads per training process (default 1)")
+    c.add_argument("--batch-size", type=int, help="one batch size for every method (default: each method's reference)")
     c.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
 
     doc = "in-process cost of one classification with each artifact (methods side by side)"
@@ -443,8 +456,23 @@ def _int_list(text: str, option: str, minimum: int = 1) -> list[int]:
     return values
 
 
+def cmd_bench_train_cost(args: argparse.Namespace) -> int:
+    from training.bench.train_cost import bench_train_cost, format_train_cost_table
+
+    methods = [m for m in args.methods.split(",") if m.strip()]
+    if not methods or args.epochs < 1 or args.threads < 1:
+        raise ValueError("--methods needs at least one method; --epochs and --threads must be >= 1")
+    options = {"batch_size": args.batch_size} if args.batch_size else {}
+    rows = bench_train_cost(methods, args.backbone, args.dataset, epochs=args.epochs, shots=args.shots, seed=args.seed,
+                            threads=args.threads, train_options=options)
+    print(format_train_cost_table(rows))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
 def cmd_bench_classify(args: argparse.Namespace) -> int:
-    from training.bench_classify import bench_classify, format_classify_table
+    from training.bench.classify import bench_classify, format_classify_table
 
     rows = bench_classify(args.artifact, names=_int_list(args.names, "--names"), images=_int_list(args.images, "--images"),
                           seconds=args.seconds, rounds=args.rounds, device=args.device)

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 
 from PIL import Image
 
-from training.bench_serve import synthetic_jpegs
+from training.bench.serve import synthetic_jpegs
 
 LISTS = ("repeated", "new")
 

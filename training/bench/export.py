@@ -1,4 +1,4 @@
-"""Export benchmark on a real architecture: ``python -m training.export_bench``.
+"""Export benchmark on a real architecture: ``python -m training.bench.export``.
 
 Builds an open_clip architecture with random weights (no download; random weights are enough to
 exercise the graph), wraps it in a prompt method, exports it with the full parity check, and
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-logger = logging.getLogger("promptbake.export_bench")
+logger = logging.getLogger("promptbake.bench.export")
 
 
 def _timeit(fn, repeat: int) -> float:
@@ -116,7 +116,7 @@ def run(arch: str, method_name: str, out: Path, threads: int, repeat: int, n_ima
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.export_bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m training.bench.export", description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="ViT-B-16")
     p.add_argument("--method", default="coop")
     p.add_argument("--out", type=Path, default=None, help="artifact directory (default: a temporary one)")

@@ -1,0 +1,85 @@
+"""``promptbake bench train-cost``: epoch time and peak memory of several methods' training, side by side.
+
+Each method trains in a fresh Python process (``promptbake train`` with the same backbone, dataset,
+shots, seed, epochs and thread count), so its peak resident memory is its own: the operating
+system's ``ru_maxrss`` of that child (``os.wait4``). Time per epoch is the loop's own per-epoch
+timing from the run's ``train_log.jsonl`` (set-up, dataset loading and evaluation excluded); the
+child's wall time is printed too. The methods run one after the other in one invocation, so the
+ratios compare like with like on one machine. SkipT's claim (its README: 239 s and 404 MB against
+CoOp's 1,186 s and 3,204 MB on a GPU) is the motivating comparison.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any, Sequence
+
+_CHILD = "import sys; from training.cli import main; raise SystemExit(main(sys.argv[1:]))"
+
+
+def _run_child(argv: Sequence[str], threads: int) -> tuple[int, float, int, str]:
+    """(exit status, wall seconds, peak RSS bytes, stderr tail) of ``promptbake argv`` in a fresh process."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, *argv], stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = err.read().decode("utf-8", "replace")[-2000:]
+    return proc.returncode, time.perf_counter() - t0, int(usage.ru_maxrss) * 1024, tail  # ru_maxrss is in KiB on Linux
+
+
+def bench_train_cost(methods: Sequence[str], backbone: str, dataset: str, *, epochs: int = 2, shots: int = 16,
+                     seed: int = 1, threads: int = 1, train_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per method: median seconds per epoch, peak RSS, wall time; each in its own process.
+
+    Methods that start from another run (DPC) are not measured here (their cost includes the host's).
+    """
+    from training.methods import get_method
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="promptbake-train-cost-") as tmp:
+        for name in methods:
+            spec = get_method(name)
+            if spec.method_cls.needs_init_run:
+                raise ValueError(f"{name} starts from another run; measure its host and itself with promptbake train")
+            run = Path(tmp) / name
+            argv = ["train", "--method", name, "--backbone", backbone, "--dataset", dataset, "--shots", str(shots),
+                    "--seed", str(seed), "--epochs", str(epochs), "--out", str(run), "--no-progress"]
+            for key, value in (train_options or {}).items():
+                argv += [f"--{key.replace('_', '-')}", str(value)]
+            rc, wall, peak, err = _run_child(argv, threads)
+            if rc != 0:
+                raise RuntimeError(f"promptbake train --method {name} failed ({rc}): {err.strip().splitlines()[-1] if err.strip() else ''}")
+            log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+            rows.append({"method": name, "epochs": len(log), "epoch_seconds": median(r["seconds"] for r in log),
+                         "peak_rss_mb": peak / 2**20, "wall_seconds": wall, "threads": threads,
+                         "trainable": sum(v.numel() for v in _learned(run).values())})
+    return rows
+
+
+def _learned(run: Path) -> dict:
+    from training.runs import RunDir
+
+    return RunDir(run).load_learned()
+
+
+def format_train_cost_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown, ratios to the first row."""
+    first = rows[0]
+    lines = ["| method | learned tensors | s / epoch | vs first | peak RSS MB | vs first | process wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['epoch_seconds']:.1f} | "
+                     f"{r['epoch_seconds'] / first['epoch_seconds']:.2f}x | {r['peak_rss_mb']:.0f} | "
+                     f"{r['peak_rss_mb'] / first['peak_rss_mb']:.2f}x | {r['wall_seconds']:.1f} |")
+    lines.append(f"\n{rows[0]['epochs']} epochs each, {rows[0]['threads']} torch thread(s), one fresh process per method "
+                 "(peak RSS = that process's ru_maxrss).")
+    return "\n".join(lines)
