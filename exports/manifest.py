@@ -165,7 +165,10 @@ class Manifest(_Strict):
     base_classnames: list[str] = Field(default_factory=list)
     preprocess: PreprocessConfig
     tokenizer: TokenizerInfo
-    prompt_templates: Annotated[list[str], Field(min_length=1)]
+    prompt_templates: list[str]
+    #: descriptions of the classes the run knew, for methods that embed classes from them
+    #: (``capabilities.needs_class_descriptions``); requests add their own for other names
+    class_descriptions: dict[str, list[str]] = Field(default_factory=dict)
     logit_scale: float
     embed_dim: Annotated[int, Field(ge=1)]
     opset: int
@@ -194,6 +197,14 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _referenced_files_listed(self) -> "Manifest":
+        if not self.prompt_templates and not self.capabilities.needs_class_descriptions:
+            raise ValueError("prompt_templates: at least one template is needed (unless the method embeds classes "
+                             "from their descriptions)")
+        if self.class_descriptions and not self.capabilities.needs_class_descriptions:
+            raise ValueError("class_descriptions are only shipped for methods that need class descriptions")
+        for name, sentences in self.class_descriptions.items():
+            if not sentences or not all(isinstance(d, str) and d.strip() for d in sentences):
+                raise ValueError(f"class_descriptions[{name!r}] must be a non-empty list of non-empty strings")
         conditioned = self.capabilities.text_depends_on_image
         if conditioned != (self.graphs.text.image_input_name is not None):
             raise ValueError("graphs.text.image_input_name must be set exactly when capabilities.text_depends_on_image")

@@ -31,7 +31,7 @@ both on 2 shared CPU cores (parity identical, ~1e-7):
 The suite exports every registered method on every test run, which the torch.export path would
 make minutes long (its decompositions dominate). The TorchScript exporter is deprecated since
 torch 2.9 but present in the pinned torch; ``export_graph(exporter="dynamo")`` is kept, used by
-``training.export_bench``, and switching is one argument. Pitfalls handled:
+``training.bench.export``, and switching is one argument. Pitfalls handled:
 
 - ``nn.MultiheadAttention``'s fused fast path (taken in eval whenever no parameter needs a
   gradient, i.e. always for a frozen CLIP) lowers to ``aten::_native_multi_head_attention``,
@@ -79,6 +79,7 @@ from exports.manifest import (
     load_artifact,
 )
 from exports.preprocess import PreprocessConfig
+from exports.prompts import prompt_rows
 from exports.runtime import create_session
 from exports.scoring import base_mask, head_logits
 from exports.tokenizer import VOCAB_FILENAME, Tokenizer
@@ -122,6 +123,8 @@ class ArtifactInfo:
             them (an image-conditioned text encoder returns the single output ``logits``).
         heads: how the outputs become logits (:class:`exports.manifest.Head` or its fields as a
             dict); empty for image-conditioned methods.
+        class_descriptions: for methods that need class descriptions: those the artifact ships
+            (the parity check embeds its classes from them).
     """
 
     method: str
@@ -136,6 +139,7 @@ class ArtifactInfo:
     image_outputs: Sequence[str] = (IMAGE_OUTPUT,)
     text_outputs: Sequence[str] = (TEXT_OUTPUT,)
     heads: Sequence[Any] = ({"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT},)
+    class_descriptions: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 def check_exportable(capabilities: Mapping[str, bool]) -> None:
@@ -155,8 +159,6 @@ def check_exportable(capabilities: Mapping[str, bool]) -> None:
             "e.g. CoOp with class_specific=True), so an artifact could not embed new class names; "
             "train it with a shared context to export it"
         )
-    if caps.needs_class_descriptions:
-        raise ExportError("exporting methods that need class descriptions at test time is not supported yet")
 
 
 @contextlib.contextmanager
@@ -491,13 +493,16 @@ def export_artifact(
         shutil.copyfile(vocab_path, tmp / VOCAB_FILENAME)
         tokenizer = Tokenizer(tmp / VOCAB_FILENAME, context_length)
         templates = list(info.prompt_templates)
-        prompts = [t.format(n) for t in templates for n in names]
+        described = bool(info.capabilities["needs_class_descriptions"])
+        descriptions = dict(info.class_descriptions) if described else None
+        rows = prompt_rows(templates, names, descriptions)
+        prompts = [p for row in rows for p in row]
         tokens = tokenizer(prompts)
         expected = np.asarray(reference_tokenize(prompts), dtype=np.int64)
         if tokens.shape != expected.shape or not np.array_equal(tokens, expected):
             bad = next((p for p, a, b in zip(prompts, tokens, expected) if not np.array_equal(a, b)), prompts[0])
             raise ExportError(f"the artifact tokenizer differs from the training tokenizer on {bad!r}")
-        tokens = tokens.reshape(len(templates), len(names), context_length)  # [T, C, L]
+        tokens = tokens.reshape(len(rows), len(names), context_length)  # [T, C, L] (or [S, C, L] description rows)
         sig = Signature.of(info)
         conditioned = sig.conditioned
         is_base = base_mask(names, info.base_classnames, "auto")
@@ -508,8 +513,12 @@ def export_artifact(
             # fp16 / int8 are converted from fp32 graphs traced into a scratch directory
             src = tmp if precision == "fp32" else Path(stack.enter_context(
                 tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent)))
-            example_tokens = torch.from_numpy(tokenizer([t.format(n) for t in templates for n in ("a photo", "two words")]))
-            example_tokens = example_tokens.reshape(len(templates), 2, context_length)
+            # traced at 2 classes (and, with descriptions, a row count other than the parity's): sizes stay dynamic
+            n_example = 1 if len(rows) - len(templates) != 1 else 2
+            example = {"a photo": ["a photo.", "a second one."][:n_example], "two words": ["two words."]} if described else None
+            example_rows = prompt_rows(templates, ["a photo", "two words"], example)
+            example_tokens = torch.from_numpy(tokenizer([p for row in example_rows for p in row]))
+            example_tokens = example_tokens.reshape(len(example_rows), 2, context_length)
             example_pixels = torch.from_numpy(pixels[:1]).repeat(2, 1, 1, 1)
             t_img = export_graph(image_encoder, (example_pixels,), src / IMAGE_GRAPH_FILENAME, [IMAGE_INPUT],
                                  sig.image_outputs,
@@ -522,9 +531,10 @@ def export_artifact(
                                      {TEXT_INPUT: {1: "classes"}, TEXT_IMAGE_INPUT: {0: "batch"},
                                       sig.text_outputs[0]: {0: "batch", 1: "classes"}}, opset, exporter)
             else:
+                token_axes = {0: "rows", 1: "classes"} if described else {1: "classes"}
                 t_txt = export_graph(text_encoder, (example_tokens,), src / TEXT_GRAPH_FILENAME, [TEXT_INPUT],
                                      sig.text_outputs,
-                                     {TEXT_INPUT: {1: "classes"}, **{o: {0: "classes"} for o in sig.text_outputs}},
+                                     {TEXT_INPUT: token_axes, **{o: {0: "classes"} for o in sig.text_outputs}},
                                      opset, exporter)
             logger.info("exported graphs with %s in %.1f s (image) and %.1f s (text)", exporter, t_img, t_txt)
             for name in (IMAGE_GRAPH_FILENAME, TEXT_GRAPH_FILENAME):
@@ -557,6 +567,7 @@ def export_artifact(
             tokenizer=TokenizerInfo(file=VOCAB_FILENAME, context_length=context_length,
                                     sot_token_id=tokenizer.sot_token_id, eot_token_id=tokenizer.eot_token_id),
             prompt_templates=templates,
+            class_descriptions={k: list(v) for k, v in (descriptions or {}).items()},
             logit_scale=float(info.logit_scale),
             embed_dim=int(info.embed_dim),
             opset=opset,

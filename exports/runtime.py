@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +30,7 @@ from PIL import Image
 from exports import scoring
 from exports.manifest import ArtifactError, Manifest, load_artifact
 from exports.preprocess import preprocess_batch
+from exports.prompts import MissingDescriptionError, prompt_rows
 from exports.text_cache import TextEmbeddingCache, normalize_name
 from exports.tokenizer import Tokenizer
 
@@ -94,6 +97,12 @@ def create_session(path: Path, providers: Sequence[Provider], precision: str = "
     return session
 
 
+def description_key(name: str, descriptions: Sequence[str]) -> str:
+    """The text-cache key of a class embedded from descriptions: its normalised name and a digest of them."""
+    digest = hashlib.sha256(json.dumps(list(descriptions), ensure_ascii=False).encode()).hexdigest()[:32]
+    return f"{normalize_name(name)}\x1f{digest}"
+
+
 class Predictor:
     """Open-vocabulary classification with an exported artifact.
 
@@ -135,8 +144,6 @@ class Predictor:
         self.path = Path(artifact_dir)
         self.manifest: Manifest = load_artifact(self.path)
         m = self.manifest
-        if m.capabilities.needs_class_descriptions:
-            raise ArtifactError(f"{self.path}: method {m.method!r} needs class descriptions, which this runtime does not support yet")
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.device = device
@@ -213,24 +220,58 @@ class Predictor:
         """
         return self.manifest.capabilities.text_depends_on_image
 
-    def _tokens(self, names: list[str]) -> np.ndarray:
-        templates = self.manifest.prompt_templates
-        L = self.manifest.tokenizer.context_length
-        # template-major [T, C, L], as the exporter traced the text graph
-        return self.tokenizer([t.format(n) for t in templates for n in names]).reshape(len(templates), len(names), L)
+    @property
+    def described(self) -> bool:
+        """Whether classes are embedded from their descriptions (``capabilities.needs_class_descriptions``):
+        every name needs some, from the request or shipped in the artifact (``class_descriptions``)."""
+        return self.manifest.capabilities.needs_class_descriptions
 
-    def text_outputs(self, class_names: Sequence[str]) -> dict[str, np.ndarray]:
+    def class_descriptions(self, names: Sequence[str], descriptions: Mapping[str, Sequence[str]] | None = None
+                           ) -> dict[str, list[str]] | None:
+        """Each name's descriptions, the request's (matched by normalised name) over the artifact's; None
+        for methods that do not use them.
+
+        Raises:
+            exports.prompts.MissingDescriptionError: names with neither.
+        """
+        if not self.described:
+            return None
+        given = {normalize_name(k): list(v) for k, v in (descriptions or {}).items()}
+        shipped = {normalize_name(k): v for k, v in self.manifest.class_descriptions.items()}
+        out = {n: given.get(normalize_name(n)) or shipped.get(normalize_name(n)) or [] for n in names}
+        missing = [n for n, d in out.items() if not d]
+        if missing:
+            raise MissingDescriptionError(missing)
+        return out
+
+    def _tokens(self, names: list[str], descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+        """``[T, C, L]`` token ids, template-major as the exporter traced the text graph (``[S, C, L]``
+        description rows for methods that embed classes from them; :func:`exports.prompts.prompt_rows`)."""
+        rows = prompt_rows(self.manifest.prompt_templates, names, descriptions)
+        L = self.manifest.tokenizer.context_length
+        return self.tokenizer([p for row in rows for p in row]).reshape(len(rows), len(names), L)
+
+    def text_outputs(self, class_names: Sequence[str], descriptions: Mapping[str, Sequence[str]] | None = None
+                     ) -> dict[str, np.ndarray]:
         """Class names -> every declared class output, L2-normalised ``[C, D]`` float32 (cached per name).
 
         Every prompt template is filled with every name (``[T, C, L]`` token ids); the text graph
-        is the method's whole class-embedding side, so nothing is averaged here.
+        is the method's whole class-embedding side, so nothing is averaged here. Methods that embed
+        classes from descriptions take them from ``descriptions`` or the artifact's
+        (:meth:`class_descriptions`); others ignore ``descriptions``.
 
         Raises:
             ValueError: the method's class embeddings depend on the image (:attr:`conditioned`).
+            exports.prompts.MissingDescriptionError: a name without descriptions, for such methods.
         """
-        return self.counted_text_outputs(class_names)[0]
+        return self.counted_text_outputs(class_names, descriptions=descriptions)[0]
 
-    def counted_text_outputs(self, class_names: Sequence[str], cache: bool = True) -> tuple[dict[str, np.ndarray], int, int]:
+    def embed_texts(self, class_names: Sequence[str], descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+        """Class names -> the main (first) class output ``[C, D]`` float32 (see :meth:`text_outputs`)."""
+        return self.text_outputs(class_names, descriptions)[self.manifest.graphs.text.outputs[0]]
+
+    def counted_text_outputs(self, class_names: Sequence[str], cache: bool = True,
+                             descriptions: Mapping[str, Sequence[str]] | None = None) -> tuple[dict[str, np.ndarray], int, int]:
         """:meth:`text_outputs`, and how many names this call found in the cache and how many it computed.
 
         ``cache=False`` runs the text graph and leaves the cache alone (readiness probes).
@@ -238,33 +279,38 @@ class Predictor:
         if self.conditioned:
             raise ValueError(f"method {self.manifest.method!r}: class embeddings depend on the image; use scores() or classify()")
         names = scoring.check_class_names(class_names, unique=False)
+        per_name = self.class_descriptions(names, descriptions)
         if self.text_cache is None or not cache:
-            stacked, hits, misses = self._stacked_text_outputs(names), 0, len(names)
-        else:
+            stacked, hits, misses = self._stacked_text_outputs(names, per_name), 0, len(names)
+        elif per_name is None:
             stacked, hits, misses = self.text_cache.get([normalize_name(n) for n in names])
+        else:  # a class's embedding is a function of its name and its descriptions: both are in the key
+            keys = [description_key(n, per_name[n]) for n in names]
+            by_key = dict(zip(keys, names))
+            stacked, hits, misses = self.text_cache.get(
+                keys, embed=lambda ks: self._stacked_text_outputs([by_key[k] for k in ks], per_name))
         return {name: stacked[:, j] for j, name in enumerate(self.manifest.graphs.text.outputs)}, hits, misses
 
-    def embed_texts(self, class_names: Sequence[str]) -> np.ndarray:
-        """Class names -> the main (first) class output ``[C, D]`` float32 (see :meth:`text_outputs`)."""
-        return self.text_outputs(class_names)[self.manifest.graphs.text.outputs[0]]
-
-    def _stacked_text_outputs(self, names: Sequence[str]) -> np.ndarray:
+    def _stacked_text_outputs(self, names: Sequence[str], descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
         """``[C, n_outputs, D]``: the text graph's outputs for ``names``, one row per name (what the cache keeps)."""
-        tokens = self._tokens(list(names))
         g = self.manifest.graphs.text
         step = self.batch_size * 8  # class names per run
-        runs = [self._run(self._text, g.outputs, {g.input_name: np.ascontiguousarray(tokens[:, i : i + step])})
-                for i in range(0, len(names), step)]
+        runs = []
+        for i in range(0, len(names), step):
+            chunk = list(names[i : i + step])
+            tokens = self._tokens(chunk, None if descriptions is None else {n: descriptions[n] for n in chunk})
+            runs.append(self._run(self._text, g.outputs, {g.input_name: np.ascontiguousarray(tokens)}))
         return np.stack([np.concatenate([r[j] for r in runs]) for j in range(len(g.outputs))], axis=1).astype(np.float32, copy=False)
 
-    def conditioned_logits(self, image_embeddings: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    def conditioned_logits(self, image_embeddings: np.ndarray, names: Sequence[str],
+                           descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
         """``[B, D]`` image embeddings (from :meth:`embed_images`) and names -> ``[B, C]`` float64 logits
         through the image-conditioned text graph (:attr:`conditioned` artifacts only): the text graph
         runs on every (image, name) pair, at most ``_MAX_PROMPTS`` prompts per graph run."""
         if not self.conditioned:
             raise ValueError(f"method {self.manifest.method!r}: class embeddings do not depend on the image; use logits()")
         names = scoring.check_class_names(names)
-        tokens = self._tokens(names)
+        tokens = self._tokens(names, self.class_descriptions(names, descriptions))
         g = self.manifest.graphs.text
         B, C = len(image_embeddings), len(names)
         # the text tower runs B x C prompts: bound them per graph run
@@ -286,27 +332,31 @@ class Predictor:
         is_base = scoring.base_mask(class_names, self.manifest.base_classnames, mode)
         return scoring.head_logits(image_outputs, text_outputs, self.manifest.heads, is_base, self._logit_scale)
 
-    def logits(self, images: Sequence[Image.Image], class_names: Sequence[str], mode: str = "auto") -> np.ndarray:
+    def logits(self, images: Sequence[Image.Image], class_names: Sequence[str], mode: str = "auto",
+               descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
         """``[B, C]`` float64 logits of the images against the names (``logit_scale * cosine`` for one head).
 
         Args:
             mode: ``auto`` scores the names the method was trained on with its base heads and
                 other names with its novel heads; ``base`` / ``novel`` force one set for all names.
                 Only methods with ``capabilities.base_novel_switch`` score differently.
+            descriptions: ``{name: [sentence, ...]}`` for methods that embed classes from them
+                (:meth:`text_outputs`); ignored by the others.
         """
         names = scoring.check_class_names(class_names)
         scoring.check_mode(mode)
         pixels = preprocess_batch(list(images), self.manifest.preprocess)
         if self.conditioned:
-            return self.conditioned_logits(self.embed_pixels(pixels), names)
-        return self.logits_from_outputs(self.image_outputs(pixels), self.text_outputs(names), names, mode)
+            return self.conditioned_logits(self.embed_pixels(pixels), names, descriptions)
+        return self.logits_from_outputs(self.image_outputs(pixels), self.text_outputs(names, descriptions), names, mode)
 
-    def scores(self, images: Sequence[Image.Image], class_names: Sequence[str], mode: str = "auto") -> np.ndarray:
+    def scores(self, images: Sequence[Image.Image], class_names: Sequence[str], mode: str = "auto",
+               descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
         """``[B, C]`` probabilities: softmax over the names of :meth:`logits`."""
-        return scoring.softmax(self.logits(images, class_names, mode))
+        return scoring.softmax(self.logits(images, class_names, mode, descriptions))
 
     def classify(self, images: Sequence[Image.Image], class_names: Sequence[str], top_k: int = 5,
-                 mode: str = "auto") -> list[dict[str, Any]]:
+                 mode: str = "auto", descriptions: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
         """One prediction per image: ``{"label", "score", "top": [{"class_name", "score"}, ...]}``.
 
         ``top`` holds the ``top_k`` best names (at most all of them), best first; ``label`` and
@@ -315,4 +365,4 @@ class Predictor:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError("top_k must be >= 1")
         names = scoring.check_class_names(class_names)
-        return scoring.top_k(self.scores(images, names, mode), names, top_k)
+        return scoring.top_k(self.scores(images, names, mode, descriptions), names, top_k)

@@ -40,8 +40,12 @@ class TextEmbeddingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, keys: Sequence[str]) -> tuple[np.ndarray, int, int]:
-        """``[C, ...]`` rows of already-normalised ``keys``; also (hits, misses) of this call."""
+    def get(self, keys: Sequence[str], embed: Callable[[Sequence[str]], np.ndarray] | None = None) -> tuple[np.ndarray, int, int]:
+        """``[C, ...]`` rows of already-normalised ``keys``; also (hits, misses) of this call.
+
+        ``embed`` replaces the cache's own function for this call's misses (keys that stand for a
+        name and its descriptions are embedded by the caller, who knows what a key means).
+        """
         found: dict[str, np.ndarray] = {}
         with self._lock:
             for k in keys:
@@ -51,7 +55,7 @@ class TextEmbeddingCache:
                     found[k] = v
         missing = [k for k in dict.fromkeys(keys) if k not in found]
         if missing:
-            fresh = self._embed(missing)  # [M, D], outside the lock: can take seconds
+            fresh = (embed or self._embed)(missing)  # [M, D], outside the lock: can take seconds
             with self._lock:
                 for k, v in zip(missing, fresh):
                     v = np.array(v, dtype=np.float32)

@@ -43,6 +43,8 @@ class ServiceConfig(BaseModel):
         max_class_names: names in one classify or embed_text request.
         max_name_chars: characters in one name.
         max_top_k: the largest ``top_k`` a request may ask for.
+        max_descriptions_per_name, max_description_chars: bounds on the class descriptions a
+            request sends (methods that embed classes from descriptions run one text pass per sentence).
         max_conditioned_pairs: images x class names in one classify request, for methods whose
             class embeddings depend on the image (CoCoOp): each pair is one text-graph run, so
             this bounds the work a single request can hold a worker for.
@@ -69,6 +71,8 @@ class ServiceConfig(BaseModel):
     max_class_names: _Pos = 1000
     max_name_chars: _Pos = 200
     max_top_k: _Pos = 100
+    max_descriptions_per_name: _Pos = 64
+    max_description_chars: _Pos = 1000
     max_conditioned_pairs: _Pos = 2048
     max_batch_size: Annotated[int, Field(ge=2)] = 32
     max_latency_ms: _Pos = 10_000

@@ -6,7 +6,8 @@ What it does, per HTTP request:
 * the request body is counted while it streams in; over ``max_request_bytes`` is 413 before the
   rest is read (a declared ``Content-Length`` over the limit is refused without reading at all).
 * the API routes accept ``application/json`` and, for images, ``multipart/form-data``; the
-  multipart form (files ``images``, fields ``class_names`` as a JSON list, ``top_k`` and ``mode``) is
+  multipart form (files ``images``, fields ``class_names`` as a JSON list, ``top_k``, ``mode`` and
+  ``descriptions`` as a JSON object) is
   parsed here with bounded part counts and turned into the JSON form the typed API takes, so
   BentoML's own file handling (which would fetch a URL sent in place of a file) never sees it.
 * ``GET /info`` is answered like ``POST /info``.
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 HEALTH_PATHS = frozenset({"/livez", "/healthz", "/readyz"})
 JSON_ROUTES = frozenset({"/classify", "/embed_image", "/embed_text", "/info"})
 MULTIPART_ROUTES = frozenset({"/classify", "/embed_image"})
-_MULTIPART_FIELDS = {"/classify": {"images", "class_names", "top_k", "mode"}, "/embed_image": {"images"}}
+_MULTIPART_FIELDS = {"/classify": {"images", "class_names", "top_k", "mode", "descriptions"}, "/embed_image": {"images"}}
 PROVIDER_HEADER = "x-promptbake-provider"
 
 
@@ -218,7 +219,7 @@ async def _multipart_to_json(scope: dict[str, Any], body: bytes, path: str, cfg:
         if "mode" in form:
             mode = form["mode"]
             payload["mode"] = (await mode.read()).decode("utf-8", "replace") if isinstance(mode, UploadFile) else mode
-        for field in ("class_names", "top_k"):
+        for field in ("class_names", "top_k", "descriptions"):
             if field in form:
                 value = form[field]
                 if isinstance(value, UploadFile):
@@ -226,7 +227,8 @@ async def _multipart_to_json(scope: dict[str, Any], body: bytes, path: str, cfg:
                 try:
                     payload[field] = json.loads(value)
                 except json.JSONDecodeError:
-                    expected = 'a JSON list such as ["cat", "dog"]' if field == "class_names" else "an integer"
+                    expected = {"class_names": 'a JSON list such as ["cat", "dog"]', "top_k": "an integer",
+                                "descriptions": 'a JSON object such as {"cat": ["a small pet."]}'}[field]
                     raise bad_request(f"{field}_json", f"form field '{field}' must be {expected}") from None
         return payload
     finally:

@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse
 from exports import scoring
 from exports.manifest import MANIFEST_FILENAME, ArtifactError
 from exports.preprocess import preprocess_batch
+from exports.prompts import MissingDescriptionError
 from exports.runtime import Predictor
 from service.batching import ImageBatcher
 from service.config import ServiceConfig, ServiceConfigError, cuda_device_for_worker
@@ -244,19 +245,21 @@ class PromptbakeService:
         self.metrics.images.inc(len(images))
         return {n: stacked[:, j] for j, n in enumerate(self.image_output_names)}
 
-    async def _text_outputs(self, keys: list[str]) -> dict[str, np.ndarray]:
+    async def _text_outputs(self, keys: list[str], descriptions: dict[str, list[str]] | None = None) -> dict[str, np.ndarray]:
         """Every declared class output ``{name: [C, D]}`` of normalised names, through the per-name cache."""
         t0 = time.perf_counter()
-        out, hits, misses = await anyio.to_thread.run_sync(self.predictor.counted_text_outputs, keys)
+        out, hits, misses = await anyio.to_thread.run_sync(
+            lambda: self.predictor.counted_text_outputs(keys, descriptions=descriptions))
         self.metrics.text_cache.labels("hit").inc(hits)
         self.metrics.text_cache.labels("miss").inc(misses)
         self.metrics.stage_seconds.labels("text_embed").observe(time.perf_counter() - t0)
         return out
 
-    async def _conditioned_logits(self, img: np.ndarray, keys: list[str]) -> np.ndarray:
+    async def _conditioned_logits(self, img: np.ndarray, keys: list[str],
+                                  descriptions: dict[str, list[str]] | None = None) -> np.ndarray:
         t0 = time.perf_counter()
         # the Predictor's image-conditioned path, fed with the batched image embeddings
-        logits = await anyio.to_thread.run_sync(self.predictor.conditioned_logits, img, keys)
+        logits = await anyio.to_thread.run_sync(self.predictor.conditioned_logits, img, keys, descriptions)
         self.metrics.stage_seconds.labels("text_embed").observe(time.perf_counter() - t0)
         return np.asarray(logits, dtype=np.float64)
 
@@ -284,16 +287,38 @@ class PromptbakeService:
         mode: str = Field(default="auto", description="which heads score the names, for methods with a base/novel "
                           "switch: 'auto' (names the method was trained on use its base heads, others its novel "
                           "heads), 'base' or 'novel' (one set for every name); other methods ignore it"),
+        descriptions: dict[str, list[str]] | None = Field(
+            default=None, description="descriptions per class name ({name: [sentence, ...]}), for methods that embed "
+            "classes from them (the artifact ships them for the classes it knows; a name with neither is a 400 "
+            "descriptions_missing); other methods ignore them"),
     ) -> ClassifyResponse:
         """Classify each image among ``class_names``; scores are softmax probabilities over those names."""
-        return await self._respond(self._classify(images, class_names, top_k, mode))
+        return await self._respond(self._classify(images, class_names, top_k, mode, descriptions))
 
-    async def _classify(self, images: list[str], class_names: list[str], top_k: int, mode: str) -> ClassifyResponse:
+    def _check_descriptions(self, descriptions: dict[str, list[str]] | None, keys: list[str]) -> dict[str, list[str]] | None:
+        """The request's descriptions (bounded), then every name's from the request or the artifact."""
+        cfg = self.config
+        for name, sentences in (descriptions or {}).items():
+            if not sentences or len(sentences) > cfg.max_descriptions_per_name:
+                raise bad_request("descriptions", f"descriptions[{name!r}] needs 1 to {cfg.max_descriptions_per_name} "
+                                  f"sentences, got {len(sentences)}", limit=cfg.max_descriptions_per_name)
+            for i, d in enumerate(sentences):
+                if not d.strip() or len(d) > cfg.max_description_chars:
+                    raise bad_request("descriptions", f"descriptions[{name!r}][{i}] must be non-blank and at most "
+                                      f"{cfg.max_description_chars} characters", limit=cfg.max_description_chars)
+        try:
+            return self.predictor.class_descriptions(keys, descriptions)
+        except MissingDescriptionError as e:
+            raise bad_request("descriptions_missing", str(e)) from None
+
+    async def _classify(self, images: list[str], class_names: list[str], top_k: int, mode: str,
+                        descriptions: dict[str, list[str]] | None = None) -> ClassifyResponse:
         if not 1 <= top_k <= self.config.max_top_k:
             raise bad_request("top_k", f"top_k must be between 1 and {self.config.max_top_k}, got {top_k}")
         if mode not in scoring.MODES:
             raise bad_request("mode", f"mode must be one of {', '.join(scoring.MODES)}, got {mode!r}")
         keys = self._check_names(class_names)
+        per_name = self._check_descriptions(descriptions, keys)
         self._check_images(images)
         if self.predictor.conditioned:
             # class embeddings depend on the image (CoCoOp-like): nothing per name to cache; the
@@ -305,9 +330,9 @@ class PromptbakeService:
                                   f"pair, at most {limit} per request: send fewer images or names per request",
                                   limit=limit)
             img = await self._image_outputs(images)
-            logits = await self._conditioned_logits(img[self.image_output_names[0]], keys)
+            logits = await self._conditioned_logits(img[self.image_output_names[0]], keys, per_name)
         else:
-            img, txt = await asyncio.gather(self._image_outputs(images), self._text_outputs(keys))
+            img, txt = await asyncio.gather(self._image_outputs(images), self._text_outputs(keys, per_name))
             logits = self.predictor.logits_from_outputs(img, txt, keys, mode)
         top = scoring.top_k(scoring.softmax(logits), class_names, top_k)
         return ClassifyResponse(artifact=self.artifact, predictions=[Prediction.model_validate(p) for p in top])
@@ -329,16 +354,19 @@ class PromptbakeService:
     async def embed_text(
         self,
         texts: list[str] = Field(description="class names; each goes through the artifact's prompt templates"),
+        descriptions: dict[str, list[str]] | None = Field(
+            default=None, description="descriptions per name, for methods that embed classes from them (as /classify)"),
     ) -> EmbeddingResponse:
         """L2-normalised class embeddings (templated and averaged as in classification), one row per text."""
-        return await self._respond(self._embed_text(texts))
+        return await self._respond(self._embed_text(texts, descriptions))
 
-    async def _embed_text(self, texts: list[str]) -> EmbeddingResponse:
+    async def _embed_text(self, texts: list[str], descriptions: dict[str, list[str]] | None = None) -> EmbeddingResponse:
         if self.predictor.conditioned:
             raise bad_request("text_depends_on_image", f"method {self.artifact.method!r} has no image-independent "
                               "class embeddings (they depend on the image); use /classify")
         keys = self._check_names(texts, what="texts")
-        emb = (await self._text_outputs(keys))[self.predictor.manifest.graphs.text.outputs[0]]
+        per_name = self._check_descriptions(descriptions, keys)
+        emb = (await self._text_outputs(keys, per_name))[self.predictor.manifest.graphs.text.outputs[0]]
         return EmbeddingResponse(artifact=self.artifact, dim=emb.shape[1], embeddings=emb.tolist())
 
     @bentoml.api(route="/info")
@@ -361,10 +389,12 @@ class PromptbakeService:
                 s = self.predictor.manifest.preprocess.image_size
                 pixels = np.zeros((1, 3, s, s), np.float32)
                 img = await self.batcher.embed(pixels)  # [1, outputs, D]
+                probe = {"ready": ["ready."]} if self.predictor.described else None
                 if self.predictor.conditioned:
-                    txt = await self._conditioned_logits(img[:, 0], ["ready"])
+                    txt = await self._conditioned_logits(img[:, 0], ["ready"], probe)
                 else:
-                    outputs, _, _ = await anyio.to_thread.run_sync(self.predictor.counted_text_outputs, ["ready"], False)
+                    outputs, _, _ = await anyio.to_thread.run_sync(
+                        lambda: self.predictor.counted_text_outputs(["ready"], False, probe))
                     txt = np.stack(list(outputs.values()))
             ok = bool(np.isfinite(img).all() and np.isfinite(txt).all() and img.shape[-1] == self.artifact.embed_dim)
         except Exception as e:  # noqa: BLE001 - any failure means not ready

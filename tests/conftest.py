@@ -31,6 +31,12 @@ def colour_descriptions() -> dict[str, list[str]]:
             for name, (r, g, b) in COLOURS.items()}
 
 
+def descriptions_for(names) -> dict[str, list[str]]:
+    """Descriptions of any class names for tests, generated from the names (the colours' from their RGB values)."""
+    colours = colour_descriptions()
+    return {n: colours.get(n, [f"{n}.", f"a {n}, {len(n.split())} word(s) long."]) for n in names}
+
+
 def make_colour_dataset(root: Path, n_train: int = 8, n_test: int = 4, size: int = 32, seed: int = 0) -> Path:
     """ROOT/{train,test}/<colour>/*.png: noisy solid-colour squares, one class per colour, and
     ROOT/descriptions.json (:func:`colour_descriptions`).
@@ -89,7 +95,7 @@ def exported(tmp_path_factory, colour_spec):
 
             extra = []
             cls = get_method(name).method_cls
-            if cls.needs_train_descriptions:
+            if cls.needs_train_descriptions or cls.capabilities_for(get_method(name).config_cls()).needs_class_descriptions:
                 extra = ["--descriptions", str(Path(colour_spec.removeprefix("folder:")) / "descriptions.json")]
             if cls.needs_init_run:  # DPC: stage 2 of a finished run of its default host
                 extra = ["--init-run", str(get(get_method(name).config_cls().host)[0])]

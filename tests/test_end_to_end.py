@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import descriptions_for
 from training.methods import get_method, list_methods
 
 METHODS = [spec.name for spec in list_methods()]
@@ -77,11 +78,14 @@ def test_train_eval_export_verify_serve(name, exported, colour_root, capsys, mon
     names = NAMES + UNSEEN
     predictor = Predictor(art)
     images = [Image.open(p).convert("RGB") for p in paths]
-    want = predictor.classify(images, names, top_k=3)
+    # methods that embed classes from descriptions: the artifact ships the trained dataset's, the request the rest
+    unseen = descriptions_for(UNSEEN) if manifest.capabilities.needs_class_descriptions else None
+    want = predictor.classify(images, names, top_k=3, descriptions=unseen)
     with TestClient(PromptbakeService.to_asgi()) as client:
         assert client.get("/readyz").status_code == 200
+        form = {"class_names": json.dumps(names), "top_k": "3", **({"descriptions": json.dumps(unseen)} if unseen else {})}
         r = client.post("/classify", files=[("images", (p.name, p.read_bytes(), "image/png")) for p in paths],
-                        data={"class_names": json.dumps(names), "top_k": "3"})
+                        data=form)
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["artifact"]["method"] == name
@@ -95,12 +99,17 @@ def test_train_eval_export_verify_serve(name, exported, colour_root, capsys, mon
         assert r.status_code == 200, r.text
         assert np.abs(np.array(r.json()["embeddings"]) - predictor.embed_images(images[:3])).max() <= 1e-5
 
-        r = client.post("/embed_text", json={"texts": names})
+        r = client.post("/embed_text", json={"texts": names, "descriptions": unseen})
         if manifest.capabilities.text_depends_on_image:  # CoCoOp: no image-independent text embeddings
             assert r.status_code == 400 and r.json()["error"]["kind"] == "text_depends_on_image", r.text
         else:
             assert r.status_code == 200, r.text
-            assert np.abs(np.array(r.json()["embeddings"]) - predictor.embed_texts(names)).max() <= 1e-5
+            assert np.abs(np.array(r.json()["embeddings"]) - predictor.embed_texts(names, unseen)).max() <= 1e-5
+        if unseen:  # a name the artifact ships no descriptions for, sent without any: the clear 400
+            r = client.post("/classify", files=[("images", (paths[0].name, paths[0].read_bytes(), "image/png"))],
+                            data={"class_names": json.dumps(NAMES[:2] + ["lime"])})
+            assert r.status_code == 400 and r.json()["error"]["kind"] == "descriptions_missing", r.text
+            assert "'lime'" in r.json()["error"]["message"]
 
 
 SWITCH_METHODS = [n for n in METHODS if get_method(n).method_cls.capabilities_for(get_method(n).config_cls()).base_novel_switch]

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import descriptions_for
 from exports import scoring
 from exports.manifest import (
     MANIFEST_FILENAME,
@@ -62,7 +63,7 @@ def dataset_spec(colour_spec) -> str:
 
 def _torch_class_embeddings(method, names):
     with torch.no_grad():
-        return method.class_embeddings(method.tokenize(names)).numpy()
+        return method.class_embeddings(method.tokenize(names, descriptions_for(names))).numpy()
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -94,7 +95,7 @@ def test_every_method_exports_and_matches_torch(name, exported, dataset_spec):
     with torch.no_grad():
         x = torch.stack([tf(im) for im in images])
         ref_img = F.normalize(method.encode_image(x), dim=-1).numpy()
-        tokens = method.tokenize(names)
+        tokens = method.tokenize(names, descriptions_for(names))
         if caps.text_depends_on_image:
             ref_logits = method(x, tokens).numpy()
         else:  # every declared output through the method's heads, trained names as base (mode auto)
@@ -108,7 +109,8 @@ def test_every_method_exports_and_matches_torch(name, exported, dataset_spec):
     assert np.abs(predictor.embed_images(images) - ref_img).max() <= TOL
     # logits over all names, through the same graphs the service uses (cosines within TOL)
     scale = float(method.logit_scale())
-    assert np.abs(predictor.logits(images, names) - ref_logits).max() <= TOL * scale
+    described = descriptions_for(names)  # ignored by methods that embed no descriptions
+    assert np.abs(predictor.logits(images, names, descriptions=described) - ref_logits).max() <= TOL * scale
     if caps.text_depends_on_image:
         assert predictor.conditioned and manifest.graphs.text.image_input_name == "image_embeddings"
         with pytest.raises(ValueError, match="depend on the image"):
@@ -119,11 +121,12 @@ def test_every_method_exports_and_matches_torch(name, exported, dataset_spec):
         with pytest.raises(ValueError, match="must not be empty"):
             predictor.conditioned_logits(emb, [])
     else:
-        assert np.abs(predictor.embed_texts(names) - _torch_class_embeddings(method, names)).max() <= TOL
+        assert np.abs(predictor.embed_texts(names, described) - _torch_class_embeddings(method, names)).max() <= TOL
         with pytest.raises(ValueError, match="do not depend on the image"):
             predictor.conditioned_logits(predictor.embed_images(images[:1]), names)
     # top-1 equals torch's evaluation path
-    torch_pred = predict_samples(method, samples, ds.classnames).tolist()
+    # (a method that embeds classes from descriptions uses the artifact's shipped ones here)
+    torch_pred = predict_samples(method, samples, ds.classnames, descriptions=descriptions_for(ds.classnames)).tolist()
     onnx_pred = [ds.classnames.index(r["label"]) for r in predictor.classify(images, ds.classnames)]
     assert onnx_pred == torch_pred
 

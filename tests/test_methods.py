@@ -6,6 +6,8 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import descriptions_for
+from exports.prompts import prompt_rows
 from training.methods import Capabilities, create_method, get_method, list_methods, register_method
 from training.methods.coop import CoOp
 from training.prompts.text import eot_positions
@@ -22,7 +24,7 @@ def _make(name, backbone, **options):
 
 def training_batch(method):
     """(inputs, labels, tokens) of one training batch, as the loop feeds the method."""
-    tokens = method.tokenize(CLASSES)
+    tokens = method.tokenize(CLASSES, descriptions_for(CLASSES))
     if method.training_data == "texts":
         from conftest import colour_descriptions
 
@@ -95,7 +97,7 @@ def test_learned_state_save_load(name, tiny_backbone, tmp_path):
     torch.manual_seed(123)
     b = create_method(name, tiny_backbone, a.config, CLASSES)
     b.load_learned_state(load_tensors(tmp_path / "learned.safetensors")[0])
-    tokens = a.tokenize(CLASSES)
+    tokens = a.tokenize(CLASSES, descriptions_for(CLASSES))
     assert torch.equal(a.class_embeddings(tokens), b.class_embeddings(tokens))
     if a.learned_state():
         with pytest.raises(ValueError, match="does not fit"):
@@ -194,8 +196,9 @@ def test_configs_are_frozen():
 def test_trimmed_tokens_give_the_same_embeddings(name, tiny_backbone):
     """tokenize() drops padding after the longest prompt; the causal text tower must not notice."""
     method = _make(name, tiny_backbone)
-    trimmed = method.tokenize(CLASSES)
-    full = torch.stack([tiny_backbone.tokenizer([t.format(c) for c in CLASSES]) for t in method.prompt_templates()])
+    described = descriptions_for(CLASSES) if method.capabilities.needs_class_descriptions else None
+    trimmed = method.tokenize(CLASSES, described)
+    full = torch.stack([tiny_backbone.tokenizer(row) for row in prompt_rows(method.prompt_templates(), CLASSES, described)])
     assert trimmed.shape[-1] < full.shape[-1] == tiny_backbone.context_length
     assert torch.equal(trimmed, full[..., : trimmed.shape[-1]])
     if method.capabilities.text_depends_on_image:

@@ -103,7 +103,7 @@ def test_descriptions_are_required_and_only_where_used(colour_root, tmp_path):
 
     with pytest.raises(RunError, match="pass --descriptions FILE"):
         train_job("protext", "test-tiny", f"folder:{colour_root}", 2, 1, tmp_path / "a", progress=False)
-    with pytest.raises(RunError, match="does not train on class descriptions"):
+    with pytest.raises(RunError, match="does not use class descriptions"):
         train_job("coop", "test-tiny", f"folder:{colour_root}", 2, 1, tmp_path / "b",
                   descriptions=colour_root / "descriptions.json", progress=False)
     bad = tmp_path / "bad.json"
@@ -117,4 +117,4 @@ def test_benchmark_runs_default_to_the_shipped_descriptions():
     from training.jobs import job_info
 
     info = job_info("protext", "test-tiny", "emoji-nature", 16, 1, None, None)
-    assert info.descriptions["source"] == "shipped descriptions of emoji-nature"
+    assert info.descriptions["kind"] == "benchmark" and info.descriptions["source"] == "emoji-nature"

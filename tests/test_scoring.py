@@ -103,3 +103,22 @@ def test_predict_refuses_names_the_service_refuses(exported, tmp_path):
 
     Image.new("RGB", (32, 32), (200, 10, 10)).save(img)
     assert main(["predict", "--artifact", str(art), "--class-names", '["a", "A"]', str(img)]) == 2
+
+
+def test_predict_takes_descriptions_for_methods_that_embed_them(exported, tmp_path, capsys):
+    from PIL import Image
+
+    from conftest import descriptions_for
+    from training.cli import main
+
+    _, art = exported("cupl")
+    img = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(img)
+    capsys.readouterr()
+    assert main(["predict", "--artifact", str(art), "--class-names", '["red", "lime"]', str(img)]) == 2
+    assert "no descriptions for 1 class name(s): 'lime'" in capsys.readouterr().err  # red is shipped, lime is not
+    desc = tmp_path / "d.json"
+    desc.write_text(json.dumps(descriptions_for(["lime"])))
+    assert main(["predict", "--artifact", str(art), "--class-names", '["red", "lime"]', "--descriptions", str(desc),
+                 str(img)]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["label"] in ("red", "lime")

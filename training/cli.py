@@ -228,8 +228,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError(f"--class-names is not valid JSON ({e}); expected a list such as '[\"cat\", \"dog\"]'") from e
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError("--class-names must be a JSON list of strings")
+    descriptions = None
+    if args.descriptions:
+        from training.data.descriptions import load_descriptions  # torch-free
+
+        descriptions = load_descriptions(args.descriptions)
     predictor = Predictor(args.artifact, device=args.device)
-    predictions = predictor.classify(_read_images(args.images), names, top_k=args.top_k)
+    predictions = predictor.classify(_read_images(args.images), names, top_k=args.top_k, mode=args.mode,
+                                     descriptions=descriptions)
     print(json.dumps({"predictions": predictions}, ensure_ascii=False))
     return 0
 
@@ -376,6 +382,10 @@ def _add_artifact_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--artifact", required=True, metavar="ART_DIR")
     s.add_argument("--class-names", required=True, metavar="JSON_LIST", help='e.g. \'["cat", "dog"]\'')
     s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--mode", choices=["auto", "base", "novel"], default="auto",
+                   help="heads of methods with a base/novel switch: auto (trained names base, others novel), or one for all")
+    s.add_argument("--descriptions", metavar="FILE", help="class descriptions (CuPL JSON) for methods that embed classes "
+                   "from them; the artifact ships those of its known classes")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("images", nargs="+", metavar="IMAGE")
 

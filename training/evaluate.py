@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -35,17 +35,19 @@ def predict_samples(
     progress: bool = False,
     desc: str = "eval",
     mode: str = "auto",
+    descriptions: Mapping[str, Sequence[str]] | None = None,
 ) -> torch.Tensor:
     """Predicted label (index into ``classnames``) for every sample.
 
     Logits come from the method's declared outputs through :func:`exports.scoring.head_logits`, the
     function the runtime and the service score with; ``mode`` (``auto``: the names the method was
     trained on are base) picks the heads of methods with a base/novel switch, as the papers do at
-    test time (base names on the base test set, novel names on the novel one).
+    test time (base names on the base test set, novel names on the novel one). ``descriptions``:
+    for methods that embed classes from them.
     """
     device = torch.device(device)
     method.to(device).eval()
-    tokens = method.tokenize(classnames).to(device)
+    tokens = method.tokenize(classnames, descriptions).to(device)
     conditioned = method.capabilities.text_depends_on_image
     heads = method.graph_signature().heads
     is_base = scoring.base_mask(classnames, method.train_classnames, mode)

@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -21,9 +21,9 @@ from torch import nn
 from exports.manifest import Manifest
 from exports.onnx_export import ArtifactInfo, ExportError, check_exportable, export_artifact
 from exports.preprocess import preprocess_batch
-from training.jobs import load_run_method
+from training.jobs import load_run_method, recorded_descriptions
 from training.methods import PromptMethod
-from training.runs import RunInfo
+from training.runs import RunError, RunInfo
 
 logger = logging.getLogger(__name__)
 
@@ -167,10 +167,13 @@ def export_method(
     precision: str = "fp32",
     overwrite: bool = False,
     exporter: str | None = None,
+    descriptions: Mapping[str, Sequence[str]] | None = None,
 ) -> Manifest:
     """Export an in-memory method (see :func:`export_run` for a run directory).
 
     ``exporter`` overrides :data:`exports.onnx_export.DEFAULT_EXPORTER` (benchmarks compare them).
+    ``descriptions``: for methods that embed classes from descriptions, those the artifact ships
+    (every parity class name needs some).
     """
     check_exportable(method.capabilities.to_dict())  # before anything slow
     method = method.eval()
@@ -193,7 +196,13 @@ def export_method(
         image_outputs=sig.image_outputs,
         text_outputs=sig.text_outputs,
         heads=[h.to_dict() for h in sig.heads],
+        class_descriptions=dict(descriptions or {}) if method.capabilities.needs_class_descriptions else {},
     )
+    if method.capabilities.needs_class_descriptions:
+        missing = [n for n in classnames if not (descriptions or {}).get(n)]
+        if missing:
+            raise ExportError(f"{method.name} embeds classes from their descriptions; none for the parity class names "
+                              f"{missing[:5]}: export needs the run's descriptions (its file, or its benchmark)")
     pixels = preprocess_batch(list(images), bb.preprocess)
     conditioned = method.capabilities.text_depends_on_image
     if conditioned and len(pixels) and classnames:
@@ -243,8 +252,14 @@ def export_run(
         parity_images = images if parity_images is None else parity_images
         parity_classnames = names if parity_classnames is None else parity_classnames
         logger.info("parity inputs: %s", source)
+    descriptions = None
+    if method.capabilities.needs_class_descriptions:
+        try:
+            descriptions = recorded_descriptions(info, list(parity_classnames))
+        except RunError as e:
+            raise ExportError(str(e)) from None
     return export_method(method, out_dir, info, images=parity_images, classnames=parity_classnames,
-                         precision=precision, overwrite=overwrite)
+                         precision=precision, overwrite=overwrite, descriptions=descriptions)
 
 
 def save_to_bentoml(artifact_dir: str | os.PathLike[str], name: str, manifest: Manifest) -> str:

@@ -51,36 +51,63 @@ def make_train_config(method: str, overrides: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig(**{**defaults, **overrides})
 
 
-def train_descriptions(path: str | Path | None, dataset: str, classnames: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """The training classes' descriptions and where they came from (``{"source", "sha256"}`` for run.json).
+def uses_descriptions(method: str, method_cfg: MethodConfig) -> bool:
+    """Whether a method trains on class descriptions or embeds classes from them at test time."""
+    cls = get_method(method).method_cls
+    return cls.needs_train_descriptions or cls.capabilities_for(method_cfg).needs_class_descriptions
 
-    From ``path`` (CuPL format), else the shipped descriptions when ``dataset`` is an emoji
-    benchmark. Classes without a description are left out (the loop trains on the others, as
-    ProText's reference does), with a warning that counts them; none at all is an error.
-    """
+
+def _load_descriptions_source(path: str | Path | None, dataset: str) -> tuple[dict[str, list[str]], dict[str, str]]:
     if path:
         try:
             loaded = load_descriptions(path)
         except (OSError, ValueError) as e:
             raise RunError(f"--descriptions {path}: {e}") from None
-        source = {"source": str(Path(path).resolve()), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
-    else:
-        try:
-            loaded = benchmark_descriptions(dataset)
-        except DatasetError:
-            raise RunError(f"no class descriptions for {dataset}: pass --descriptions FILE "
-                           '(CuPL format: {"class name": ["sentence", ...]})') from None
-        canonical = json.dumps(loaded, sort_keys=True, ensure_ascii=False).encode()
-        source = {"source": f"shipped descriptions of {dataset}", "sha256": hashlib.sha256(canonical).hexdigest()}
+        return loaded, {"kind": "file", "source": str(Path(path).resolve()),
+                        "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+    try:
+        loaded = benchmark_descriptions(dataset)
+    except DatasetError:
+        raise RunError(f"no class descriptions for {dataset}: pass --descriptions FILE "
+                       '(CuPL format: {"class name": ["sentence", ...]})') from None
+    canonical = json.dumps(loaded, sort_keys=True, ensure_ascii=False).encode()
+    return loaded, {"kind": "benchmark", "source": dataset, "sha256": hashlib.sha256(canonical).hexdigest()}
+
+
+def train_descriptions(path: str | Path | None, dataset: str, classnames: Sequence[str],
+                       require_all: bool = False) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """The classes' descriptions and where they came from (``{"kind", "source", "sha256"}`` for run.json).
+
+    From ``path`` (CuPL format), else the shipped descriptions when ``dataset`` is an emoji
+    benchmark. Classes without a description are left out (the loop trains on the others, as
+    ProText's reference does), with a warning that counts them; none at all is an error, and so is
+    any gap with ``require_all`` (a method that embeds every class from its descriptions).
+    """
+    loaded, source = _load_descriptions_source(path, dataset)
     matched, unmatched = match_descriptions(loaded, classnames)
-    if not matched:
-        raise RunError(f"{source['source']}: none of the {len(classnames)} training classes has a description")
+    if not matched or (require_all and unmatched):
+        raise RunError(f"{source['source']}: no descriptions for {len(unmatched)} of the {len(classnames)} classes "
+                       f"({', '.join(unmatched[:5])}{', ...' if len(unmatched) > 5 else ''})")
     if unmatched:
         logger.warning("%d of %d training classes have no description and are left out of training (%s)",
                        len(unmatched), len(classnames), ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else ""))
     logger.info("descriptions: %d classes, %d sentences from %s", len(matched), sum(map(len, matched.values())),
                 source["source"])
     return matched, source
+
+
+def recorded_descriptions(info: RunInfo, classnames: Sequence[str]) -> dict[str, list[str]]:
+    """The descriptions a run recorded (its file, or its benchmark's shipped ones) for ``classnames``.
+
+    A file that changed since training is an error: the run's numbers belong to the old one.
+    """
+    if not info.descriptions:
+        raise RunError(f"the {info.method} run records no class descriptions")
+    src = info.descriptions
+    loaded, now = _load_descriptions_source(src["source"] if src.get("kind") == "file" else None, info.dataset)
+    if now["sha256"] != src["sha256"]:
+        raise RunError(f"{src['source']}: the class descriptions changed since the run was trained")
+    return match_descriptions(loaded, classnames)[0]
 
 
 def start_run(method: str, init_run: str | Path | None, method_options: Mapping[str, Any] | None, backbone: str,
@@ -149,10 +176,11 @@ def train_job(
     if start is not None:
         info.init_run = init_info
     class_descriptions = None
-    if spec.method_cls.needs_train_descriptions:
-        class_descriptions, info.descriptions = train_descriptions(descriptions, dataset, base.classnames)
+    if uses_descriptions(method, method_cfg):
+        test_time = spec.method_cls.capabilities_for(method_cfg).needs_class_descriptions
+        class_descriptions, info.descriptions = train_descriptions(descriptions, dataset, base.classnames, require_all=test_time)
     elif descriptions:
-        raise RunError(f"{method} does not train on class descriptions; drop --descriptions")
+        raise RunError(f"{method} does not use class descriptions; drop --descriptions")
     run = RunDir(out)
     if run.file("run.json").exists():
         previous = recorded_info(run)
@@ -178,7 +206,7 @@ def train_job(
     train_samples = sample_few_shot(base.train, shots, seed)
     logger.info("training %s on %d base classes, %d images (%d-shot, seed %d)", method, len(base.classnames), len(train_samples), shots, seed)
     train_set = SampleDataset(train_samples, build_train_transform(bb.preprocess, train_cfg.min_crop_scale))
-    tokens = model.tokenize(base.classnames)
+    tokens = model.tokenize(base.classnames, class_descriptions)
     train(model, train_set, tokens, train_cfg, run, seed, progress=progress)
     return run
 
@@ -207,7 +235,7 @@ def job_info(
     if base_classnames is None:
         base_classnames = split_base_novel(load_dataset(dataset))[0].classnames
     info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base_classnames)
-    if spec.method_cls.needs_train_descriptions:
+    if uses_descriptions(method, method_cfg):
         info.descriptions = train_descriptions(descriptions, dataset, base_classnames)[1]
     info.init_run = init_info
     return info
@@ -300,9 +328,11 @@ def eval_job(
         raise RunError(f"{info.dataset} no longer has the base classes {rd.path} was trained on")
     dev = resolve_device(device)
     results = {}
+    descriptions = recorded_descriptions(info, ds.classnames) if model.capabilities.needs_class_descriptions else None
     for subset in (base, novel):
         test = limit_per_class(subset.test, test_per_class)
-        preds = predict_samples(model, test, subset.classnames, batch_size, dev, workers, progress, desc=subset.name)
+        preds = predict_samples(model, test, subset.classnames, batch_size, dev, workers, progress, desc=subset.name,
+                                descriptions=descriptions)
         results[subset.name] = accuracy_report(preds, test, subset.classnames)
     metrics = {
         "method": info.method,

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from exports.prompts import prompt_rows
 from training.backbones import Backbone
 from training.prompts.text import trim_tokens
 
@@ -166,7 +167,8 @@ class PromptMethod(nn.Module):
         self.descriptions: dict[str, list[str]] = {}
 
     def use_descriptions(self, descriptions: Mapping[str, Sequence[str]]) -> None:
-        """Class descriptions (``{class name: [sentence, ...]}``) of the training classes, for training.
+        """Class descriptions (``{class name: [sentence, ...]}``) of the training classes, for training
+        (test-time descriptions go with the class names to :meth:`tokenize` instead).
 
         Only the training classes' descriptions are kept; a method that needs them checks coverage
         when it builds its training data.
@@ -220,13 +222,24 @@ class PromptMethod(nn.Module):
         """[C, L] token ids of templated class names -> [C, D] (not normalised)."""
         raise NotImplementedError
 
-    def tokenize(self, classnames: Sequence[str]) -> torch.Tensor:
+    def tokenize(self, classnames: Sequence[str], descriptions: Mapping[str, Sequence[str]] | None = None) -> torch.Tensor:
         """[T, C, L'] token ids: every template filled with every class name.
+
+        For a method that needs class descriptions (``capabilities.needs_class_descriptions``) the
+        rows are each class's own prompts instead, templates then ``descriptions``, padded with the
+        empty prompt (:func:`exports.prompts.prompt_rows`, the layout the runtime uses too).
 
         Padding after the longest prompt is trimmed (exact for the causal text tower, and several
         times cheaper); exported graphs still take the full context length.
         """
-        tokens = torch.stack([self.backbone.tokenizer([t.format(c) for c in classnames]) for t in self.prompt_templates()])
+        if self.capabilities.needs_class_descriptions:
+            if descriptions is None:
+                raise ValueError(f"{self.name} embeds classes from their descriptions: pass descriptions for "
+                                 f"{len(classnames)} class names")
+            rows = prompt_rows(self.prompt_templates(), classnames, descriptions)
+        else:
+            rows = prompt_rows(self.prompt_templates(), classnames)
+        tokens = torch.stack([self.backbone.tokenizer(r) for r in rows])
         return trim_tokens(tokens, self.backbone.eot_token_id)
 
     def class_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:

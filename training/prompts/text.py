@@ -48,3 +48,9 @@ def encode_text_embeddings(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.
     x = x[torch.arange(x.shape[0], device=x.device), eot_idx]  # [C, W]
     proj = clip.text_projection
     return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
+def description_rows(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
+    """[S, C, L] prompt rows -> [S, C] bool: the real ones (a padding row is the empty prompt, its
+    end-of-text token right after the start; see ``exports.prompts``)."""
+    return tokens[..., 1] != eot_token_id
