@@ -1,6 +1,7 @@
 """Contract tests run for every registered method, plus method-specific behaviour."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -18,8 +19,12 @@ CLASSES = ["red apple", "dog", "tent"]
 
 
 def _make(name, backbone, **options):
+    """A method on a private copy of the session's backbone: weight-tuning methods (SkipT) train the
+    backbone's own tensors, and a train step here must not change the backbone other tests share."""
+    import copy
+
     torch.manual_seed(0)
-    return create_method(name, backbone, options or None, CLASSES)
+    return create_method(name, copy.deepcopy(backbone), options or None, CLASSES)
 
 
 def training_batch(method):
@@ -95,7 +100,7 @@ def test_learned_state_save_load(name, tiny_backbone, tmp_path):
                 p.add_(torch.randn_like(p))
     atomic_save_tensors(tmp_path / "learned.safetensors", a.learned_state())
     torch.manual_seed(123)
-    b = create_method(name, tiny_backbone, a.config, CLASSES)
+    b = create_method(name, copy.deepcopy(tiny_backbone), a.config, CLASSES)  # SkipT loads backbone tensors
     b.load_learned_state(load_tensors(tmp_path / "learned.safetensors")[0])
     tokens = a.tokenize(CLASSES, descriptions_for(CLASSES))
     assert torch.equal(a.class_embeddings(tokens), b.class_embeddings(tokens))
@@ -239,3 +244,19 @@ def test_methods_import_only_the_protocol_and_building_blocks():
     for path in sorted(blocks.glob("*.py")):
         bad = {m for m in _imported_modules(path) if m.startswith("training.methods")}
         assert not bad, f"building block {path.name} imports {sorted(bad)}"
+
+
+def test_reference_templates_on_the_standard_datasets():
+    zs = get_method("zeroshot").method_cls
+    assert zs.options_for_dataset("coop:OxfordPets:/data") == {
+        "templates": ("a photo of a {}, a type of pet.",), "ensemble_extra": ("a photo of a {}, a type of pet.",)}
+    assert zs.options_for_dataset("coop:imagenet:/data")["ensemble_extra"] == ()  # no 8th template on ImageNet
+    assert zs.options_for_dataset("emoji-nature") == {} and zs.options_for_dataset("folder:/x") == {}
+    cfg = get_method("zeroshot").config_cls(ensemble=True, ensemble_extra=("{} texture.",))
+    from training.backbones import create_backbone
+
+    m = create_method("zeroshot", create_backbone("test-tiny"), cfg, CLASSES)
+    assert len(m.prompt_templates()) == 8 and m.prompt_templates()[-1] == "{} texture."
+    for name, field in (("kgcoop", "handcrafted_template"), ("tcp", "handcrafted_template"), ("mmrl", "template")):
+        assert get_method(name).method_cls.options_for_dataset("coop:dtd:/d") == {field: "{} texture."}
+    assert get_method("coop").method_cls.options_for_dataset("coop:dtd:/d") == {}

@@ -1,6 +1,7 @@
 """SkipT: upper halves of both towers tuned, lower blocks skipped, classes skipped, class batches."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -13,8 +14,9 @@ CLASSES = [f"class {i}" for i in range(12)]
 
 
 def _make(backbone, **options):
+    """On a private copy of the session's backbone: SkipT's tensors are the backbone's own."""
     torch.manual_seed(0)
-    return create_method("skipt", backbone, options or None, CLASSES)
+    return create_method("skipt", copy.deepcopy(backbone), options or None, CLASSES)
 
 
 def test_tunes_the_upper_half_and_the_heads_only(tiny_backbone):
@@ -35,7 +37,7 @@ def test_skipping_computes_what_the_full_towers_compute(tiny_backbone):
     m = _make(tiny_backbone)
     images, tokens = torch.randn(3, 3, 32, 32), m.tokenize(CLASSES)[0]
     with torch.no_grad():
-        torch.testing.assert_close(m._image_skipping_lower(images), tiny_backbone.model.visual(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m._image_skipping_lower(images), m.clip.visual(images), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m._text_upper(m._text_lower_states(tokens), tokens), m.encode_text(tokens), atol=1e-5, rtol=1e-5)
     m._image_skipping_lower(images).sum().backward()
     assert all(p.grad is None for p in m.clip.visual.transformer.resblocks[0].parameters())
@@ -59,7 +61,7 @@ def test_class_wise_skipping_keeps_the_labels_and_draws_its_mask_once(tiny_backb
     assert torch.isinf(logits).any() == (len(kept) < len(CLASSES))
     # the loss is the cross-entropy over the kept classes
     with torch.no_grad():
-        feats = F.normalize(tiny_backbone.model.visual(images), dim=-1)
+        feats = F.normalize(m.clip.visual(images), dim=-1)
         text = F.normalize(m.encode_text(tokens[0][kept]), dim=-1)
         want = F.cross_entropy(m.logit_scale() * feats @ text.t(), (kept == 7).nonzero()[0].expand(4))
     torch.testing.assert_close(loss.detach(), want, atol=1e-4, rtol=1e-4)

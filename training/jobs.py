@@ -163,6 +163,7 @@ def train_job(
     (default for emoji benchmarks: the shipped ones; see :func:`train_descriptions`).
     """
     spec = get_method(method)
+    method_options = {**spec.method_cls.options_for_dataset(dataset), **(method_options or {})}
     base, _ = split_base_novel(load_dataset(dataset))
     start = None
     if spec.method_cls.needs_init_run:
@@ -225,6 +226,7 @@ def job_info(
 ) -> RunInfo:
     """The ``run.json`` of a training job (``base_classnames`` default: loaded from the dataset)."""
     spec = get_method(method)
+    method_options = {**spec.method_cls.options_for_dataset(dataset), **(method_options or {})}
     init_info = None
     if spec.method_cls.needs_init_run:
         if base_classnames is None:

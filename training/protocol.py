@@ -147,6 +147,12 @@ class PromptMethod(nn.Module):
     needs_train_descriptions: ClassVar[bool] = False
 
     @classmethod
+    def options_for_dataset(cls, dataset: str) -> dict[str, Any]:
+        """Method options the reference sets per dataset (a hand-written template on the 11 standard
+        datasets); the caller's options win over them. Most methods have none."""
+        return {}
+
+    @classmethod
     def options_for_epochs(cls, config: MethodConfig, epochs: int) -> dict[str, Any]:
         """Method options to change when training ``epochs`` instead of the reference's epochs.
 

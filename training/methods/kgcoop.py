@@ -19,9 +19,9 @@ published numbers and the weight 8 were obtained; ``distance="squared_l2"`` is t
 
 Deliberate deviations:
 - Hand-crafted prompt: the reference picks one template per dataset (``CUSTOM_TEMPLATES``, e.g.
-  "a photo of a {}, a type of pet." for OxfordPets). We have no per-dataset templates, so it is the
-  config field ``handcrafted_template``, "a photo of a {}." by default (the reference's ImageNet,
-  Caltech101, SUN397 and StanfordCars choice); pass a dataset's template to reproduce it exactly.
+  "a photo of a {}, a type of pet." for OxfordPets); so does ``handcrafted_template`` on the 11
+  standard datasets (``options_for_dataset``), and elsewhere it is "a photo of a {}." (the
+  reference's ImageNet, Caltech101, SUN397 and StanfordCars choice).
 - Precision: the reference computes ``w_clip`` with an fp16 CLIP and trains in fp16 (``PREC``
   default "fp16"); its "amp" branch drops the knowledge term altogether (and would fail on the tuple
   the model returns). Here ``w_clip`` is computed once in fp32 and the term applies in every
@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from training.protocol import register_method
 from training.prompts.context import ContextConfig, ContextPromptMethod
 from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, handcrafted_train_features, knowledge_distance
+from training.prompts.templates import reference_template
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,12 @@ class KgCoOp(ContextPromptMethod):
     train_defaults = {"epochs": 100, "batch_size": 128, "lr": 0.002}
     published_b2n = (80.73, 73.60, 77.00)
     published_source = "its paper (Yao et al., CVPR 2023)"
+
+    @classmethod
+    def options_for_dataset(cls, dataset: str) -> dict:
+        """The reference's hand-written template of the 11 standard datasets (:mod:`training.prompts.templates`)."""
+        template = reference_template(dataset)
+        return {} if template is None else {"handcrafted_template": template}
 
     def knowledge_loss(self, class_embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Distance of the learned [C, D] embeddings (normalised) to the hand-crafted ones."""

@@ -41,8 +41,9 @@ scale); ln_post is applied to each representation token before the mean.
 
 Deliberate deviations:
 - fp32 master weights (the reference converts CLIP to fp16 and back to fp32 for "amp").
-- The per-dataset hand-written templates of the reference are the option ``template`` ("a photo
-  of a {}." by default, the reference's choice for ImageNet, Caltech101, SUN397 and StanfordCars).
+- The reference's per-dataset hand-written templates are ``template``: the dataset's CoOp template
+  on the 11 standard datasets (``options_for_dataset``; MMRL's table is CoOp's), "a photo of a {}."
+  elsewhere.
 - The reference caches text features at the first eval call (stale if the class list changes);
   here every class list is embedded afresh.
 """
@@ -69,6 +70,7 @@ from training.protocol import (
 )
 from training.prompts.deep import check_vision_tower, run_blocks_inserting, vision_input_tokens
 from training.prompts.knowledge import check_template, handcrafted_train_features
+from training.prompts.templates import reference_template
 from training.prompts.text import eot_positions, text_position_inputs
 
 IMAGE_REP = "image_embeddings_rep"
@@ -126,6 +128,12 @@ def _copies(module: nn.Module, n: int) -> nn.ModuleList:
 class MMRL(PromptMethod):
     config_cls = MMRLConfig
     train_defaults = {"epochs": 10, "batch_size": 4, "lr": 0.001, "optimizer": "adamw", "min_crop_scale": 0.5}
+
+    @classmethod
+    def options_for_dataset(cls, dataset: str) -> dict:
+        """The reference's hand-written template of the 11 standard datasets (:mod:`training.prompts.templates`)."""
+        template = reference_template(dataset)
+        return {} if template is None else {"template": template}
 
     def __init__(self, backbone: Backbone, config: MMRLConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)

@@ -30,8 +30,9 @@ Deliberate deviations:
 - The class-aware token count is ``n_ctx`` (the reference hard-codes 4 tokens of width 512, which
   only works for n_ctx = 4 on a 512-wide text tower).
 - Templates: the reference uses per-dataset learned templates ("X X X X {}, a type of pet.") and
-  hand-crafted ones ("a photo of a {}, a type of pet."); here they are ``"X X X X {}."`` and the
-  config field ``handcrafted_template`` ("a photo of a {}." by default).
+  hand-crafted ones ("a photo of a {}, a type of pet."); here the learned one is ``"X X X X {}."``
+  and ``handcrafted_template`` is the dataset's CoOp template on the 11 standard datasets
+  (``options_for_dataset``), "a photo of a {}." elsewhere.
 - Optimizer: Dassl's "adam" (coupled L2 weight decay 5e-4) becomes the loop's AdamW (decoupled
   decay 5e-4); at lr 0.002 the decay is negligible either way.
 - Precision: the reference computes the hand-crafted embeddings and runs the meta-net in fp16
@@ -57,6 +58,7 @@ from training.backbones import Backbone
 from training.protocol import MethodConfig, PromptMethod, register_method
 from training.prompts.context import context_template, init_context, place_context
 from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, frozen_text_features, knowledge_distance
+from training.prompts.templates import reference_template
 from training.prompts.text import eot_positions, text_position_inputs
 
 
@@ -115,6 +117,12 @@ class TCP(PromptMethod):
     train_defaults = {"epochs": 50, "batch_size": 32, "lr": 0.002, "optimizer": "adamw"}
     published_b2n = (84.13, 75.36, 79.51)
     published_source = "its paper (Yao et al., CVPR 2024)"
+
+    @classmethod
+    def options_for_dataset(cls, dataset: str) -> dict:
+        """The reference's hand-written template of the 11 standard datasets (:mod:`training.prompts.templates`)."""
+        template = reference_template(dataset)
+        return {} if template is None else {"handcrafted_template": template}
 
     def __init__(self, backbone: Backbone, config: TCPConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)

@@ -1,0 +1,40 @@
+"""The hand-written per-dataset templates of the CoOp code base, for the 11 standard datasets.
+
+CoOp's ``trainers/zsclip.py`` (KaiyangZhou/CoOp at ff61507) defines ``CUSTOM_TEMPLATES``, one
+template per dataset; zero-shot CLIP, KgCoOp, TCP and MMRL take their hand-written prompt from the
+same table (MMRL's copy in ``trainers/mmrl.py`` is identical). Facts, keyed by promptbake's CoOp
+dataset names. Other datasets (the emoji benchmark, ``folder:`` trees) keep "a photo of a {}.".
+"""
+from __future__ import annotations
+
+COOP_TEMPLATES: dict[str, str] = {
+    "oxford_pets": "a photo of a {}, a type of pet.",
+    "oxford_flowers": "a photo of a {}, a type of flower.",
+    "fgvc_aircraft": "a photo of a {}, a type of aircraft.",
+    "dtd": "{} texture.",
+    "eurosat": "a centered satellite photo of {}.",
+    "stanford_cars": "a photo of a {}.",
+    "food101": "a photo of {}, a type of food.",
+    "sun397": "a photo of a {}.",
+    "caltech101": "a photo of a {}.",
+    "ucf101": "a photo of a person doing {}.",
+    "imagenet": "a photo of a {}.",
+}
+
+
+def coop_dataset(dataset: str) -> str | None:
+    """The CoOp dataset name of a ``coop:NAME:ROOT`` spec (case- and underscore-insensitive), else None."""
+    if not dataset.startswith("coop:"):
+        return None
+    from training.data.coop import get_coop_layout
+
+    try:
+        return get_coop_layout(dataset.split(":", 2)[1]).name
+    except ValueError:
+        return None  # the dataset loader reports the unknown name
+
+
+def reference_template(dataset: str) -> str | None:
+    """The reference's hand-written template for a dataset spec, or None outside the 11 standard datasets."""
+    name = coop_dataset(dataset)
+    return None if name is None else COOP_TEMPLATES[name]
