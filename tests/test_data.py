@@ -311,26 +311,37 @@ def _tiny(name="tiny") -> ImageDataset:
     return ImageDataset(name, ("a", "b"), (Sample("/x/a.jpg", 0),), (), (Sample("/x/b.jpg", 1),))
 
 
-def test_benchmark_delegation(monkeypatch):
-    fake = types.ModuleType("training.benchmark")
-    fake.load_benchmark = lambda name: _tiny(name)
-    fake.list_benchmarks = lambda: [("tiny", "a tiny benchmark")]
-    monkeypatch.setitem(sys.modules, "training.benchmark", fake)
+def test_named_datasets_come_from_registered_providers(monkeypatch):
+    import training.data as data
+
+    monkeypatch.setattr(data, "_NAMED", [])
+    data.register_named_datasets(lambda: [("tiny", "a tiny benchmark")], lambda name: _tiny(name))
     assert load_dataset("tiny") == _tiny()
-    with pytest.raises(DatasetError, match="unknown benchmark 'tinny'; did you mean tiny"):
+    with pytest.raises(DatasetError, match="unknown dataset 'tinny'; did you mean tiny"):
         load_dataset("tinny")
     with pytest.raises(DatasetError, match="CoOp datasets need a root: coop:oxford_pets:ROOT"):
         load_dataset("OxfordPets")
     assert ("tiny", "a tiny benchmark") in list_dataset_specs()
 
 
-def test_benchmark_unavailable(monkeypatch):
-    monkeypatch.setitem(sys.modules, "training.benchmark", None)  # import raises ImportError
-    with pytest.raises(DatasetError, match=r"benchmarks are unavailable.*valid: coop:NAME:ROOT .*folder:ROOT"):
+def test_no_named_dataset_provider(monkeypatch):
+    import training.data as data
+
+    monkeypatch.setattr(data, "_NAMED", [])
+    with pytest.raises(DatasetError, match=r"named datasets: none registered.*valid: coop:NAME:ROOT .*folder:ROOT"):
         load_dataset("tiny")
-    specs = [s for s, _ in list_dataset_specs()]
-    assert specs == ["folder:ROOT"] + [f"coop:{n}:ROOT" for n in COOP_DATASETS]
-    assert len(COOP_DATASETS) == 11
+
+
+def test_data_never_imports_the_benchmark():
+    # the emoji benchmark registers its names with training.data, not the other way round
+    import re
+    from pathlib import Path
+
+    import training.data as data
+
+    for path in Path(data.__file__).parent.glob("*.py"):
+        assert not re.search(r"^\s*(from|import) training\.benchmark", path.read_text(), re.M), path.name
+    assert any(n.startswith("emoji-") for n, _ in data._named_rows())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,13 +20,8 @@ from training.benchmark import BENCHMARKS, benchmark_classes
 from training.benchmark import descriptions as builder
 from training.benchmark.suite import universe
 from training.data import DatasetError
-from training.data.descriptions import (
-    benchmark_attributes,
-    benchmark_descriptions,
-    load_attributes,
-    load_descriptions,
-    match_descriptions,
-)
+from training.benchmark.descriptions import benchmark_attributes, benchmark_descriptions
+from training.data.descriptions import load_attributes, load_descriptions, match_descriptions
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = REPO / ".sources"
@@ -253,8 +248,8 @@ def test_descriptions_are_package_data() -> None:
 
 
 def test_descriptions_do_not_import_torch() -> None:
-    code = ("import sys; from training.data import benchmark_descriptions, load_descriptions, match_descriptions; "
-            "import training.benchmark.descriptions; benchmark_descriptions('emoji-nature'); "
+    code = ("import sys; from training.data import load_descriptions, match_descriptions; "
+            "from training.benchmark.descriptions import benchmark_descriptions; benchmark_descriptions('emoji-nature'); "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

@@ -10,17 +10,19 @@ import logging
 import os
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+# the names live torch-free and dependency-free in training.constants (re-exported here)
+from training.constants import (
+    DEFAULT_ARTIFACT_NAME,
+    DEFAULT_BACKBONE,
+    DEFAULT_BACKBONE_VERSION,
+    EMOJI_VIT_S_VERSIONS,
+    PARITY_DATASET,
+)
 
-# Shipped versions of the embedded backbone's weights, oldest first (``training/weights/emoji-vit-s-vN``);
-# the bare name ``emoji-vit-s`` means the last. Kept here, torch-free, so that `promptbake serve` can name
-# the default artifact without importing torch.
-EMOJI_VIT_S_VERSIONS = ("v1", "v2")
-DEFAULT_BACKBONE = "emoji-vit-s"
-DEFAULT_BACKBONE_VERSION = f"{DEFAULT_BACKBONE}-{EMOJI_VIT_S_VERSIONS[-1]}"
-# named by the version: a new version is exported anew instead of serving a cached older one
-DEFAULT_ARTIFACT_NAME = f"{DEFAULT_BACKBONE_VERSION}-zeroshot"
-PARITY_DATASET = "emoji-nature"
+__all__ = ["DEFAULT_ARTIFACT_NAME", "DEFAULT_BACKBONE", "DEFAULT_BACKBONE_VERSION", "EMOJI_VIT_S_VERSIONS",
+           "PARITY_DATASET", "artifacts_home", "ensure_default_artifact"]
+
+logger = logging.getLogger(__name__)
 
 
 def artifacts_home() -> Path:

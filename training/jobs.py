@@ -16,11 +16,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from training.backbones import create_backbone, recorded_backbone_spec, resolve_backbone_spec
+from training.benchmark.descriptions import benchmark_descriptions
 from training.data import (
     DatasetError,
     Sample,
     SampleDataset,
-    benchmark_descriptions,
     build_train_transform,
     load_dataset,
     load_descriptions,

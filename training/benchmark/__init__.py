@@ -83,3 +83,12 @@ def load_benchmark(
         )
 
     return ImageDataset(spec.name, tuple(meta["classnames"]), samples("train"), samples("val"), samples("test"))
+
+
+def _register() -> None:
+    from training.data import register_named_datasets
+
+    register_named_datasets(list_benchmarks, load_benchmark)  # bare dataset names resolve to these
+
+
+_register()

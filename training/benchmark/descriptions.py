@@ -50,6 +50,7 @@ the pinned sources into ``.sources/``)::
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import logging
@@ -61,7 +62,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from training.benchmark.suite import universe
+from training.benchmark.suite import BENCHMARKS, benchmark_classes, universe
+from training.data.core import DatasetError
+from training.data.descriptions import load_attributes, load_descriptions, match_descriptions
 
 logger = logging.getLogger(__name__)
 
@@ -342,3 +345,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# -- the shipped files, for a benchmark's classes (the benchmark provides them; training.data only loads) --
+
+def _benchmark_classnames(name: str) -> list[str]:
+    spec = BENCHMARKS.get(name)
+    if spec is None:
+        close = difflib.get_close_matches(name, list(BENCHMARKS), n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise DatasetError(f"no shipped descriptions for {name!r}: not an emoji benchmark.{hint} "
+                           f"Benchmarks: {', '.join(BENCHMARKS)}")
+    return [n for _, n in benchmark_classes(spec)]
+
+
+def _shipped(loaded: dict, file: str, name: str, classnames: Sequence[str]) -> dict:
+    matched, unmatched = match_descriptions(loaded, classnames)
+    if unmatched:  # the shipped file covers universe(); a gap means it is stale (rebuild it)
+        raise DatasetError(f"{file} has no entry for {len(unmatched)} classes of {name} "
+                           f"({', '.join(unmatched[:5])}); rebuild it: python -m training.benchmark.descriptions")
+    return matched
+
+
+def benchmark_descriptions(name: str) -> dict[str, list[str]]:
+    """The shipped CuPL descriptions of an emoji benchmark's classes, in label order.
+
+    Raises:
+        training.data.DatasetError: an unknown benchmark (with close matches), or a class the
+            shipped file lacks.
+    """
+    classnames = _benchmark_classnames(name)
+    return _shipped(load_descriptions(DATA_DIR / DESCRIPTIONS_NAME), DESCRIPTIONS_NAME, name, classnames)
+
+
+def benchmark_attributes(name: str) -> dict[str, dict[str, list[str]]]:
+    """The shipped attribute trees of an emoji benchmark's classes, in label order (as above)."""
+    classnames = _benchmark_classnames(name)
+    return _shipped(load_attributes(DATA_DIR / ATTRIBUTES_NAME), ATTRIBUTES_NAME, name, classnames)

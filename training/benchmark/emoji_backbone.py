@@ -19,7 +19,7 @@ import torch
 from open_clip.model import CLIP
 
 from exports.preprocess import PreprocessConfig
-from training.defaults import EMOJI_VIT_S_VERSIONS
+from training.constants import EMOJI_VIT_S_VERSIONS
 from training.backbones import (
     OPENAI_MEAN, OPENAI_STD, Backbone, BackboneError, build_clip, register_backbone, register_backbone_alias,
 )
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 NAME = "emoji-vit-s"
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-# Shipped weight versions, oldest first (defined torch-free in training.defaults); ``emoji-vit-s`` names the
+# Shipped weight versions, oldest first (defined in training.constants); ``emoji-vit-s`` names the
 # last. A version, once shipped, never changes (benchmark tables name the version they ran on); better
 # weights ship as a new version.
 VERSIONS = EMOJI_VIT_S_VERSIONS

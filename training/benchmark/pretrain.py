@@ -505,7 +505,7 @@ def install_weights(out: str | Path, version: str) -> Path:
     """Copy a finished run's weights and report to ``training/weights/emoji-vit-s-VERSION.*``.
 
     A shipped version is immutable (benchmark tables name it): installing over a different file of the
-    same version is refused. ``emoji-vit-s`` names the last entry of ``training.defaults.EMOJI_VIT_S_VERSIONS``,
+    same version is refused. ``emoji-vit-s`` names the last entry of ``training.constants.EMOJI_VIT_S_VERSIONS``,
     so a new version becomes the default only when it is added there.
     """
     out = Path(out)
@@ -523,7 +523,7 @@ def install_weights(out: str | Path, version: str) -> Path:
         shutil.copyfile(s, tmp)
         os.replace(tmp, d)
     logger.info("installed %s as %s%s", dst, versioned_name(version),
-                "" if version in VERSIONS else f"; add {version!r} to training.defaults.EMOJI_VIT_S_VERSIONS to make it loadable")
+                "" if version in VERSIONS else f"; add {version!r} to training.constants.EMOJI_VIT_S_VERSIONS to make it loadable")
     return dst
 
 

@@ -8,6 +8,7 @@ Spec forms:
 from __future__ import annotations
 
 import difflib
+from typing import Callable
 
 from training.data.coop import COOP_DATASETS, get_coop_layout, load_coop_dataset
 from training.data.core import (
@@ -20,7 +21,7 @@ from training.data.core import (
     split_base_novel,
     subset_classes,
 )
-from training.data.descriptions import benchmark_descriptions, load_descriptions, match_descriptions
+from training.data.descriptions import load_descriptions, match_descriptions
 from training.data.folder import load_folder_dataset
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "ImageDataset",
     "Sample",
     "SampleDataset",
-    "benchmark_descriptions",
     "build_eval_transform",
     "build_train_transform",
     "list_dataset_specs",
@@ -40,6 +40,7 @@ __all__ = [
     "load_descriptions",
     "load_folder_dataset",
     "match_descriptions",
+    "register_named_datasets",
     "sample_few_shot",
     "split_base_novel",
     "subset_classes",
@@ -62,13 +63,19 @@ _PREFIXES = ("coop", "folder")
 SPEC_FORMS = "coop:NAME:ROOT (NAME one of " + ", ".join(COOP_DATASETS) + "), folder:ROOT, or a benchmark name"
 
 
-def _benchmark_rows() -> list[tuple[str, str]]:
-    """``(name, description)`` of training.benchmark's benchmarks; empty if it is not importable."""
-    try:
-        from training.benchmark import list_benchmarks
-    except ImportError:
-        return []
-    return [entry if isinstance(entry, tuple) else (str(entry), "benchmark") for entry in list_benchmarks()]
+# Named datasets come from providers that register themselves (the emoji benchmark, from
+# training.benchmark); this package imports none of them.
+_NAMED: list[tuple[Callable[[], list[tuple[str, str]]], Callable[[str], ImageDataset]]] = []
+
+
+def register_named_datasets(lister: Callable[[], list[tuple[str, str]]], loader: Callable[[str], ImageDataset]) -> None:
+    """Make bare dataset names resolvable: ``lister()`` gives ``(name, description)`` rows, ``loader(name)`` the dataset."""
+    if (lister, loader) not in _NAMED:
+        _NAMED.append((lister, loader))
+
+
+def _named_rows() -> list[tuple[str, str]]:
+    return [row for lister, _ in _NAMED for row in lister()]
 
 
 def load_dataset(spec: str) -> ImageDataset:
@@ -93,27 +100,22 @@ def load_dataset(spec: str) -> ImageDataset:
         close = difflib.get_close_matches(prefix, _PREFIXES, n=1, cutoff=0.5)
         hint = f"; did you mean '{close[0]}:'?" if close else ""
         raise DatasetError(f"unknown dataset spec prefix {prefix!r} in {spec!r}{hint} (valid: {SPEC_FORMS})")
-    return _load_benchmark(spec)
+    return _load_named(spec)
 
 
-def _load_benchmark(name: str) -> ImageDataset:
+def _load_named(name: str) -> ImageDataset:
     try:
         coop_hint = f"; CoOp datasets need a root: coop:{get_coop_layout(name).name}:ROOT"
     except DatasetError:
         coop_hint = ""
-    try:
-        from training.benchmark import load_benchmark
-    except ImportError as exc:
-        raise DatasetError(
-            f"dataset spec {name!r} is not coop:/folder: and benchmarks are unavailable ({exc}){coop_hint}; "
-            f"valid: {SPEC_FORMS}"
-        ) from exc
-    names = [n for n, _ in _benchmark_rows()]
-    if names and name not in names:
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        hint = coop_hint + (f"; did you mean {', '.join(close)}?" if close else "")
-        raise DatasetError(f"unknown benchmark {name!r}{hint} (benchmarks: {', '.join(names)}; valid: {SPEC_FORMS})")
-    return load_benchmark(name)
+    for lister, loader in _NAMED:
+        if name in [n for n, _ in lister()]:
+            return loader(name)
+    names = [n for n, _ in _named_rows()]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    hint = coop_hint + (f"; did you mean {', '.join(close)}?" if close else "")
+    raise DatasetError(f"unknown dataset {name!r}{hint} (named datasets: {', '.join(names) or 'none registered'}; "
+                       f"valid: {SPEC_FORMS})")
 
 
 def list_dataset_specs() -> list[tuple[str, str]]:
@@ -125,4 +127,4 @@ def list_dataset_specs() -> list[tuple[str, str]]:
         source = layout.split_file or ("classnames.txt + images/{train,val}/" if layout.name == "imagenet"
                                       else "variants.txt + images_variant_*.txt")
         rows.append((f"coop:{layout.name}:ROOT", f"{layout.title}; ROOT/{layout.dir_name}/ with {source}"))
-    return rows + _benchmark_rows()
+    return rows + _named_rows()

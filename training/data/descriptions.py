@@ -9,14 +9,11 @@ Torch-free: nothing here (or in what it imports) loads torch.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from typing import Iterable, Mapping, Sequence
 
 __all__ = [
-    "benchmark_attributes",
-    "benchmark_descriptions",
     "description_key",
     "load_attributes",
     "load_descriptions",
@@ -120,47 +117,3 @@ def match_descriptions(descriptions: Mapping[str, list[str]] | Mapping[str, dict
         else:
             matched[classname] = descriptions[name]
     return matched, unmatched
-
-
-def _benchmark_classnames(name: str) -> list[str]:
-    from training.benchmark.suite import BENCHMARKS, benchmark_classes
-    from training.data.core import DatasetError
-
-    spec = BENCHMARKS.get(name)
-    if spec is None:
-        close = difflib.get_close_matches(name, list(BENCHMARKS), n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise DatasetError(f"no shipped descriptions for {name!r}: not an emoji benchmark.{hint} "
-                           f"Benchmarks: {', '.join(BENCHMARKS)}")
-    return [n for _, n in benchmark_classes(spec)]
-
-
-def _shipped(loaded: dict, file: str, name: str, classnames: Sequence[str]) -> dict:
-    from training.data.core import DatasetError
-
-    matched, unmatched = match_descriptions(loaded, classnames)
-    if unmatched:  # the shipped file covers universe(); a gap means it is stale (rebuild it)
-        raise DatasetError(f"{file} has no entry for {len(unmatched)} classes of {name} "
-                           f"({', '.join(unmatched[:5])}); rebuild it: python -m training.benchmark.descriptions")
-    return matched
-
-
-def benchmark_descriptions(name: str) -> dict[str, list[str]]:
-    """The shipped CuPL descriptions of an emoji benchmark's classes, in label order.
-
-    Raises:
-        training.data.DatasetError: an unknown benchmark (with close matches), or a class the
-            shipped file lacks.
-    """
-    from training.benchmark.descriptions import DATA_DIR, DESCRIPTIONS_NAME
-
-    classnames = _benchmark_classnames(name)
-    return _shipped(load_descriptions(DATA_DIR / DESCRIPTIONS_NAME), DESCRIPTIONS_NAME, name, classnames)
-
-
-def benchmark_attributes(name: str) -> dict[str, dict[str, list[str]]]:
-    """The shipped attribute trees of an emoji benchmark's classes, in label order (as above)."""
-    from training.benchmark.descriptions import ATTRIBUTES_NAME, DATA_DIR
-
-    classnames = _benchmark_classnames(name)
-    return _shipped(load_attributes(DATA_DIR / ATTRIBUTES_NAME), ATTRIBUTES_NAME, name, classnames)
