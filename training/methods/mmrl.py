@@ -36,8 +36,9 @@ For a tower of L blocks the tokens enter at block ``round(L * 5 / 12)`` (5 of 12
 ``rep_start`` fixes it for both; each tower has one projection per block from there on.
 
 Reference behaviour kept: the per-block projections are copies of one freshly initialised Linear
-(identical at the start); the fixed scale 100 (``scale``; None uses the backbone's learned
-scale); ln_post is applied to each representation token before the mean.
+(identical at the start); the fixed scale 100 (``scale``; ``use_backbone_scale`` takes the
+backbone's learned scale, identical on OpenAI CLIP); ln_post is applied to each representation
+token before the mean.
 
 Deliberate deviations:
 - fp32 master weights (the reference converts CLIP to fp16 and back to fp32 for "amp").
@@ -91,7 +92,9 @@ class MMRLConfig(MethodConfig):
     alpha: weight of the class-token logits in the fused (base) logits and the loss (0.7).
     reg_weight: weight of each consistency term with the frozen CLIP (1.0).
     template: the hand-written class prompt.
-    scale: fixed logit scale (reference 100.0); None uses the backbone's learned scale.
+    scale: fixed logit scale (reference 100.0, which is OpenAI CLIP's learned scale).
+    use_backbone_scale: use the backbone's learned scale instead (the same for OpenAI CLIP;
+        emoji-vit-s's is 21.5, so 100 sharpens its softmax 4.6x).
     init_std: std of the representation tokens' initialisation.
     """
 
@@ -101,7 +104,8 @@ class MMRLConfig(MethodConfig):
     alpha: float = 0.7
     reg_weight: float = 1.0
     template: str = "a photo of a {}."
-    scale: float | None = 100.0
+    scale: float = 100.0
+    use_backbone_scale: bool = False
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -113,7 +117,7 @@ class MMRLConfig(MethodConfig):
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.reg_weight < 0:
             raise ValueError(f"reg_weight must be >= 0, got {self.reg_weight}")
-        if self.scale is not None and not self.scale > 0:
+        if not self.scale > 0:
             raise ValueError(f"scale must be > 0, got {self.scale}")
         if self.init_std <= 0:
             raise ValueError("init_std must be > 0")
@@ -171,7 +175,7 @@ class MMRL(PromptMethod):
         return [self.config.template]
 
     def logit_scale(self) -> torch.Tensor:
-        if self.config.scale is None:
+        if self.config.use_backbone_scale:
             return super().logit_scale()
         return torch.tensor(float(self.config.scale), device=self.rep_tokens.device)
 
