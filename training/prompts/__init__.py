@@ -12,4 +12,8 @@ A method module (``training.methods.*``) composes these and the protocol
   :class:`~training.prompts.deep.DeepPromptMethod`.
 - :mod:`training.prompts.knowledge`: the knowledge-guided family's hand-crafted anchors and
   distances (KgCoOp, ProGrad's teacher, TCP).
+- :mod:`training.prompts.templates`: the reference's per-dataset hand-written templates.
+- :mod:`training.prompts.host`: plug-ins on host methods (:class:`~training.prompts.host.HostedMethod`, DPC).
+- :mod:`training.prompts.adapters`: the adapter hook (:func:`~training.prompts.adapters.wrap_modules`),
+  replacing or wrapping modules inside the towers by rule.
 """
