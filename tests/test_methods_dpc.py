@@ -33,9 +33,11 @@ def test_starts_as_the_host_run_and_serves_p_prime_for_base_and_p_for_new(tiny_b
     host = _host(tiny_backbone)
     m = _dpc(tiny_backbone, host)
     tokens = m.tokenize(BASE)
+    assert torch.equal(tokens, host.tokenize(BASE)) and m.prompt_templates() == host.prompt_templates()
+    assert m.logit_scale() == host.logit_scale()
     with torch.no_grad():
         out = m.text_outputs(tokens)
-        want = host.class_embeddings(tokens)
+        want = host.class_embeddings(host.tokenize(BASE))  # the host run's own class embeddings
         torch.testing.assert_close(out["class_embeddings"], want)
         torch.testing.assert_close(out["class_embeddings_base"], want, atol=1e-6, rtol=1e-5)  # P' = P at the start
         m.mixed["ctx"].add_(0.3 * torch.randn_like(m.mixed["ctx"]))  # "train" M

@@ -76,6 +76,13 @@ class HostedMethod(PromptMethod):
         with _swapped(self.host, tensors or {}):
             return getattr(self.host, fn)(*args)
 
+    def prompt_templates(self) -> list[str]:
+        """The host's: the plug-in embeds classes through the host, so it tokenizes as the host does."""
+        return self.host.prompt_templates()
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.host.logit_scale()
+
 
 @contextlib.contextmanager
 def _swapped(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[None]:
@@ -100,9 +107,3 @@ def _swapped(module: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator
     finally:
         for slots, leaf, original in reversed(saved):
             slots[leaf] = original
-
-    def prompt_templates(self) -> list[str]:
-        return self.host.prompt_templates()
-
-    def logit_scale(self) -> torch.Tensor:
-        return self.host.logit_scale()
