@@ -59,7 +59,10 @@ def bench_train_cost(methods: Sequence[str], backbone: str, dataset: str, *, epo
             if rc != 0:
                 raise RuntimeError(f"promptbake train --method {name} failed ({rc}): {err.strip().splitlines()[-1] if err.strip() else ''}")
             log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
-            rows.append({"method": name, "epochs": len(log), "epoch_seconds": median(r["seconds"] for r in log),
+            epoch_seconds = median(r["seconds"] for r in log)
+            reference_epochs = int(spec.method_cls.train_defaults.get("epochs", 0))
+            rows.append({"method": name, "epochs": len(log), "epoch_seconds": epoch_seconds,
+                         "reference_epochs": reference_epochs, "reference_run_seconds": epoch_seconds * reference_epochs,
                          "peak_rss_mb": peak / 2**20, "wall_seconds": wall, "threads": threads,
                          "trainable": sum(v.numel() for v in _learned(run).values())})
     return rows
@@ -74,12 +77,15 @@ def _learned(run: Path) -> dict:
 def format_train_cost_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown, ratios to the first row."""
     first = rows[0]
-    lines = ["| method | learned tensors | s / epoch | vs first | peak RSS MB | vs first | process wall s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | learned tensors | s / epoch | vs first | reference epochs | reference run s (estimate) | vs first "
+             "| peak RSS MB | vs first | process wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        ref = r["reference_run_seconds"] / first["reference_run_seconds"] if first["reference_run_seconds"] else float("nan")
         lines.append(f"| {r['method']} | {r['trainable']:,} | {r['epoch_seconds']:.1f} | "
-                     f"{r['epoch_seconds'] / first['epoch_seconds']:.2f}x | {r['peak_rss_mb']:.0f} | "
+                     f"{r['epoch_seconds'] / first['epoch_seconds']:.2f}x | {r['reference_epochs']} | "
+                     f"{r['reference_run_seconds']:.0f} | {ref:.2f}x | {r['peak_rss_mb']:.0f} | "
                      f"{r['peak_rss_mb'] / first['peak_rss_mb']:.2f}x | {r['wall_seconds']:.1f} |")
     lines.append(f"\n{rows[0]['epochs']} epochs each, {rows[0]['threads']} torch thread(s), one fresh process per method "
-                 "(peak RSS = that process's ru_maxrss).")
+                 "(peak RSS = that process's ru_maxrss); reference run = the median epoch time x the method's "
+                 "reference epochs (an estimate from the measured epochs).")
     return "\n".join(lines)
