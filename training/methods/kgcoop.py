@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from training.protocol import register_method
 from training.prompts.context import ContextConfig, ContextPromptMethod
 from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, handcrafted_train_features, knowledge_distance
-from training.prompts.templates import reference_template
+from training.prompts.templates import template_option
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,7 @@ class KgCoOp(ContextPromptMethod):
     @classmethod
     def options_for_dataset(cls, dataset: str) -> dict:
         """The reference's hand-written template of the 11 standard datasets (:mod:`training.prompts.templates`)."""
-        template = reference_template(dataset)
-        return {} if template is None else {"handcrafted_template": template}
+        return template_option(dataset, "handcrafted_template")
 
     def knowledge_loss(self, class_embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Distance of the learned [C, D] embeddings (normalised) to the hand-crafted ones."""

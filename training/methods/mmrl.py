@@ -71,7 +71,7 @@ from training.protocol import (
 )
 from training.prompts.deep import check_vision_tower, run_blocks_inserting, vision_input_tokens
 from training.prompts.knowledge import check_template, handcrafted_train_features
-from training.prompts.templates import reference_template
+from training.prompts.templates import template_option
 from training.prompts.text import eot_positions, text_position_inputs
 
 IMAGE_REP = "image_embeddings_rep"
@@ -136,8 +136,7 @@ class MMRL(PromptMethod):
     @classmethod
     def options_for_dataset(cls, dataset: str) -> dict:
         """The reference's hand-written template of the 11 standard datasets (:mod:`training.prompts.templates`)."""
-        template = reference_template(dataset)
-        return {} if template is None else {"template": template}
+        return template_option(dataset, "template")
 
     def __init__(self, backbone: Backbone, config: MMRLConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)

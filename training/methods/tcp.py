@@ -58,7 +58,7 @@ from training.backbones import Backbone
 from training.protocol import MethodConfig, PromptMethod, register_method
 from training.prompts.context import context_template, init_context, place_context
 from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, frozen_text_features, knowledge_distance
-from training.prompts.templates import reference_template
+from training.prompts.templates import template_option
 from training.prompts.text import eot_positions, text_position_inputs
 
 
@@ -121,8 +121,7 @@ class TCP(PromptMethod):
     @classmethod
     def options_for_dataset(cls, dataset: str) -> dict:
         """The reference's hand-written template of the 11 standard datasets (:mod:`training.prompts.templates`)."""
-        template = reference_template(dataset)
-        return {} if template is None else {"handcrafted_template": template}
+        return template_option(dataset, "handcrafted_template")
 
     def __init__(self, backbone: Backbone, config: TCPConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)

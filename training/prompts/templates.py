@@ -38,3 +38,10 @@ def reference_template(dataset: str) -> str | None:
     """The reference's hand-written template for a dataset spec, or None outside the 11 standard datasets."""
     name = coop_dataset(dataset)
     return None if name is None else COOP_TEMPLATES[name]
+
+
+def template_option(dataset: str, field: str) -> dict[str, str]:
+    """``{field: the dataset's reference template}`` on the 11 standard datasets, else ``{}``: the
+    ``options_for_dataset`` of a method whose hand-written prompt is the option ``field``."""
+    template = reference_template(dataset)
+    return {} if template is None else {field: template}
