@@ -135,3 +135,82 @@ def test_zero_epochs_and_untrainable_methods_write_learned_file(tiny_backbone, b
     learned = train(m, ds, tokens, TrainConfig(epochs=0), RunDir(tmp_path), seed=1, progress=False)
     assert learned == {} and (tmp_path / LEARNED_FILE).is_file()
     assert math.isfinite(float(m.logit_scale()))
+
+
+class _TwoStage(CoOp):
+    """Stage 1 trains the context, stage 2 a temperature on the logits (2SFS-like recipes)."""
+
+    def __init__(self, backbone, config, train_classnames):
+        super().__init__(backbone, config, train_classnames)
+        self.temp = torch.nn.Parameter(torch.zeros(()))
+        self.declare_learned()
+        self.snapshots = []
+
+    def stages(self):
+        from training.protocol import Stage
+
+        return (Stage("context", 0.5), Stage("temperature", 0.5, warmup=False))
+
+    def begin_stage(self, stage):
+        self.ctx.requires_grad_(stage.name == "context")
+        self.temp.requires_grad_(stage.name == "temperature")
+
+    def logit_scale(self):
+        return super().logit_scale() * self.temp.exp()
+
+    def on_epoch_end(self, epoch, epochs):
+        self.snapshots.append((self.ctx.detach().clone(), float(self.temp)))
+
+
+def _two_stage(backbone, base, init_seed=0):
+    torch.manual_seed(init_seed)
+    m = _TwoStage(backbone, get_method("coop").config_cls(ctx_init="", n_ctx=4), base.classnames)
+    ds = SampleDataset(sample_few_shot(base.train, 4, 1), build_train_transform(backbone.preprocess))
+    return m, ds, m.tokenize(base.classnames)
+
+
+def test_stages_train_their_own_tensors_and_resume_inside_a_stage(tiny_backbone, base_split, tmp_path):
+    cfg = TrainConfig(epochs=4, batch_size=4, lr=0.05, warmup_epochs=1)
+    m, ds, tokens = _two_stage(tiny_backbone, base_split)
+    init_ctx = m.ctx.detach().clone()
+    full = train(m, ds, tokens, cfg, RunDir(tmp_path / "full"), seed=1, progress=False)
+    assert set(full) == {"ctx", "temp"}  # the declared learned state, whatever trains now
+    log = [json.loads(line) for line in (tmp_path / "full" / LOG_FILE).read_text().splitlines()]
+    assert [r["stage"] for r in log] == ["context", "context", "temperature", "temperature"]
+    # stage 1: warm-up, then its cosine; stage 2 (no warm-up) restarts at the full lr
+    assert [r["lr"] for r in log] == [1e-5, pytest.approx(0.025), pytest.approx(0.05), pytest.approx(0.025)]
+    (c1, t1), (c2, t2), (c3, t3), (c4, t4) = m.snapshots
+    assert not torch.equal(c2, init_ctx) and t1 == t2 == 0.0  # stage 1 moves the context only
+    assert torch.equal(c2, c3) and torch.equal(c3, c4) and t4 != 0.0  # stage 2 the temperature only
+
+    m2, ds2, _ = _two_stage(tiny_backbone, base_split)
+    with pytest.raises(_Boom):  # dies in epoch 4 (stage 2): the checkpoint holds stage 2's optimizer state
+        train(m2, _KillAt(ds2, 3 * len(ds2) + 2), tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
+    m3, ds3, _ = _two_stage(tiny_backbone, base_split, init_seed=7)
+    resumed = train(m3, ds3, tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_stage_plans_are_checked():
+    from training.loop import stage_plan
+    from training.protocol import Stage
+
+    plan = stage_plan(10, (Stage("a", 0.6), Stage("b", 0.4)))
+    assert [(st.name, start, n) for st, start, n in plan] == [("a", 0, 6), ("b", 6, 4)]
+    with pytest.raises(ValueError, match="sum to 1"):
+        stage_plan(10, (Stage("a", 0.6), Stage("b", 0.6)))
+    with pytest.raises(ValueError, match="gets no epoch"):
+        stage_plan(1, (Stage("a", 0.5), Stage("b", 0.5)))
+    with pytest.raises(ValueError, match="share must be"):
+        Stage("c", 0.0)
+
+
+def test_without_warm_up_the_schedule_is_the_plain_cosine():
+    cfg = TrainConfig(epochs=4, lr=0.1, warmup_epochs=0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    for epoch in range(4):
+        assert learning_rate(cfg, epoch) == pytest.approx(cos.get_last_lr()[0], rel=1e-9)
+        opt.step()
+        cos.step()

@@ -12,11 +12,12 @@ same device and worker count).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,17 +25,19 @@ from tqdm.auto import tqdm
 
 from training.config import TrainConfig  # re-exported; it lives torch-free so the CLI can build its parser
 from training.data import SampleDataset
-from training.protocol import PromptMethod
+from training.protocol import PromptMethod, Stage
 from training.runs import CHECKPOINT_FILE, LEARNED_FILE, RunDir, atomic_save_tensors, load_tensors
 
 logger = logging.getLogger(__name__)
 
 
 def learning_rate(cfg: TrainConfig, epoch: int) -> float:
-    """Dassl's ConstantWarmupScheduler over CosineAnnealingLR(T_max=epochs), stepped per epoch."""
+    """Dassl's ConstantWarmupScheduler over CosineAnnealingLR(T_max=epochs), stepped per epoch; with
+    no warm-up, the plain cosine (epoch 0 at the full lr)."""
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_lr
-    t = epoch - cfg.warmup_epochs + 1  # the cosine successor starts stepping after the warm-up
+    # after a warm-up the cosine successor has stepped once by the first epoch past it
+    t = epoch - cfg.warmup_epochs + (1 if cfg.warmup_epochs else 0)
     return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * t / max(cfg.epochs, 1)))
 
 
@@ -55,6 +58,35 @@ def _make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimiz
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+
+
+def stage_plan(epochs: int, stages: Sequence[Stage]) -> list[tuple[Stage, int, int]]:
+    """``(stage, first epoch, epochs)`` per stage: shares of ``epochs`` rounded, the last stage the rest.
+
+    Raises:
+        ValueError: no stage, shares that do not sum to 1, or a stage left with no epoch.
+    """
+    if not stages:
+        raise ValueError("a method needs at least one training stage")
+    if abs(sum(st.share for st in stages) - 1.0) > 1e-6:
+        raise ValueError(f"stage shares must sum to 1, got {[st.share for st in stages]}")
+    plan, start = [], 0
+    for i, st in enumerate(stages):
+        n = epochs - start if i == len(stages) - 1 else round(epochs * st.share)
+        if n < 1 and epochs > 0:
+            raise ValueError(f"stage {st.name!r} gets no epoch of {epochs}; train for more epochs")
+        plan.append((st, start, n))
+        start += n
+    return plan
+
+
+def _stage_optimizer(method: PromptMethod, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in method.parameters() if p.requires_grad]
+    groups = method.param_groups()
+    grouped = [id(p) for g in groups for p in g["params"]]
+    if sorted(grouped) != sorted(id(p) for p in params):
+        raise ValueError(f"{method.name}: param_groups() must hold every trainable tensor exactly once")
+    return _make_optimizer(cfg, groups)
 
 
 def group_lr(cfg: TrainConfig, epoch: int, lr_scale: float) -> float:
@@ -124,6 +156,8 @@ def train(
         raise ValueError("precision 'amp' needs a CUDA device; use fp32 on CPU")
     method.to(device)
     tokens = tokens.to(device)
+    plan = stage_plan(cfg.epochs, method.stages())
+    method.begin_stage(plan[0][0])
     params = [p for p in method.parameters() if p.requires_grad]
     if not params or cfg.epochs == 0:
         if params and cfg.epochs == 0:
@@ -131,20 +165,15 @@ def train(
         learned = method.learned_state()
         atomic_save_tensors(run.file(LEARNED_FILE), learned, {"epoch": "0"})
         return learned
-    groups = method.param_groups()
-    grouped = [id(p) for g in groups for p in g["params"]]
-    if sorted(grouped) != sorted(id(p) for p in params):
-        raise ValueError(f"{method.name}: param_groups() must hold every trainable tensor exactly once")
-    optimizer = _make_optimizer(cfg, groups)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    start_epoch = 0
+    start_epoch, checkpoint = 0, None
     if run.has_checkpoint():
         tensors, meta = load_tensors(run.file(CHECKPOINT_FILE))
         method.load_learned_state({k.removeprefix("learned/"): v for k, v in tensors.items() if k.startswith("learned/")})
         method.load_training_state({k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")})
-        _load_optimizer_tensors(optimizer, tensors)
         start_epoch = int(meta["epoch"])
+        checkpoint = (tensors, int(meta.get("stage", 0)))  # the optimizer state belongs to that stage
         if meta.get("scaler"):
             scaler.load_state_dict(json.loads(meta["scaler"]))
         logger.info("resuming %s from epoch %d/%d", run.path, start_epoch, cfg.epochs)
@@ -162,10 +191,23 @@ def train(
         logger.info("cached %d views of %d images in %.1fs", cfg.feature_cache_views, len(train_set), time.perf_counter() - t0)
 
     method.on_train_start(data)
+    current, optimizer, stage_cfg, first = -1, None, cfg, 0
     for epoch in range(start_epoch, cfg.epochs):
-        lr = learning_rate(cfg, epoch)
+        s = next(i for i, (_, start, n) in enumerate(plan) if start <= epoch < start + n)
+        if s != current:  # a stage begins (or a run resumes inside it): its trainable tensors, optimizer, schedule
+            stage, first, n = plan[s]
+            method.begin_stage(stage)
+            optimizer = _stage_optimizer(method, cfg)
+            if checkpoint is not None and checkpoint[1] == s:
+                _load_optimizer_tensors(optimizer, checkpoint[0])
+            checkpoint = None
+            stage_cfg = dataclasses.replace(cfg, epochs=n, warmup_epochs=cfg.warmup_epochs if stage.warmup else 0)
+            if len(plan) > 1:
+                logger.info("stage %d/%d %r: epochs %d-%d", s + 1, len(plan), stage.name, first + 1, first + n)
+            current = s
+        lr = learning_rate(stage_cfg, epoch - first)
         for group in optimizer.param_groups:
-            group["lr"] = group_lr(cfg, epoch, group["lr_scale"])
+            group["lr"] = group_lr(stage_cfg, epoch - first, group["lr_scale"])
         es = epoch_seed(seed, epoch)
         torch.manual_seed(es)  # augmentations in the main process
         generator = torch.Generator().manual_seed(es)
@@ -208,8 +250,10 @@ def train(
         }
         acc = "" if record["acc"] is None else f" acc {record['acc']:.1f}%"
         logger.info("epoch %d/%d loss %.4f%s lr %.2e (%.1fs)", epoch + 1, cfg.epochs, record["loss"], acc, lr, record["seconds"])
+        if len(plan) > 1:
+            record["stage"] = plan[current][0].name
         method.on_epoch_end(epoch + 1, cfg.epochs)
-        _save_checkpoint(run, method, optimizer, scaler, epoch + 1)
+        _save_checkpoint(run, method, optimizer, scaler, epoch + 1, current)
         run.append_log(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
@@ -219,11 +263,12 @@ def train(
     return learned
 
 
-def _save_checkpoint(run: RunDir, method: PromptMethod, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int) -> None:
+def _save_checkpoint(run: RunDir, method: PromptMethod, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                     epoch: int, stage: int = 0) -> None:
     tensors = {f"learned/{k}": v for k, v in method.learned_state().items()}
     tensors.update({f"state/{k}": v for k, v in method.training_state().items()})
     tensors.update(_optimizer_tensors(optimizer))
-    meta = {"epoch": str(epoch)}
+    meta = {"epoch": str(epoch), "stage": str(stage)}
     if scaler.is_enabled():
         meta["scaler"] = json.dumps(scaler.state_dict())
     atomic_save_tensors(run.file(CHECKPOINT_FILE), tensors, meta)

@@ -47,6 +47,26 @@ class Capabilities:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a method's training recipe (:meth:`PromptMethod.stages`).
+
+    Attributes:
+        name: shown in the log and recorded in the checkpoint's metadata.
+        share: the stage's fraction of the run's epochs (the shares of a recipe sum to 1; rounding
+            gives the last stage the rest).
+        warmup: whether the stage starts with the constant warm-up (then its own cosine).
+    """
+
+    name: str = "train"
+    share: float = 1.0
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"stage {self.name!r}: share must be in (0, 1], got {self.share}")
+
+
 IMAGE_EMBEDDINGS = "image_embeddings"
 CLASS_EMBEDDINGS = "class_embeddings"
 
@@ -325,7 +345,8 @@ class PromptMethod(nn.Module):
         self._learned_buffers = getattr(self, "_learned_buffers", ()) + (name,)
 
     def _learned_tensors(self) -> dict[str, torch.Tensor]:
-        out = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        declared = getattr(self, "_learned_params", None)
+        out = {n: p for n, p in self.named_parameters() if (p.requires_grad if declared is None else n in declared)}
         buffers = dict(self.named_buffers())
         out.update({n: buffers[n] for n in getattr(self, "_learned_buffers", ())})
         return out
@@ -356,6 +377,21 @@ class PromptMethod(nn.Module):
     def on_train_start(self, train_set: Any) -> None:
         """Called by the loop once before the first (or resumed) epoch with the training dataset
         (methods that draw extra samples from it: DPC's hard negatives)."""
+
+    def stages(self) -> tuple[Stage, ...]:
+        """The training recipe's stages, in order (default: one). Each gets its share of the epochs,
+        its own optimizer and schedule; :meth:`begin_stage` switches what trains. Checkpoints record
+        the stage, and a killed run resumes inside it."""
+        return (Stage(),)
+
+    def begin_stage(self, stage: Stage) -> None:
+        """Called before a stage's first epoch, and when a run resumes inside it: set ``requires_grad``
+        on what this stage trains. The learned state stays what :meth:`declare_learned` fixed."""
+
+    def declare_learned(self) -> None:
+        """Fix the learned state to the tensors trainable now (call at the end of ``__init__``), so a
+        stage that freezes some of them keeps them in checkpoints and artifacts."""
+        self._learned_params = tuple(n for n, p in self.named_parameters() if p.requires_grad)
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups: ``{"params": [...], "lr_scale": s}`` (default: one group of
