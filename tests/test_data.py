@@ -6,8 +6,6 @@ import json
 import os
 import pickle
 import random
-import sys
-import types
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -330,6 +328,9 @@ def test_no_named_dataset_provider(monkeypatch):
     monkeypatch.setattr(data, "_NAMED", [])
     with pytest.raises(DatasetError, match=r"named datasets: none registered.*valid: coop:NAME:ROOT .*folder:ROOT"):
         load_dataset("tiny")
+    specs = [s for s, _ in list_dataset_specs()]
+    assert specs == ["folder:ROOT"] + [f"coop:{n}:ROOT" for n in COOP_DATASETS]
+    assert len(COOP_DATASETS) == 11
 
 
 def test_data_never_imports_the_benchmark():
