@@ -45,9 +45,11 @@ from training.runs import (
 logger = logging.getLogger(__name__)
 
 
-def make_train_config(method: str, overrides: Mapping[str, Any]) -> TrainConfig:
-    """The method's reference training defaults, then the caller's overrides."""
-    defaults = dict(get_method(method).method_cls.train_defaults)
+def make_train_config(method: str, overrides: Mapping[str, Any], method_cfg: MethodConfig | None = None) -> TrainConfig:
+    """The method's reference training defaults (under ``method_cfg``, default: the method's default
+    config), then the caller's overrides."""
+    spec = get_method(method)
+    defaults = spec.method_cls.train_defaults_for(method_cfg if method_cfg is not None else spec.config_cls())
     return TrainConfig(**{**defaults, **overrides})
 
 
@@ -172,7 +174,7 @@ def train_job(
     elif init_run:
         raise RunError(f"{method} does not start from another run; drop --init-run")
     method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
-    train_cfg = make_train_config(method, train_options or {})
+    train_cfg = make_train_config(method, train_options or {}, method_cfg)
     info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base.classnames)
     if start is not None:
         info.init_run = init_info
@@ -233,7 +235,7 @@ def job_info(
             base_classnames = split_base_novel(load_dataset(dataset))[0].classnames
         _, method_options, init_info = start_run(method, init_run, method_options, backbone, dataset, shots, base_classnames)
     method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
-    train_cfg = make_train_config(method, train_options or {})
+    train_cfg = make_train_config(method, train_options or {}, method_cfg)
     if base_classnames is None:
         base_classnames = split_base_novel(load_dataset(dataset))[0].classnames
     info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base_classnames)
@@ -265,8 +267,9 @@ def recorded_info(run: RunDir | str | Path) -> RunInfo:
     (an option is only ever added with a default that keeps the earlier behaviour)."""
     info = (run if isinstance(run, RunDir) else RunDir(run)).read_info()
     info.backbone = recorded_backbone_spec(info.backbone)
-    info.method_config = get_method(info.method).config_cls.from_dict(dict(info.method_config)).to_dict()
-    info.train = make_train_config(info.method, info.train).to_dict()
+    method_cfg = get_method(info.method).config_cls.from_dict(dict(info.method_config))
+    info.method_config = method_cfg.to_dict()
+    info.train = make_train_config(info.method, info.train, method_cfg).to_dict()
     return info
 
 

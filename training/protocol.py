@@ -173,6 +173,12 @@ class PromptMethod(nn.Module):
         return {}
 
     @classmethod
+    def train_defaults_for(cls, config: MethodConfig) -> dict[str, Any]:
+        """The reference training hyper-parameters under ``config`` (default ``train_defaults``); a
+        plug-in whose reference trains differently per host (DeKg on TCP: Adam, batch 32) overrides it."""
+        return dict(cls.train_defaults)
+
+    @classmethod
     def options_for_epochs(cls, config: MethodConfig, epochs: int) -> dict[str, Any]:
         """Method options to change when training ``epochs`` instead of the reference's epochs.
 
@@ -267,6 +273,14 @@ class PromptMethod(nn.Module):
             rows = prompt_rows(self.prompt_templates(), classnames)
         tokens = torch.stack([self.backbone.tokenizer(r) for r in rows])
         return trim_tokens(tokens, self.backbone.eot_token_id)
+
+    def class_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[T, C, L] tokens -> [C, D] class features before normalisation, for a loss that needs them
+        (DeKg_TCP's HSIC). Defined for one prompt per class; a method whose class embedding is not the
+        normalised text feature of one prompt (TCP) overrides it."""
+        if tokens.shape[0] != 1:
+            raise ValueError(f"{self.name} averages {tokens.shape[0]} templates: its class features are only normalised")
+        return self.encode_text(tokens[0])
 
     def class_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         """[T, C, L] tokens -> [C, D] L2-normalised, averaged over templates (open_clip's recipe)."""

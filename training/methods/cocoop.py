@@ -33,7 +33,7 @@ from torch import nn
 
 from training.backbones import Backbone
 from training.protocol import Capabilities, MethodConfig, PromptMethod, register_method
-from training.prompts.context import context_gather_index, context_template, init_context
+from training.prompts.context import context_gather_index, context_template, init_context, prepend_prefix, register_text_prefix
 from training.prompts.text import encode_text_embeddings, eot_positions
 
 #: prompts per text-encoder call when evaluating (image chunks of MAX_PROMPTS // n_classes)
@@ -81,6 +81,7 @@ class CoCoOp(PromptMethod):
             ("relu", nn.ReLU(inplace=True)),
             ("linear2", nn.Linear(hidden, width)),
         ]))
+        register_text_prefix(self, width)
 
     @classmethod
     def capabilities_for(cls, config: CoCoOpConfig) -> Capabilities:
@@ -94,12 +95,15 @@ class CoCoOp(PromptMethod):
         return [context_template(self.n_ctx)]
 
     def _encode(self, ctx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Context [B, n_ctx, W] and tokens [C, L] -> text features [B, C, D] (not normalised)."""
+        """Context [B, n_ctx, W] and tokens [C, L] -> text features [B, C, D] (not normalised).
+
+        A plug-in's ``text_prefix`` goes in front of the (shifted) context, unshifted."""
+        ctx = prepend_prefix(self.text_prefix, ctx)  # [B, P + n_ctx, W]
         B, (C, L) = ctx.shape[0], tokens.shape
         eot = eot_positions(tokens, self.backbone.eot_token_id)  # [C]
         emb = self.clip.token_embedding(tokens)  # [C, L, W]
         W = emb.shape[-1]
-        index = context_gather_index(tokens, eot, self.n_ctx, "end")  # [C, L]
+        index = context_gather_index(tokens, eot, ctx.shape[1], "end")  # [C, L]
         full = torch.cat([emb.unsqueeze(0).expand(B, -1, -1, -1),
                           ctx.to(emb.dtype).unsqueeze(1).expand(-1, C, -1, -1)], dim=2)  # [B, C, L + n_ctx, W]
         prompts = full.gather(2, index[None, :, :, None].expand(B, -1, -1, W))  # [B, C, L, W]

@@ -66,7 +66,7 @@ from training.protocol import (
     get_method,
     register_method,
 )
-from training.prompts.host import HostedMethod, check_host, host_config
+from training.prompts.host import HostedMethod, check_host
 
 HOSTS = ("coop", "maple", "promptsrc")
 IMAGE_BASE, CLASS_BASE = "image_embeddings_base", "class_embeddings_base"
@@ -134,7 +134,7 @@ class DPC(HostedMethod):
 
     @classmethod
     def capabilities_for(cls, config: DPCConfig) -> Capabilities:
-        host = get_method(config.host).method_cls.capabilities_for(host_config(config))
+        host = get_method(config.host).method_cls.capabilities_for(cls.host_config_for(config))
         return Capabilities(changes_image_graph=host.changes_image_graph, base_novel_switch=True)
 
     # -- the prompt sets

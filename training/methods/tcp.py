@@ -192,10 +192,16 @@ class TCP(PromptMethod):
             self._hand_cache = cache
         return cache[1]
 
+    def class_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[2, C, L] (learned prompt, hand-crafted prompt) tokens -> [C, D] (not normalised)."""
+        learned, hand_tokens = self._split(tokens)
+        # training repeats one class list: its frozen hand-crafted pass is cached (never while exporting)
+        hand = self._training_handcrafted(hand_tokens) if self.training else self.handcrafted_embeddings(hand_tokens)
+        return self.encode_prompts(learned, hand)
+
     def class_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         """[2, C, L] (learned prompt, hand-crafted prompt) tokens -> [C, D] L2-normalised."""
-        learned, hand_tokens = self._split(tokens)
-        return F.normalize(self.encode_prompts(learned, self.handcrafted_embeddings(hand_tokens)), dim=-1)
+        return F.normalize(self.class_features(tokens), dim=-1)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} embeds a class from two prompts; use class_embeddings(tokens [2, C, L])")

@@ -82,6 +82,24 @@ def place_context(token_embeddings: torch.Tensor, tokens: torch.Tensor, eot_idx:
     return full.gather(1, index.unsqueeze(-1).expand(-1, -1, token_embeddings.shape[-1]))
 
 
+def register_text_prefix(module: nn.Module, width: int) -> None:
+    """An empty ``text_prefix`` buffer [0, W] on a method with a learned context: the fixed-position
+    tokens a plug-in may put between the start token and the context (ATPrompt's attribute blocks),
+    swapped in through :meth:`~training.prompts.host.HostedMethod.call_host`. Not saved (it is
+    empty on every host; a plug-in owns what it swaps in)."""
+    module.register_buffer("text_prefix", torch.zeros(0, width), persistent=False)
+
+
+def prepend_prefix(prefix: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+    """The context [n, W] or [B, n, W] with ``prefix`` [P, W] in front (the context itself when P = 0)."""
+    if prefix.shape[0] == 0:
+        return ctx
+    p = prefix.to(ctx.dtype)
+    if ctx.dim() == 3:
+        p = p.unsqueeze(0).expand(ctx.shape[0], -1, -1)
+    return torch.cat([p, ctx], dim=-2)
+
+
 def context_template(n_ctx: int) -> str:
     """The placeholder prompt whose first ``n_ctx`` word slots the context replaces."""
     return " ".join([PLACEHOLDER] * n_ctx) + " {}."
@@ -127,6 +145,7 @@ class ContextPromptMethod(PromptMethod):
         super().__init__(backbone, config, train_classnames)
         n_copies = len(self.train_classnames) if config.class_specific else 0
         self.ctx = nn.Parameter(self.initial_context(n_copies))
+        register_text_prefix(self, self.ctx.shape[-1])
 
     def initial_context(self, n_copies: int) -> torch.Tensor:
         """The context before training (``n_copies`` > 0: one per training class)."""
@@ -156,6 +175,7 @@ class ContextPromptMethod(PromptMethod):
                 f"class-specific context was trained for {ctx.shape[0]} classes and cannot embed "
                 f"{tokens.shape[0]} other class names"
             )
+        ctx = prepend_prefix(self.text_prefix, ctx)  # [C, P + n_ctx, W]
         return place_context(emb, tokens, eot, ctx, self.config.class_token_position), eot
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch import nn
 
 from training.backbones import Backbone
 from training.protocol import MethodConfig, PromptMethod
-from training.prompts.context import PLACEHOLDER, init_context, place_context
+from training.prompts.context import PLACEHOLDER, init_context, place_context, prepend_prefix, register_text_prefix
 from training.prompts.text import eot_positions, text_position_inputs
 
 logger = logging.getLogger(__name__)
@@ -237,6 +237,7 @@ class DeepPromptMethod(PromptMethod):
     def _init_text_prompts(self, n_ctx: int, ctx_init: str, depth: int, std: float) -> None:
         ctx, prefix = init_text_context(self.backbone, n_ctx, ctx_init, std)
         self.ctx = nn.Parameter(ctx)  # [n_ctx, W_text]
+        register_text_prefix(self, ctx.shape[1])
         self._template = prefix + " {}."
         depth = effective_depth(depth, len(self.clip.transformer.resblocks), "text prompt")
         self.deep_text = normal_prompts(depth - 1, n_ctx, ctx.shape[1], std)
@@ -272,12 +273,18 @@ class DeepPromptMethod(PromptMethod):
         ctx, _ = self.text_prompts()
         if ctx is None:
             return emb, eot
+        ctx = prepend_prefix(self.text_prefix, ctx)  # a plug-in's fixed-position tokens first (ATPrompt)
         return place_context(emb, tokens, eot, ctx.unsqueeze(0).expand(tokens.shape[0], -1, -1)), eot
+
+    def _prefix_length(self) -> int:
+        prefix = getattr(self, "text_prefix", None)
+        return 0 if prefix is None else prefix.shape[0]
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         emb, eot = self.prompt_embeddings(tokens)
         _, deep = self.text_prompts()
-        return encode_text_deep(self.clip, emb, eot, deep, start=1)
+        # deep prompts replace the context's own slots, after any prefix
+        return encode_text_deep(self.clip, emb, eot, deep, start=1 + self._prefix_length())
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         prompts, deep = self.vision_prompts()

@@ -33,11 +33,6 @@ def host_options(config: MethodConfig) -> dict[str, Any]:
     return options
 
 
-def host_config(config: MethodConfig) -> MethodConfig:
-    """The host's typed config (validated by the host's own config class)."""
-    return get_method(getattr(config, "host")).config_cls.from_dict(host_options(config))
-
-
 def check_host(config: MethodConfig, compatible: Sequence[str], plugin: str) -> None:
     host = getattr(config, "host")
     if host not in compatible:
@@ -50,17 +45,46 @@ class HostedMethod(PromptMethod):
     """A method wrapping a host method (not registered).
 
     The config must have ``host`` (a registered method name) and ``host_options`` (its options as
-    a JSON object string). The host's own tensors are frozen: the plug-in owns what is learned.
+    a JSON object string). What of the host trains is the plug-in's choice
+    (:meth:`trained_host_tensors`): none by default (DPC learns its own copies), all of them for a
+    regulariser plug-in (DeKg), all but those it replaces (ATPrompt's context). Host tensors that
+    train are the plug-in's learned state under ``host.<name>``.
     """
 
     compatible_hosts: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def host_options_for(cls, config: MethodConfig, options: dict[str, Any]) -> dict[str, Any]:
+        """The options the host is built with, from those recorded in ``host_options``: a plug-in
+        that shapes its host (ATPrompt's context length, DeKg's anchor template) derives them here,
+        so a run's record stays the options the user gave."""
+        return options
+
+    @classmethod
+    def host_config_for(cls, config: MethodConfig) -> MethodConfig:
+        """The host's typed config under this plug-in (validated by the host's own config class)."""
+        options = cls.host_options_for(config, host_options(config))
+        return get_method(getattr(config, "host")).config_cls.from_dict(options)
+
     def __init__(self, backbone: Backbone, config: MethodConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)
         check_host(config, self.compatible_hosts, type(self).__name__)
-        self.host = create_method(config.host, backbone, host_config(config), train_classnames)
+        self.host = create_method(config.host, backbone, self.host_config_for(config), train_classnames)
         self._host_tensors = tuple(sorted(self.host.learned_state()))  # before freezing: what a host run learns
         self.host.requires_grad_(False)
+        trained = self.trained_host_tensors()
+        unknown = sorted(set(trained) - set(self._host_tensors))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} trains host tensors {unknown} that {config.host} does not learn")
+        params = dict(self.host.named_parameters())
+        for name in trained:
+            if name in params:
+                params[name].requires_grad_(True)
+
+    def trained_host_tensors(self) -> tuple[str, ...]:
+        """Names of the host's learned tensors this plug-in trains (default: none; called once the
+        host is built, see :meth:`host_tensor_names`)."""
+        return ()
 
     def host_tensor_names(self) -> tuple[str, ...]:
         """Names of the host's learned tensors (what a host run's learned.safetensors holds)."""
@@ -71,10 +95,10 @@ class HostedMethod(PromptMethod):
         own = {**dict(self.host.named_parameters()), **dict(self.host.named_buffers())}
         return {n: own[n].detach() for n in self._host_tensors}
 
-    def call_host(self, fn: str, *args: Any, tensors: Mapping[str, torch.Tensor] | None = None) -> Any:
-        """``host.fn(*args)`` with the host's learned tensors named in ``tensors`` replaced."""
+    def call_host(self, fn: str, *args: Any, tensors: Mapping[str, torch.Tensor] | None = None, **kwargs: Any) -> Any:
+        """``host.fn(*args, **kwargs)`` with the host's tensors named in ``tensors`` replaced."""
         with _swapped(self.host, tensors or {}):
-            return getattr(self.host, fn)(*args)
+            return getattr(self.host, fn)(*args, **kwargs)
 
     def prompt_templates(self) -> list[str]:
         """The host's: the plug-in embeds classes through the host, so it tokenizes as the host does."""
