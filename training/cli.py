@@ -173,6 +173,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_atprompt_search(args: argparse.Namespace) -> int:
+    from training.attribute_search import keyword_candidates, search_attributes, write_result
+
+    if args.candidates:
+        candidates = [w.strip() for w in args.candidates.split(",") if w.strip()]
+        source = "--candidates"
+    else:
+        from training.benchmark.descriptions import benchmark_attributes
+        from training.data import DatasetError, load_dataset, split_base_novel
+
+        try:
+            trees = benchmark_attributes(args.dataset)
+        except DatasetError:
+            raise ValueError(f"{args.dataset} ships no attribute trees: give --candidates WORD,WORD,...") from None
+        base = split_base_novel(load_dataset(args.dataset))[0].classnames
+        candidates = keyword_candidates({c: trees[c] for c in base}, args.top)
+        source = f"the {len(candidates)} CLDR keywords most shared by {args.dataset}'s base classes"
+    sizes = [int(x) for x in args.sizes.split(",")]
+    print(f"candidates ({source}): {', '.join(candidates)}")
+    result = search_attributes(args.backbone, args.dataset, candidates, sizes=sizes, shots=args.shots, seed=args.seed,
+                               epochs=args.epochs, batch_size=args.batch_size, device=args.device,
+                               progress=not args.no_progress)
+    for row in result.to_dict()["ranking"][:5]:
+        print(f"  {row['weight']:.3f}  {', '.join(row['attributes'])}")
+    print(f"proposal: --attributes {','.join(result.proposal)}")
+    if args.out:
+        write_result(result, args.out)
+    return 0
+
+
 # -- export, verify, predict ------------------------------------------------------------------
 # verify and predict run without torch (like the service): their handlers import only exports.*.
 
@@ -550,6 +580,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RandomResizedCrop's smallest area (default 0.5: the 48 px scenes hold one glyph, which the "
                         "reference 0.08 usually crops away; 0 = the method's reference value)")
     s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--no-progress", action="store_true")
+
+    s = _add_command(sub, "atprompt-search", "ATPrompt's differentiable search: propose attribute words for a dataset")
+    s.set_defaults(handler=cmd_atprompt_search)
+    s.add_argument("--backbone", default="emoji-vit-s")
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--candidates", help="comma-separated candidate words (default on emoji benchmarks: the CLDR "
+                   "keywords most shared by the base classes)")
+    s.add_argument("--top", type=int, default=5, help="candidates taken from the keywords (default 5, as the reference)")
+    s.add_argument("--sizes", default="1,2,3", help="combination sizes searched (default 1,2,3; the reference code: 3,4,5)")
+    s.add_argument("--shots", type=int, default=16)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--epochs", type=int, default=40, help="default 40, the reference's")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", help="write the ranking and the weights per epoch to this JSON file")
     s.add_argument("--no-progress", action="store_true")
 
     s = _add_command(sub, "benchmark", "the base-to-novel protocol over methods x datasets x seeds (resumable)")
