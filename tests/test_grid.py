@@ -184,3 +184,32 @@ def test_grid_starts_dpc_cells_from_their_host_cells(colour_root, tmp_path):
     again = run_grid(["dpc", "coop"], [ds], [1], tmp_path, "test-tiny", shots=2, train_options=opts,
                      test_per_class=2, progress=False)  # the finished cells check out against their run.json
     assert again == rows
+
+
+def test_method_rows_with_options_split_parse_and_train_as_their_own_rows(colour_root, tmp_path):
+    import pytest
+
+    from training.grid import parse_method_spec, published_b2n, scaled_epochs, split_methods
+
+    assert split_methods("coop, atprompt[host=maple;attributes=a,b],dekg[host=tcp]") == [
+        "coop", "atprompt[host=maple;attributes=a,b]", "dekg[host=tcp]"]
+    assert parse_method_spec("atprompt[host=cocoop;attributes=color,shape;n_att=3]") == (
+        "atprompt", {"host": "cocoop", "attributes": "color,shape", "n_att": 3})
+    assert parse_method_spec("coop") == ("coop", {})
+    for bad in ("atprompt[host=vpt]", "atprompt[hots=coop]", "atprompt[host]", "atprompt[host=coop", "coop]"):
+        with pytest.raises((ValueError, KeyError)):
+            split_methods(bad) and parse_method_spec(bad)
+    assert published_b2n("atprompt[host=maple]") == (82.98, 75.76, 79.21)
+    assert published_b2n("atprompt") == (82.68, 68.04, 74.65)
+    assert scaled_epochs("atprompt", 0.5, {"host": "cocoop"}) == 5 and scaled_epochs("atprompt", 0.5) == 50
+    ds = f"folder:{colour_root}"
+    labels = ["coop", "atprompt[host=cocoop;attributes=color]", "dekg[host=tcp;hsic_weight=2]"]
+    rows = run_grid(labels, [ds], [1], tmp_path, "test-tiny", shots=2, train_options={"epochs": 1, "batch_size": 4},
+                    test_per_class=2, progress=False)
+    assert [r["method"] for r in rows] == labels
+    info = json.loads(next((tmp_path / "runs" / "atprompt-host=cocoop-attributes=color").rglob("run.json")).read_text())
+    assert info["method"] == "atprompt" and info["method_config"]["host"] == "cocoop"
+    assert info["method_config"]["attributes"] == ["color"]
+    info = json.loads(next((tmp_path / "runs" / "dekg-host=tcp-hsic_weight=2").rglob("run.json")).read_text())
+    assert info["method_config"]["hsic_weight"] == 2 and info["train"]["optimizer"] == "adamw"
+    assert "| atprompt[host=cocoop;attributes=color] |" in (tmp_path / "results.md").read_text()

@@ -335,15 +335,19 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         datasets = [name for name, _ in list_benchmarks()]
     else:
         datasets = [d for d in args.datasets.split(",") if d]
-    from training.methods import get_method, list_methods
+    from training.methods import list_methods
 
     if args.methods == "all":  # the baselines first, then the rest by name
         names = [spec.name for spec in list_methods()]
         methods = [m for m in ("zeroshot", "coop") if m in names] + [m for m in names if m not in ("zeroshot", "coop")]
     else:
-        methods = [m for m in args.methods.split(",") if m]
+        from training.grid import split_methods
+
+        methods = split_methods(args.methods)
+    from training.grid import parse_method_spec
+
     for m in methods:
-        get_method(m)  # fail before any training on a typo
+        parse_method_spec(m)  # fail before any training on a typo or a bad option
     seeds = _int_list(args.seeds, "--seeds", minimum=0)
     if args.epochs is not None and args.epochs_scale is not None:
         raise ValueError("give --epochs or --epochs-scale, not both")
@@ -600,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _add_command(sub, "benchmark", "the base-to-novel protocol over methods x datasets x seeds (resumable)")
     s.set_defaults(handler=cmd_benchmark)
-    s.add_argument("--methods", required=True, help="comma-separated method names, or 'all' registered methods")
+    s.add_argument("--methods", required=True, help="comma-separated method names, or 'all' registered methods; a "
+                   "method with options is a row of its own: atprompt[host=maple;attributes=animal,food]")
     s.add_argument("--datasets", required=True, help="comma-separated dataset specs, or 'all' benchmark datasets")
     s.add_argument("--seeds", default="1,2,3")
     s.add_argument("--out", required=True)

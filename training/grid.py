@@ -35,6 +35,51 @@ ROW_KEYS = ("method", "dataset", "seed", "base_acc", "novel_acc", "hm", "train_s
 MIN_SCALED_EPOCHS = 3
 
 
+def split_methods(text: str) -> list[str]:
+    """``--methods`` split at the commas outside brackets: ``coop,atprompt[host=maple;attributes=a,b]``."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0:
+            raise ValueError(f"unbalanced ']' in --methods {text!r}")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if depth:
+        raise ValueError(f"unbalanced '[' in --methods {text!r}")
+    return [m.strip() for m in out + [cur] if m.strip()]
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A grid row: ``NAME`` or ``NAME[key=value;key=value]``, a method with options (a plug-in's host,
+    ATPrompt's attributes, ...). A value is read as JSON where it parses (numbers, booleans, lists),
+    else as a string. The options are checked by the method's config."""
+    name, _, rest = spec.partition("[")
+    name = name.strip()
+    options: dict[str, Any] = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise ValueError(f"method {spec!r}: options go in brackets at the end, e.g. atprompt[host=maple]")
+        for item in filter(None, (x.strip() for x in rest[:-1].split(";"))):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"method {spec!r}: {item!r} is not key=value")
+            try:
+                options[key.strip().replace("-", "_")] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key.strip().replace("-", "_")] = value.strip()
+    spec_ = get_method(name)  # unknown names fail here, with close matches
+    spec_.config_cls.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    return name, options
+
+
+def _dir_name(label: str) -> str:
+    """A grid row's directory: its label with brackets and separators made path-safe."""
+    return "".join(c if c.isalnum() or c in "-_.=+" else "-" for c in label).strip("-")
+
+
 def run_grid(
     methods: Sequence[str],
     datasets: Sequence[str],
@@ -67,26 +112,29 @@ def run_grid(
     backbone = resolve_backbone_spec(backbone)
     cells = []
     def cell_dir(method: str, dataset: str, seed: int) -> Path:
-        return out / "runs" / method / dataset.replace("/", "_").replace(":", "_") / f"seed{seed}"
+        return out / "runs" / _dir_name(method) / dataset.replace("/", "_").replace(":", "_") / f"seed{seed}"
 
-    for method, dataset, seed in ((m, d, s) for d in datasets for m in methods for s in seeds):
-        run = cell_dir(method, dataset, seed)
-        method_options, opts = _options_for(method, train_options, epochs_scale)
+    parsed = {label: parse_method_spec(label) for label in methods}
+    for label, dataset, seed in ((m, d, s) for d in datasets for m in methods for s in seeds):
+        method, extra = parsed[label]
+        run = cell_dir(label, dataset, seed)
+        method_options, opts = _options_for(method, train_options, epochs_scale, extra)
         init_run = None
         if get_method(method).method_cls.needs_init_run:  # DPC: stage 2 of the host's cell in this grid
             host = method_options.get("host", get_method(method).config_cls().host)
             if host not in methods:
-                raise ValueError(f"{method} cells start from the {host} cells of the same grid: add {host} to the methods")
+                raise ValueError(f"{label} cells start from the {host} cells of the same grid: add {host} to the methods")
             init_run = cell_dir(host, dataset, seed)
         if (run / RUN_FILE).is_file():  # every finished or started cell is checked before anything trains
             recorded = recorded_info(run)
             _check_cell(run, recorded, job_info(method, backbone, dataset, shots, seed, method_options, opts,
                                                 base_classnames=recorded.base_classnames, init_run=init_run))
-        cells.append(_Cell(method, dataset, seed, run, backbone, shots, method_options, opts, test_per_class, init_run))
+        cells.append(_Cell(label, dataset, seed, run, backbone, shots, method_options, opts, test_per_class, init_run,
+                           name=method))
     rows: dict[int, dict[str, Any]] = {}
 
     def record(i: int, metrics: Mapping[str, Any]) -> None:
-        rows[i] = _row(cells[i].run, metrics)
+        rows[i] = {**_row(cells[i].run, metrics), "method": cells[i].method}  # the row's label (a variant's too)
         logger.info("    %s on %s seed %d: base %.2f  novel %.2f  HM %.2f", cells[i].method, cells[i].dataset,
                     cells[i].seed, metrics["base_acc"], metrics["novel_acc"], metrics["hm"])
         if not collect_only:
@@ -143,12 +191,17 @@ class _Cell:
     train_options: dict[str, Any]
     test_per_class: int | None
     init_run: Path | None = None
+    name: str = ""  # the registered method ("" = the label, ``method``, is one)
+
+    @property
+    def method_name(self) -> str:
+        return self.name or self.method
 
 
 def _train_and_eval(cell: _Cell, progress: bool) -> dict[str, Any]:
     """Train (or resume) and evaluate one cell; returns its metrics."""
     t0 = time.perf_counter()
-    train_job(cell.method, cell.backbone, cell.dataset, cell.shots, cell.seed, cell.run,
+    train_job(cell.method_name, cell.backbone, cell.dataset, cell.shots, cell.seed, cell.run,
               method_options=cell.method_options, train_options=cell.train_options, progress=progress,
               init_run=cell.init_run)
     seconds = _epoch_seconds(cell.run)
@@ -279,34 +332,46 @@ def _epoch_seconds(run: Path) -> float | None:
     return round(sum(r.get("seconds", 0.0) for r in records), 1)
 
 
-def scaled_epochs(method: str, scale: float) -> int:
-    """``method``'s reference epochs times ``scale``, at least MIN_SCALED_EPOCHS (0 stays 0: zero-shot)."""
-    ref = get_method(method).method_cls.train_defaults.get("epochs", TrainConfig.epochs)
+def scaled_epochs(method: str, scale: float, options: Mapping[str, Any] | None = None) -> int:
+    """``method``'s reference epochs (under ``options``) times ``scale``, at least MIN_SCALED_EPOCHS
+    (0 stays 0: zero-shot)."""
+    spec = get_method(method)
+    defaults = spec.method_cls.train_defaults_for(spec.config_cls.from_dict(_config_options(options)))
+    ref = defaults.get("epochs", TrainConfig.epochs)
     return 0 if ref == 0 else max(MIN_SCALED_EPOCHS, round(ref * scale))
 
 
-def _options_for(method: str, train_options: Mapping[str, Any] | None,
-                 epochs_scale: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(method options, training options)`` of one cell: a scaled schedule unless epochs are given
-    (with the method's epoch-counted options moved along), and no feature cache for methods that
-    change the image graph."""
+def _config_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in (options or {}).items()}
+
+
+def _options_for(method: str, train_options: Mapping[str, Any] | None, epochs_scale: float | None = None,
+                 extra: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(method options, training options)`` of one cell: the row's own options (``extra``), a scaled
+    schedule unless epochs are given (with the method's epoch-counted options moved along), and no
+    feature cache for methods that change the image graph."""
     opts = dict(train_options or {})
     spec = get_method(method)
+    config = spec.config_cls.from_dict(_config_options(extra))
     if epochs_scale is not None and "epochs" not in opts:
-        opts["epochs"] = scaled_epochs(method, epochs_scale)
-    method_options = spec.method_cls.options_for_epochs(spec.config_cls(), opts["epochs"]) if "epochs" in opts else {}
-    if opts.get("feature_cache_views") and spec.method_cls.capabilities_for(spec.config_cls()).changes_image_graph:
+        opts["epochs"] = scaled_epochs(method, epochs_scale, extra)
+    method_options = spec.method_cls.options_for_epochs(config, opts["epochs"]) if "epochs" in opts else {}
+    method_options.update(extra or {})
+    if opts.get("feature_cache_views") and spec.method_cls.capabilities_for(config).changes_image_graph:
         logger.info("    %s changes the image graph: trained without the feature cache", method)
         opts.pop("feature_cache_views")
     return method_options, opts
 
 
 def published_b2n(method: str) -> tuple[float, float, float] | None:
-    """The published 11-dataset base-to-novel average of ``method`` (its metadata), if any.
+    """The published 11-dataset base-to-novel average of a grid row (a method, or a method with
+    options: a plug-in's host), from the method's metadata, if any.
 
     Our backbone and data differ, so only the direction of each method's effect is comparable.
     """
-    return get_method(method).method_cls.published_b2n
+    name, options = parse_method_spec(method)
+    spec = get_method(name)
+    return spec.method_cls.published_b2n_for(spec.config_cls.from_dict(_config_options(options)))
 
 
 SAME_BAND = 0.5  # |difference| below this many points counts as "no change" when comparing directions

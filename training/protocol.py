@@ -173,6 +173,11 @@ class PromptMethod(nn.Module):
         return {}
 
     @classmethod
+    def published_b2n_for(cls, config: MethodConfig) -> tuple[float, float, float] | None:
+        """The published average under ``config`` (default ``published_b2n``; a plug-in's per host)."""
+        return cls.published_b2n
+
+    @classmethod
     def train_defaults_for(cls, config: MethodConfig) -> dict[str, Any]:
         """The reference training hyper-parameters under ``config`` (default ``train_defaults``); a
         plug-in whose reference trains differently per host (DeKg on TCP: Adam, batch 32) overrides it."""
