@@ -214,3 +214,40 @@ def test_without_warm_up_the_schedule_is_the_plain_cosine():
         assert learning_rate(cfg, epoch) == pytest.approx(cos.get_last_lr()[0], rel=1e-9)
         opt.step()
         cos.step()
+
+
+def test_best_val_selection_keeps_the_best_epoch_and_survives_a_resume(tiny_backbone, base_split, tmp_path):
+    from training.runs import load_tensors
+
+    scores = iter([40.0, 75.0, 75.0, 60.0])  # epoch 2 is best; epoch 3 only ties it
+
+    def validate(method):
+        assert not method.training
+        snapshots.append(method.learned_state()["ctx"].clone())
+        return next(scores)
+
+    snapshots = []
+    m, ds, tokens = _setup(tiny_backbone, base_split, shots=2)
+    cfg = TrainConfig(epochs=4, batch_size=4, select="best_val")
+    stop = [2]
+
+    def interrupt(epoch):
+        if epoch == stop[0]:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(m, ds, tokens, cfg, RunDir(tmp_path), seed=1, progress=False, on_epoch_end=interrupt, validate=validate)
+    _, meta = load_tensors(tmp_path / CHECKPOINT_FILE)
+    assert (meta["best_epoch"], meta["best_acc"]) == ("2", "75.0")
+    m2, _, _ = _setup(tiny_backbone, base_split, shots=2)
+    learned = train(m2, ds, tokens, cfg, RunDir(tmp_path), seed=1, progress=False, validate=validate)
+    torch.testing.assert_close(learned["ctx"], snapshots[1])  # epoch 2's tensors, not the last epoch's
+    assert not torch.equal(learned["ctx"], snapshots[-1])
+    tensors, meta = load_tensors(tmp_path / LEARNED_FILE)
+    assert meta["epoch"] == "2" and torch.equal(tensors["ctx"], snapshots[1])
+    log = [json.loads(line) for line in (tmp_path / LOG_FILE).read_text().splitlines()]
+    assert [r["val_acc"] for r in log] == [40.0, 75.0, 75.0, 60.0]
+    with pytest.raises(ValueError, match="validation split"):
+        train(m2, ds, tokens, cfg, RunDir(tmp_path / "other"), seed=1, progress=False)
+    with pytest.raises(ValueError, match="select"):
+        TrainConfig(select="best_test")  # type: ignore[arg-type]

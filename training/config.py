@@ -29,6 +29,9 @@ class TrainConfig:
         only for methods that leave the image encoder untouched.
     min_crop_scale: smallest area fraction of RandomResizedCrop (reference 0.08; on small,
         centred objects such crops often cut the object out).
+    select: which epoch's tensors the run keeps: "last" (the protocol's default) or "best_val",
+        the epoch with the best accuracy on the few-shot validation split of the base classes
+        (min(shots, 4) images per class; Dassl's ``TEST.FINAL_MODEL best_val``).
     """
 
     epochs: int = 10
@@ -45,6 +48,7 @@ class TrainConfig:
     workers: int = 0
     feature_cache_views: int = 0
     min_crop_scale: float = 0.08
+    select: Literal["last", "best_val"] = "last"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))  # a list from the CLI or run.json
@@ -58,6 +62,8 @@ class TrainConfig:
             raise ValueError("lr and warmup_lr must be > 0")
         if self.precision not in ("auto", "fp32", "amp"):
             raise ValueError(f"precision must be auto, fp32 or amp, got {self.precision!r}")
+        if self.select not in ("last", "best_val"):
+            raise ValueError(f"select must be last or best_val, got {self.select!r}")
         if not 0 < self.min_crop_scale <= 1:
             raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):

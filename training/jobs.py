@@ -175,6 +175,8 @@ def train_job(
         raise RunError(f"{method} does not start from another run; drop --init-run")
     method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
     train_cfg = make_train_config(method, train_options or {}, method_cfg)
+    if train_cfg.select == "best_val" and not base.val:
+        raise RunError(f"{dataset} has no validation split for --select best_val; use --select last")
     info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base.classnames)
     if start is not None:
         info.init_run = init_info
@@ -210,7 +212,15 @@ def train_job(
     logger.info("training %s on %d base classes, %d images (%d-shot, seed %d)", method, len(base.classnames), len(train_samples), shots, seed)
     train_set = SampleDataset(train_samples, build_train_transform(bb.preprocess, train_cfg.min_crop_scale))
     tokens = model.tokenize(base.classnames, class_descriptions)
-    train(model, train_set, tokens, train_cfg, run, seed, progress=progress)
+    validate = None
+    if train_cfg.select == "best_val":
+        val_samples = sample_few_shot(base.val, min(shots, 4), seed)  # Dassl's few-shot val: min(shots, 4) per class
+
+        def validate(m: PromptMethod) -> float:
+            preds = predict_samples(m, val_samples, base.classnames, device=next(m.parameters()).device,
+                                    workers=train_cfg.workers, descriptions=class_descriptions)
+            return accuracy_report(preds, val_samples, base.classnames)["acc"]
+    train(model, train_set, tokens, train_cfg, run, seed, progress=progress, validate=validate)
     return run
 
 

@@ -144,12 +144,17 @@ def train(
     seed: int,
     progress: bool = True,
     on_epoch_end: Callable[[int], None] | None = None,
+    validate: Callable[[PromptMethod], float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fit ``method`` on ``train_set`` (labels index the classes of ``tokens`` [T, C, L]).
 
     Resumes from ``run``'s checkpoint when there is one. Returns the final learned tensors, which
-    are also written to ``run/learned.safetensors``.
+    are also written to ``run/learned.safetensors``: the last epoch's, or with ``cfg.select ==
+    "best_val"`` those of the epoch whose ``validate(method)`` accuracy was highest (the first of
+    equals; the best so far is kept in the checkpoint, so a resumed run selects the same epoch).
     """
+    if cfg.select == "best_val" and validate is None:
+        raise ValueError("select=best_val needs a validation split to select on")
     device = resolve_device(cfg.device)
     use_amp = device.type == "cuda" and cfg.precision in ("auto", "amp")
     if cfg.precision == "amp" and device.type != "cuda":
@@ -167,9 +172,12 @@ def train(
         return learned
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    start_epoch, checkpoint = 0, None
+    start_epoch, checkpoint, best = 0, None, None
     if run.has_checkpoint():
         tensors, meta = load_tensors(run.file(CHECKPOINT_FILE))
+        if "best_epoch" in meta:
+            best = ({k.removeprefix("best/"): v for k, v in tensors.items() if k.startswith("best/")},
+                    float(meta["best_acc"]), int(meta["best_epoch"]))
         method.load_learned_state({k.removeprefix("learned/"): v for k, v in tensors.items() if k.startswith("learned/")})
         method.load_training_state({k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")})
         start_epoch = int(meta["epoch"])
@@ -253,22 +261,37 @@ def train(
         if len(plan) > 1:
             record["stage"] = plan[current][0].name
         method.on_epoch_end(epoch + 1, cfg.epochs)
-        _save_checkpoint(run, method, optimizer, scaler, epoch + 1, current)
+        if cfg.select == "best_val":
+            method.eval()
+            with torch.no_grad():
+                record["val_acc"] = float(validate(method))
+            if best is None or record["val_acc"] > best[1]:
+                best = ({k: v.detach().clone() for k, v in method.final_learned_state().items()}, record["val_acc"], epoch + 1)
+            logger.info("epoch %d/%d val acc %.2f%% (best %.2f%%, epoch %d)", epoch + 1, cfg.epochs, record["val_acc"],
+                        best[1], best[2])
+        _save_checkpoint(run, method, optimizer, scaler, epoch + 1, current, best)
         run.append_log(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
 
-    learned = method.final_learned_state()
-    atomic_save_tensors(run.file(LEARNED_FILE), learned, {"epoch": str(cfg.epochs)})
+    if best is not None:
+        learned, meta = best[0], {"epoch": str(best[2]), "val_acc": f"{best[1]:.4f}"}
+        logger.info("keeping epoch %d (val acc %.2f%%)", best[2], best[1])
+    else:
+        learned, meta = method.final_learned_state(), {"epoch": str(cfg.epochs)}
+    atomic_save_tensors(run.file(LEARNED_FILE), learned, meta)
     return learned
 
 
 def _save_checkpoint(run: RunDir, method: PromptMethod, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                     epoch: int, stage: int = 0) -> None:
+                     epoch: int, stage: int = 0, best: tuple[dict[str, torch.Tensor], float, int] | None = None) -> None:
     tensors = {f"learned/{k}": v for k, v in method.learned_state().items()}
     tensors.update({f"state/{k}": v for k, v in method.training_state().items()})
     tensors.update(_optimizer_tensors(optimizer))
     meta = {"epoch": str(epoch), "stage": str(stage)}
+    if best is not None:  # best_val selection: the best epoch so far travels with the checkpoint
+        tensors.update({f"best/{k}": v for k, v in best[0].items()})
+        meta.update(best_acc=repr(best[1]), best_epoch=str(best[2]))
     if scaler.is_enabled():
         meta["scaler"] = json.dumps(scaler.state_dict())
     atomic_save_tensors(run.file(CHECKPOINT_FILE), tensors, meta)
