@@ -45,7 +45,7 @@ def test_the_mixture_is_the_softmax_weighted_sum_of_each_prompts_logits(tiny_bac
 
 def test_search_runs_alternating_updates_and_proposes_the_heaviest(colour_spec):
     result = search_attributes("test-tiny", colour_spec, ["color", "shape", "size"], sizes=(1, 2), shots=2, epochs=2,
-                               batch_size=4, progress=False)
+                               batch_size=4)
     assert len(result.combinations) == 6 and len(result.history) == 2
     assert sum(result.weights) == pytest.approx(1.0)
     assert result.weights != [1 / 6] * 6  # alpha moved from uniform
@@ -60,8 +60,7 @@ def test_cli_prints_the_proposal_and_writes_the_ranking(colour_spec, tmp_path):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = main(["atprompt-search", "--backbone", "test-tiny", "--dataset", colour_spec, "--candidates", "color,shape",
-                   "--sizes", "1,2", "--shots", "2", "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "r.json"),
-                   "--no-progress"])
+                   "--sizes", "1,2", "--shots", "2", "--epochs", "1", "--batch-size", "4", "--out", str(tmp_path / "r.json")])
     assert rc == 0
     data = json.loads((tmp_path / "r.json").read_text())
     assert f"proposal: --attributes {','.join(data['proposal'])}" in out.getvalue()

@@ -14,7 +14,7 @@ import training.cli as cli
 from training.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = {"methods", "datasets", "backbones", "train", "eval", "quickstart", "benchmark", "pretrain", "bench",
+COMMANDS = {"methods", "datasets", "backbones", "train", "eval", "quickstart", "benchmark", "pretrain", "bench", "atprompt-search",
             "export", "verify", "predict", "serve"}
 
 

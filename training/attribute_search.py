@@ -119,7 +119,6 @@ def search_attributes(
     epochs: int = SEARCH_DEFAULTS["epochs"],
     batch_size: int = SEARCH_DEFAULTS["batch_size"],
     device: str = "auto",
-    progress: bool = True,
 ) -> SearchResult:
     """Run the search on the ``shots``-shot base classes of ``dataset`` (see the module doc)."""
     combos = combinations(list(dict.fromkeys(candidates)), sorted(set(sizes)))
@@ -175,8 +174,7 @@ def search_attributes(
         weights = model.alpha.detach().softmax(dim=0).cpu().tolist()
         history.append(weights)
         best = max(range(len(weights)), key=weights.__getitem__)
-        if progress:
-            logger.info("epoch %d/%d: loss %.3f, leading %s (%.3f)", epoch + 1, epochs, float(loss.detach()), list(combos[best]), weights[best])
+        logger.info("epoch %d/%d: loss %.3f, leading %s (%.3f)", epoch + 1, epochs, float(loss.detach()), list(combos[best]), weights[best])
         if not all(math.isfinite(w) for w in weights):
             raise RuntimeError("the attribute weights became non-finite; lower the learning rate")
     return SearchResult(combos, history[-1] if history else [1.0 / len(combos)] * len(combos), history)

@@ -193,8 +193,7 @@ def cmd_atprompt_search(args: argparse.Namespace) -> int:
     sizes = [int(x) for x in args.sizes.split(",")]
     print(f"candidates ({source}): {', '.join(candidates)}")
     result = search_attributes(args.backbone, args.dataset, candidates, sizes=sizes, shots=args.shots, seed=args.seed,
-                               epochs=args.epochs, batch_size=args.batch_size, device=args.device,
-                               progress=not args.no_progress)
+                               epochs=args.epochs, batch_size=args.batch_size, device=args.device)
     for row in result.to_dict()["ranking"][:5]:
         print(f"  {row['weight']:.3f}  {', '.join(row['attributes'])}")
     print(f"proposal: --attributes {','.join(result.proposal)}")
@@ -600,7 +599,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--device", default="auto")
     s.add_argument("--out", help="write the ranking and the weights per epoch to this JSON file")
-    s.add_argument("--no-progress", action="store_true")
 
     s = _add_command(sub, "benchmark", "the base-to-novel protocol over methods x datasets x seeds (resumable)")
     s.set_defaults(handler=cmd_benchmark)
