@@ -86,27 +86,33 @@ def exported(tmp_path_factory, colour_spec):
 
     cache: dict[str, tuple[Path, Path | str]] = {}
 
-    def get(name: str) -> tuple[Path, Path | str]:
-        if name not in cache:
-            root = tmp_path_factory.mktemp(f"export-{name}")
-            run, art = root / "run", root / "artifact"
-            out, err = io.StringIO(), io.StringIO()
+    def get(label: str) -> tuple[Path, Path | str]:
+        """``label``: a method name, or a benchmark row ``NAME[key=value;...]`` (a plug-in's other host)."""
+        if label not in cache:
+            from training.grid import _dir_name, parse_method_spec
             from training.methods import get_method
 
+            name, options = parse_method_spec(label)
+            root = tmp_path_factory.mktemp(f"export-{_dir_name(label)}")
+            run, art = root / "run", root / "artifact"
+            out, err = io.StringIO(), io.StringIO()
             extra = []
+            for key, value in options.items():  # as a user would type them
+                flag = key.replace("_", "-")
+                extra += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
             cls = get_method(name).method_cls
             if cls.needs_train_descriptions or cls.capabilities_for(get_method(name).config_cls()).needs_class_descriptions:
-                extra = ["--descriptions", str(Path(colour_spec.removeprefix("folder:")) / "descriptions.json")]
+                extra += ["--descriptions", str(Path(colour_spec.removeprefix("folder:")) / "descriptions.json")]
             if cls.needs_init_run:  # DPC: stage 2 of a finished run of its default host
-                extra = ["--init-run", str(get(get_method(name).config_cls().host)[0])]
+                extra += ["--init-run", str(get(get_method(name).config_cls().host)[0])]
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 rc = main(["train", "--method", name, "--backbone", "test-tiny", "--dataset", colour_spec,
                            "--shots", "2", "--seed", "1", "--out", str(run), "--epochs", "1", "--batch-size", "4",
                            "--no-progress", *extra])
                 assert rc == 0, f"promptbake train --method {name} failed: {err.getvalue()}"
                 rc = main(["export", "--run", str(run), "--out", str(art)])
-            cache[name] = (run, art if rc == 0 else err.getvalue())
-        return cache[name]
+            cache[label] = (run, art if rc == 0 else err.getvalue())
+        return cache[label]
 
     return get
 

@@ -54,6 +54,9 @@ def _exportable(caps: Capabilities) -> bool:
 
 
 METHODS = [spec.name for spec in list_methods()]
+#: plug-ins on their other hosts (and reference behaviours that change the graphs), exported like the rest
+VARIANTS = ["atprompt[host=cocoop]", "atprompt[host=maple]", "atprompt[reference_splice=true;attributes=playfulness,energy]",
+            "dekg[host=tcp]", "textrefiner[normalize_refined=false]"]
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +69,14 @@ def _torch_class_embeddings(method, names):
         return method.class_embeddings(method.tokenize(names, descriptions_for(names))).numpy()
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_every_method_exports_and_matches_torch(name, exported, dataset_spec):
+@pytest.mark.parametrize("label", METHODS + VARIANTS)
+def test_every_method_exports_and_matches_torch(label, exported, dataset_spec):
+    from training.grid import parse_method_spec
+
+    name, options = parse_method_spec(label)
     spec = next(s for s in list_methods() if s.name == name)
-    caps = spec.method_cls.capabilities_for(spec.config_cls())
-    run, art = exported(name)
+    caps = spec.method_cls.capabilities_for(spec.config_cls.from_dict(options))
+    run, art = exported(label)
     if not _exportable(caps):
         assert isinstance(art, str) and art.startswith("promptbake: error:") and "not" in art, art
         return
