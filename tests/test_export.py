@@ -71,11 +71,11 @@ def _torch_class_embeddings(method, names):
 
 @pytest.mark.parametrize("label", METHODS + VARIANTS)
 def test_every_method_exports_and_matches_torch(label, exported, dataset_spec):
-    from training.grid import parse_method_spec
+    from training.grid import parse_method_spec, row_options
 
     name, options = parse_method_spec(label)
     spec = next(s for s in list_methods() if s.name == name)
-    caps = spec.method_cls.capabilities_for(spec.config_cls.from_dict(options))
+    caps = spec.method_cls.capabilities_for(spec.config_cls.from_dict(row_options(options)[0]))
     run, art = exported(label)
     if not _exportable(caps):
         assert isinstance(art, str) and art.startswith("promptbake: error:") and "not" in art, art

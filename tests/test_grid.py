@@ -203,13 +203,17 @@ def test_method_rows_with_options_split_parse_and_train_as_their_own_rows(colour
     assert published_b2n("atprompt") == (82.68, 68.04, 74.65)
     assert scaled_epochs("atprompt", 0.5, {"host": "cocoop"}) == 5 and scaled_epochs("atprompt", 0.5) == 50
     ds = f"folder:{colour_root}"
-    labels = ["coop", "atprompt[host=cocoop;attributes=color]", "dekg[host=tcp;hsic_weight=2]"]
+    for bad in ("coop[epochs=-1]", "coop[select=best_test]"):  # training options are checked too
+        with pytest.raises(ValueError):
+            parse_method_spec(bad)
+    labels = ["coop", "atprompt[host=cocoop;attributes=color]", "dekg[host=tcp;hsic_weight=2;epochs=2]"]
     rows = run_grid(labels, [ds], [1], tmp_path, "test-tiny", shots=2, train_options={"epochs": 1, "batch_size": 4},
                     test_per_class=2, progress=False)
     assert [r["method"] for r in rows] == labels
     info = json.loads(next((tmp_path / "runs" / "atprompt-host=cocoop-attributes=color").rglob("run.json")).read_text())
     assert info["method"] == "atprompt" and info["method_config"]["host"] == "cocoop"
     assert info["method_config"]["attributes"] == ["color"]
-    info = json.loads(next((tmp_path / "runs" / "dekg-host=tcp-hsic_weight=2").rglob("run.json")).read_text())
+    info = json.loads(next((tmp_path / "runs" / "dekg-host=tcp-hsic_weight=2-epochs=2").rglob("run.json")).read_text())
     assert info["method_config"]["hsic_weight"] == 2 and info["train"]["optimizer"] == "adamw"
+    assert info["train"]["epochs"] == 2  # the row's own schedule over the grid's
     assert "| atprompt[host=cocoop;attributes=color] |" in (tmp_path / "results.md").read_text()

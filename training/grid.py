@@ -15,6 +15,7 @@ leave it; 3 epochs train two after it). Options counted in epochs follow the met
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -54,8 +55,10 @@ def split_methods(text: str) -> list[str]:
 
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """A grid row: ``NAME`` or ``NAME[key=value;key=value]``, a method with options (a plug-in's host,
-    ATPrompt's attributes, ...). A value is read as JSON where it parses (numbers, booleans, lists),
-    else as a string. The options are checked by the method's config."""
+    ATPrompt's attributes, ...) and training options of its own (``epochs=5``: a row at its reference
+    schedule in a scaled grid). A value is read as JSON where it parses (numbers, booleans, lists),
+    else as a string. Method options are checked by the method's config, training options by
+    :class:`~training.config.TrainConfig` (:func:`row_options` splits them)."""
     name, _, rest = spec.partition("[")
     name = name.strip()
     options: dict[str, Any] = {}
@@ -71,8 +74,17 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
             except json.JSONDecodeError:
                 options[key.strip().replace("-", "_")] = value.strip()
     spec_ = get_method(name)  # unknown names fail here, with close matches
-    spec_.config_cls.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    method_options, train_options = row_options(options)
+    spec_.config_cls.from_dict(_config_options(method_options))
+    TrainConfig(**train_options)
     return name, options
+
+
+def row_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A row's options split into ``(method options, training options)`` (TrainConfig's fields)."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return ({k: v for k, v in options.items() if k not in train_fields},
+            {k: v for k, v in options.items() if k in train_fields})
 
 
 def _dir_name(label: str) -> str:
@@ -116,9 +128,10 @@ def run_grid(
 
     parsed = {label: parse_method_spec(label) for label in methods}
     for label, dataset, seed in ((m, d, s) for d in datasets for m in methods for s in seeds):
-        method, extra = parsed[label]
+        method, row = parsed[label]
+        extra, row_train = row_options(row)
         run = cell_dir(label, dataset, seed)
-        method_options, opts = _options_for(method, train_options, epochs_scale, extra)
+        method_options, opts = _options_for(method, {**(train_options or {}), **row_train}, epochs_scale, extra)
         init_run = None
         if get_method(method).method_cls.needs_init_run:  # DPC: stage 2 of the host's cell in this grid
             host = method_options.get("host", get_method(method).config_cls().host)
@@ -371,7 +384,7 @@ def published_b2n(method: str) -> tuple[float, float, float] | None:
     """
     name, options = parse_method_spec(method)
     spec = get_method(name)
-    return spec.method_cls.published_b2n_for(spec.config_cls.from_dict(_config_options(options)))
+    return spec.method_cls.published_b2n_for(spec.config_cls.from_dict(_config_options(row_options(options)[0])))
 
 
 SAME_BAND = 0.5  # |difference| below this many points counts as "no change" when comparing directions
