@@ -82,6 +82,7 @@ from exports.preprocess import PreprocessConfig
 from exports.prompts import prompt_rows
 from exports.runtime import create_session
 from exports.scoring import base_mask, head_logits
+from exports.tempdirs import make_owned_dir, remove_stale_dirs
 from exports.tokenizer import VOCAB_FILENAME, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -486,8 +487,11 @@ def export_artifact(
         raise ExportError(f"parity inputs need >= 1 image [N, 3, {s}, {s}] and >= 1 class name; got {list(pixels.shape)}, {len(names)} names")
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
+    for prefix in (f".{out.name}.tmp-", f".{out.name}.fp32-"):  # scratch of killed exports
+        for stale in remove_stale_dirs(out.parent, prefix):
+            logger.info("removed %s, left by an export that did not finish", stale)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = make_owned_dir(out.parent, f".{out.name}.tmp-")
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is meant to be read by services
         shutil.copyfile(vocab_path, tmp / VOCAB_FILENAME)
@@ -512,7 +516,7 @@ def export_artifact(
         with contextlib.ExitStack() as stack:
             # fp16 / int8 are converted from fp32 graphs traced into a scratch directory
             src = tmp if precision == "fp32" else Path(stack.enter_context(
-                tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent)))
+                tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-{os.getpid()}-", dir=out.parent)))
             # traced at 2 classes (and, with descriptions, a row count other than the parity's): sizes stay dynamic
             n_example = 1 if len(rows) - len(templates) != 1 else 2
             example = {"a photo": ["a photo.", "a second one."][:n_example], "two words": ["two words."]} if described else None

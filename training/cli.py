@@ -166,8 +166,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from training.jobs import eval_job, format_metrics_table
+    from training.jobs import check_seeds_of_one_job, eval_job, format_metrics_table
 
+    if len(args.run) > 1:
+        check_seeds_of_one_job(args.run)
     rows = [eval_job(r, batch_size=args.batch_size, device=args.device, workers=args.workers, progress=not args.no_progress) for r in args.run]
     print(format_metrics_table(rows))
     return 0

@@ -7,6 +7,7 @@ included; so this module imports only the standard library. :mod:`training.loop`
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
@@ -52,6 +53,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))  # a list from the CLI or run.json
+        for name in ("lr", "weight_decay", "momentum", "warmup_lr", "min_crop_scale", "adam_betas"):
+            values = getattr(self, name)
+            if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (values if isinstance(values, tuple) else (values,))):
+                raise ValueError(f"{name} must be a finite number, got {values!r}")
         if self.epochs < 0:
             raise ValueError("epochs must be >= 0")
         if self.batch_size < 1:
@@ -60,6 +65,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
         if self.lr <= 0 or self.warmup_lr <= 0:
             raise ValueError("lr and warmup_lr must be > 0")
+        if self.weight_decay < 0 or self.momentum < 0:
+            raise ValueError(f"weight_decay and momentum must be >= 0, got {self.weight_decay}, {self.momentum}")
         if self.precision not in ("auto", "fp32", "amp"):
             raise ValueError(f"precision must be auto, fp32 or amp, got {self.precision!r}")
         if self.select not in ("last", "best_val"):

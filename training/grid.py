@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from exports.tempdirs import pid_alive
 from training.config import TrainConfig
 from training.jobs import describe_difference, eval_job, job_info, mean_std, recorded_info, train_job
 from training.methods import get_method
@@ -303,22 +304,12 @@ class _CellLock:
             pid = int((run / cls.NAME).read_text().strip() or 0)
         except (OSError, ValueError):
             return False
-        return bool(pid) and pid != os.getpid() and _alive(pid)
+        return bool(pid) and pid != os.getpid() and pid_alive(pid)
 
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def _check_cell(run: Path, recorded: RunInfo, wanted: RunInfo) -> None:

@@ -165,6 +165,8 @@ def train_job(
     (default for emoji benchmarks: the shipped ones; see :func:`train_descriptions`).
     """
     spec = get_method(method)
+    if shots < 1:
+        raise RunError(f"--shots must be >= 1 (images per base class), got {shots}")
     method_options = {**spec.method_cls.options_for_dataset(dataset), **(method_options or {})}
     base, _ = split_base_novel(load_dataset(dataset))
     start = None
@@ -198,11 +200,10 @@ def train_job(
         elif run.is_complete():
             logger.info("%s is already trained; nothing to do", run.path)
             return run
+    torch.manual_seed(seed)  # random context initialisation (seeded before the backbone, as always)
+    bb = create_backbone(info.backbone)  # a bad backbone spec fails before run.json is written
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_info(info)
-
-    torch.manual_seed(seed)  # random context initialisation
-    bb = create_backbone(info.backbone)
     model = spec.method_cls(bb, method_cfg, base.classnames)
     if class_descriptions is not None:
         model.use_descriptions(class_descriptions)
@@ -212,15 +213,14 @@ def train_job(
     logger.info("training %s on %d base classes, %d images (%d-shot, seed %d)", method, len(base.classnames), len(train_samples), shots, seed)
     train_set = SampleDataset(train_samples, build_train_transform(bb.preprocess, train_cfg.min_crop_scale))
     tokens = model.tokenize(base.classnames, class_descriptions)
-    validate = None
-    if train_cfg.select == "best_val":
-        val_samples = sample_few_shot(base.val, min(shots, 4), seed)  # Dassl's few-shot val: min(shots, 4) per class
+    val_samples = sample_few_shot(base.val, min(shots, 4), seed)  # Dassl's few-shot val: min(shots, 4) per class
 
-        def validate(m: PromptMethod) -> float:
-            preds = predict_samples(m, val_samples, base.classnames, device=next(m.parameters()).device,
-                                    workers=train_cfg.workers, descriptions=class_descriptions)
-            return accuracy_report(preds, val_samples, base.classnames)["acc"]
-    train(model, train_set, tokens, train_cfg, run, seed, progress=progress, validate=validate)
+    def val_accuracy(m: PromptMethod) -> float:
+        preds = predict_samples(m, val_samples, base.classnames, device=next(m.parameters()).device,
+                                workers=train_cfg.workers, descriptions=class_descriptions)
+        return accuracy_report(preds, val_samples, base.classnames)["acc"]
+    train(model, train_set, tokens, train_cfg, run, seed, progress=progress,
+          validate=val_accuracy if train_cfg.select == "best_val" else None)
     return run
 
 
@@ -238,6 +238,8 @@ def job_info(
 ) -> RunInfo:
     """The ``run.json`` of a training job (``base_classnames`` default: loaded from the dataset)."""
     spec = get_method(method)
+    if shots < 1:
+        raise RunError(f"--shots must be >= 1 (images per base class), got {shots}")
     method_options = {**spec.method_cls.options_for_dataset(dataset), **(method_options or {})}
     init_info = None
     if spec.method_cls.needs_init_run:
@@ -304,7 +306,11 @@ def load_run_method(run: RunDir | str | Path) -> tuple[PromptMethod, RunInfo]:
     info = recorded_info(run)
     bb = create_backbone(info.backbone)
     model = create_method(info.method, bb, info.method_config, info.base_classnames)
-    model.load_learned_state(run.load_learned())
+    learned = run.load_learned()
+    bad = sorted(k for k, v in learned.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise RunError(f"{run.path}: learned tensors {', '.join(bad)} are not finite (the run diverged); retrain it")
+    model.load_learned_state(learned)
     return model.eval(), info
 
 
@@ -364,6 +370,24 @@ def eval_job(
     }
     atomic_write_json(rd.file(METRICS_FILE), metrics)
     return metrics
+
+
+#: run.json fields in which the seeds of one job may differ
+SEED_FIELDS = frozenset({"seed", "init_run"})
+
+
+def check_seeds_of_one_job(runs: Sequence[str | Path]) -> None:
+    """Runs averaged as seeds must be one job but for the seed (and a DPC's stage-1 run).
+
+    Raises:
+        RunError: naming the first run that differs from the first, and how.
+    """
+    infos = [recorded_info(r) for r in runs]
+    for path, info in zip(runs[1:], infos[1:]):
+        diff = [k for k in infos[0].differences(info) if k not in SEED_FIELDS]
+        if diff:
+            raise RunError(f"{path} is not another seed of {runs[0]}: they differ in {', '.join(diff)} "
+                           "(eval averages the seeds of one job; evaluate the others separately)")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from training.config import TrainConfig  # re-exported; it lives torch-free so the CLI can build its parser
 from training.data import SampleDataset
 from training.protocol import PromptMethod, Stage
-from training.runs import CHECKPOINT_FILE, LEARNED_FILE, RunDir, atomic_save_tensors, load_tensors
+from training.runs import CHECKPOINT_FILE, LEARNED_FILE, RunDir, RunError, atomic_save_tensors, load_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -236,13 +236,17 @@ def train(
         t0 = time.perf_counter()
         tot_loss, tot_correct, tot_n, n_scored = 0.0, 0, 0, 0
         bar = tqdm(batches, total=n_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar, 1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss, logits = method.backward_step(x, y, tokens, are_features=cache is not None, scaler=scaler, amp=use_amp)
             scaler.step(optimizer)
             scaler.update()
-            tot_loss += loss.item() * y.shape[0]
+            value = loss.item()
+            if not math.isfinite(value):  # diverged: stop before a non-finite step reaches the checkpoint
+                raise RunError(f"{method.name}: the loss became {value} at epoch {epoch + 1}, step {step}; "
+                               f"training stopped (try a lower --lr); {run.path} keeps its last finite checkpoint")
+            tot_loss += value * y.shape[0]
             if logits is not None:
                 tot_correct += int((logits.argmax(-1) == y).sum())
                 n_scored += y.shape[0]

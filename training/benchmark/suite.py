@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Callable
 import numpy as np
 import PIL
 
+from exports.tempdirs import make_owned_dir, remove_stale_dirs
 from training.benchmark.glyphs import STYLE_NAMES, load_glyphs, shared_classes
 from training.benchmark.scenes import SceneConfig, render_scene, scene_rng
 
@@ -220,15 +220,12 @@ def materialise(spec: BenchmarkSpec, root: Path, test_per_class: int, max_classe
         f"-c{max_classes}" if max_classes is not None else ""
     )
     final = root / f"{spec.name}-v{SUITE_VERSION}-{fp[:10]}{suffix}"
-    for stale in root.glob(f".tmp-{final.name}-*"):
-        # a folder left by a killed run; only remove it when its owner is gone
-        pid = stale.name.rsplit("-", 2)[-2]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+    if root.is_dir():
+        remove_stale_dirs(root, f".tmp-{final.name}-")  # folders left by killed runs whose owner is gone
     if (final / "dataset.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=root))
+    tmp = make_owned_dir(root, f".tmp-{final.name}-")
     try:
         t0 = time.perf_counter()
         logger.info("materialising benchmark %s (%d classes) into %s", spec.name, len(classes), final)
@@ -264,13 +261,3 @@ def materialise(spec: BenchmarkSpec, root: Path, test_per_class: int, max_classe
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()

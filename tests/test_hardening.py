@@ -1,0 +1,118 @@
+"""Careless input to the CLI and the loop: non-finite settings and losses, bad specs, mixed eval runs, export leftovers."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from training.cli import main
+from training.config import TrainConfig
+from training.runs import atomic_save_tensors, load_tensors
+
+
+def _train(run, spec, *extra):
+    return main(["train", "--method", "coop", "--backbone", "test-tiny", "--dataset", spec, "--shots", "2",
+                 "--epochs", "1", "--batch-size", "4", "--out", str(run), "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("field,value", [("lr", math.nan), ("lr", math.inf), ("warmup_lr", math.nan),
+                                         ("weight_decay", math.inf), ("momentum", math.nan),
+                                         ("adam_betas", (0.9, math.nan)), ("weight_decay", -1.0)])
+def test_non_finite_or_negative_hyper_parameters_are_refused(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_cli_refuses_a_non_finite_lr_before_writing_anything(colour_spec, tmp_path, capsys, value):
+    assert _train(tmp_path / "run", colour_spec, f"--lr={value}") != 0
+    err = capsys.readouterr().err
+    assert "lr must be a finite number" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_non_finite_loss_stops_training_and_leaves_no_trained_run(colour_spec, tmp_path, capsys, monkeypatch):
+    from training.methods.coop import CoOp
+
+    calls = {"n": 0}
+    real = CoOp.compute_loss
+
+    def diverging(self, *args, **kwargs):
+        loss, logits = real(self, *args, **kwargs)
+        calls["n"] += 1
+        return (loss * math.nan if calls["n"] >= 2 else loss), logits
+
+    monkeypatch.setattr(CoOp, "compute_loss", diverging)
+    run = tmp_path / "run"
+    assert _train(run, colour_spec, "--epochs", "2", "--batch-size", "2") != 0
+    err = capsys.readouterr().err
+    assert "the loss became nan at epoch 1, step 2" in err and "Traceback" not in err
+    assert (run / "run.json").exists() and not (run / "learned.safetensors").exists()
+    assert main(["eval", "--run", str(run), "--no-progress"]) != 0  # not a trained run
+
+
+def test_eval_and_export_refuse_non_finite_learned_tensors(colour_spec, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train(run, colour_spec) == 0
+    tensors, meta = load_tensors(run / "learned.safetensors")
+    tensors["ctx"] = tensors["ctx"].clone()
+    tensors["ctx"][0, 0] = math.nan
+    atomic_save_tensors(run / "learned.safetensors", tensors, meta)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--no-progress"]) != 0
+    assert "learned tensors ctx are not finite" in capsys.readouterr().err
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "art")]) != 0
+    assert "learned tensors ctx are not finite" in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()
+
+
+def test_a_bad_backbone_spec_writes_no_run_json_so_the_fixed_command_just_works(colour_spec, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--method", "coop", "--backbone", f"ViT-B-32:{tmp_path / 'missing.safetensors'}",
+                 "--dataset", colour_spec, "--shots", "2", "--epochs", "1", "--out", str(run), "--no-progress"]) != 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (run / "run.json").exists()
+    assert _train(run, colour_spec) == 0  # no --overwrite needed
+
+
+@pytest.mark.parametrize("shots", ["0", "-1"])
+def test_zero_or_negative_shots_are_refused(colour_spec, tmp_path, capsys, shots):
+    argv = ["train", "--method", "coop", "--backbone", "test-tiny", "--dataset", colour_spec, "--shots", shots,
+            "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) != 0
+    assert "--shots must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_refuses_to_average_runs_of_different_jobs(colour_spec, tmp_path, capsys):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert _train(a, colour_spec) == 0 and _train(b, colour_spec, "--seed", "2") == 0
+    assert main(["train", "--method", "kgcoop", "--backbone", "test-tiny", "--dataset", colour_spec, "--shots", "2",
+                 "--epochs", "1", "--batch-size", "4", "--out", str(c), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(a), str(c), "--no-progress"]) != 0
+    err = capsys.readouterr().err
+    assert f"{c} is not another seed of {a}" in err and "method" in err
+    assert main(["eval", "--run", str(a), str(b), "--no-progress"]) == 0  # two seeds of one job
+    assert "2 seeds" in capsys.readouterr().out
+
+
+def test_export_removes_the_scratch_folders_of_dead_exports(colour_spec, tmp_path):
+    from exports.tempdirs import pid_alive
+
+    run = tmp_path / "run"
+    assert _train(run, colour_spec) == 0
+    dead = 2**22 + 12345
+    assert not pid_alive(dead)
+    stale = [tmp_path / f".art.tmp-{dead}-abc", tmp_path / ".art.tmp-oldstyle", tmp_path / f".art.fp32-{dead}-x"]
+    live = tmp_path / f".art.tmp-{os.getppid()}-live"  # another export still running
+    for d in stale + [live]:
+        d.mkdir()
+        (d / "graph.onnx").write_bytes(b"x" * 1000)
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "art")]) == 0
+    assert not any(d.exists() for d in stale) and live.exists()
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["method"] == "coop"
+    assert [p.name for p in tmp_path.glob(".art.*")] == [live.name]  # nothing of this export is left behind
