@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -145,14 +146,30 @@ def create_predictor(path: Path, cfg: ServiceConfig, worker_index: int | None = 
 
 # -- the service -------------------------------------------------------------------------------
 
+def _exit_on_bad_settings() -> None:
+    """Validate every ``PROMPTBAKE_*`` setting when the module is imported: ``bentoml serve`` imports it
+    in its main process, so a bad one stops the server once, in one line, instead of failing every
+    worker start in a restart loop. (Whether the artifact is given and loads is checked per worker.)"""
+    try:
+        ServiceConfig.from_env()
+    except ServiceConfigError as e:
+        sys.stderr.write(f"promptbake: error: {e}\n")
+        raise SystemExit(2) from None
+
+
+_exit_on_bad_settings()
+
+
 def _int_env(name: str, default: int, minimum: int | None = None) -> int:
     # read at import for the decorator below: process and traffic settings, not the model
     try:
         value = int(os.environ.get(name, default))
     except ValueError:
-        raise ServiceConfigError(f"{name} must be an integer") from None
-    if minimum is not None and value < minimum:
-        raise ServiceConfigError(f"{name} must be an integer >= {minimum}, got {value}")
+        value = None
+    if value is None or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        sys.stderr.write(f"promptbake: error: {name} must be an integer{bound}, got {os.environ.get(name)!r}\n")
+        raise SystemExit(2)
     return value
 
 

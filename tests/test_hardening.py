@@ -116,3 +116,36 @@ def test_export_removes_the_scratch_folders_of_dead_exports(colour_spec, tmp_pat
     assert not any(d.exists() for d in stale) and live.exists()
     assert json.loads((tmp_path / "art" / "manifest.json").read_text())["method"] == "coop"
     assert [p.name for p in tmp_path.glob(".art.*")] == [live.name]  # nothing of this export is left behind
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "-1", "http"])
+def test_serve_refuses_ports_outside_1_to_65535(port, capsys):
+    assert main(["serve", f"--port={port}", "--artifact", "/nonexistent"]) != 0
+    err = capsys.readouterr().err
+    assert "--port" in err and "65535" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("var,value", [("PROMPTBAKE_API_KEY", "short"), ("PROMPTBAKE_MAX_IMAGES", "abc"),
+                                       ("PROMPTBAKE_READY_TIMEOUT_S", "-3")])
+def test_serve_refuses_bad_settings_in_one_line_before_starting(var, value, monkeypatch, capsys):
+    monkeypatch.setenv(var, value)
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("the server must not start"))
+    assert main(["serve", "--artifact", "/nonexistent", "--port", "3999"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"promptbake: error: {var}:") and err.count("\n") == 1
+
+
+def test_serve_says_in_one_line_that_the_port_is_busy(monkeypatch, capsys):
+    import socket
+
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("the server must not start"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert main(["serve", "--artifact", "/nonexistent", "--port", str(port)]) != 0
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}" in err and err.count("\n") == 1
+    # free again: the checks pass and the artifact is what is missing
+    assert main(["serve", "--artifact", "/nonexistent", "--port", str(port)]) != 0
+    assert "/nonexistent: no such artifact directory" in capsys.readouterr().err

@@ -162,10 +162,11 @@ def test_cuda_devices_and_workers_from_env(monkeypatch):
     assert [cuda_device_for_worker(i, (2, 5, 7)) for i in (None, 0, 1, 2, 3, 4)] == [2, 2, 2, 5, 7, 2]
     assert [cuda_device_for_worker(i, None) for i in (None, 1, 2, 3)] == [0, 0, 0, 0]
 
-    for bad in ("0", "-2", "two", ""):
+    for bad in ("0", "-2", "two", ""):  # one line and exit 2, not a traceback
         monkeypatch.setenv("PROMPTBAKE_WORKERS", bad)
-        with pytest.raises(ServiceConfigError, match="PROMPTBAKE_WORKERS"):
+        with pytest.raises(SystemExit) as stop:
             _int_env("PROMPTBAKE_WORKERS", 1, minimum=1)
+        assert stop.value.code == 2
     # read at import, into the @bentoml.service decorator
     code = "import service.service as s; print(s.PromptbakeService.config['workers'])"
     env = {**os.environ, "PYTHONPATH": str(REPO), "PROMPTBAKE_WORKERS": "3"}
@@ -589,3 +590,22 @@ def test_bench_serve_table_formats_every_row():
     table = format_serve_table(res)
     assert "| in-process onnxruntime, batch 32 | 2.5 | 1.25x | | | 87.8% |" in table
     assert "(mean batch 3.5)" in table and "2000 ms cold, 100 ms cached (20x)" in table
+
+
+@pytest.mark.parametrize("var,value", [("PROMPTBAKE_API_KEY", "short"), ("PROMPTBAKE_MAX_IMAGES", "abc"),
+                                       ("PROMPTBAKE_WORKERS", "0")])
+def test_bentoml_serve_stops_once_on_a_bad_setting(var, value):
+    """`bentoml serve` (a built Bento runs this) imports the service in its main process: a bad setting
+    is one line and a non-zero exit there, not a worker that fails and restarts in a loop."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), var: value, "PROMPTBAKE_ARTIFACT": "/nonexistent"}
+    proc = subprocess.run([sys.executable, "-m", "bentoml", "serve", "service.service:PromptbakeService", "--host",
+                           "127.0.0.1", "--port", str(port)], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("promptbake: error:")]
+    assert len(lines) == 1 and var in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Application startup failed" not in proc.stderr

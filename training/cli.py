@@ -279,6 +279,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from exports.manifest import load_artifact
 
+    # Settings first: one line naming what is wrong, not a server that BentoML restarts over and over.
+    from service.config import ServiceConfig
+
+    env = {**os.environ, "PROMPTBAKE_DEVICE": args.device}
+    if args.artifact:
+        env["PROMPTBAKE_ARTIFACT"] = str(args.artifact)
+    ServiceConfig.from_env(env)  # ServiceConfigError (a ValueError) names the variable
+    _check_port_free(args.host, args.port)
     if not args.artifact:
         from training.defaults import ensure_default_artifact  # imports torch only for this one-time export
 
@@ -296,7 +304,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except Exception as e:  # NotFound or a malformed tag
             raise ValueError(f"{args.artifact}: neither an artifact directory nor a BentoML model ({e})") from None
         load_artifact(model.path_of((model.info.metadata or {}).get("artifact_subdir", "artifact")))
-    env = {**os.environ, "PROMPTBAKE_ARTIFACT": str(args.artifact), "PROMPTBAKE_DEVICE": args.device}
+    env["PROMPTBAKE_ARTIFACT"] = str(args.artifact)
     if args.allow_cpu_fallback:
         env["PROMPTBAKE_ALLOW_CPU_FALLBACK"] = "1"
     repo = Path(__file__).resolve().parents[1]
@@ -308,6 +316,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # exec, so SIGTERM/SIGINT reach BentoML directly and its graceful shutdown runs
     os.execve(sys.executable, cmd, env)
     return 0  # not reached
+
+
+def _port(text: str) -> int:
+    """``--port``: an integer in 1..65535 (a larger one would silently wrap around when bound)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in 1..65535, got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {port}")
+    return port
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` once, so a busy port is one line here rather than a traceback from the server."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: not an address this machine can bind ({e.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror} (another server there? pick --port)") from None
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -432,7 +468,7 @@ def _add_artifact_commands(sub: argparse._SubParsersAction) -> None:
                    help="artifact directory or BentoML model tag (default: $PROMPTBAKE_ARTIFACT, else zero-shot "
                         "CLIP on the embedded emoji-vit-s, exported on first use)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
-    s.add_argument("--port", type=int, default=3000)
+    s.add_argument("--port", type=_port, default=3000, help="1..65535 (default 3000)")
     s.add_argument("--device", choices=["cpu", "cuda"], default=os.environ.get("PROMPTBAKE_DEVICE", "cpu"))
     s.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU when CUDA is unusable")
 
