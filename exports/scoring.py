@@ -45,6 +45,11 @@ def normalize_name(name: str) -> str:
     return " ".join(unicodedata.normalize("NFC", name).split()).lower()
 
 
+def _visible(ch: str) -> bool:
+    """Not a control, format (zero-width), separator or unassigned character."""
+    return unicodedata.category(ch)[0] not in ("C", "Z")
+
+
 class ClassNameError(ValueError):
     """A class-name list that cannot be scored; ``kind`` says why (the service's error kind)."""
 
@@ -71,8 +76,8 @@ def check_class_names(class_names: Sequence[str], what: str = "class names", uni
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
         key = normalize_name(n) if isinstance(n, str) else ""
-        if not key:
-            raise ClassNameError("name_empty", f"{what}[{i}] is empty, only whitespace or not a string: {n!r}")
+        if not any(_visible(ch) for ch in key):  # "", spaces, or only invisible characters (U+200B, ...)
+            raise ClassNameError("name_empty", f"{what}[{i}] is empty, only whitespace or invisible characters, or not a string: {n!r}")
         if unique and key in seen:
             raise ClassNameError("name_duplicate", f"{what} must be unique: {what}[{i}] {n!r} repeats {what}[{seen[key]}] {names[seen[key]]!r} "
                                  "(names are compared ignoring case and extra whitespace)")

@@ -32,6 +32,9 @@ HEALTH_PATHS = frozenset({"/livez", "/healthz", "/readyz"})
 JSON_ROUTES = frozenset({"/classify", "/embed_image", "/embed_text", "/info"})
 MULTIPART_ROUTES = frozenset({"/classify", "/embed_image"})
 _MULTIPART_FIELDS = {"/classify": {"images", "class_names", "top_k", "mode", "descriptions"}, "/embed_image": {"images"}}
+#: the fields each JSON API takes; anything else is a 400 unknown_field, as in multipart forms
+_JSON_FIELDS = {**_MULTIPART_FIELDS, "/embed_text": {"texts", "descriptions"}, "/info": set()}
+_THREAD_BYTES = 1 << 20  # JSON bodies larger than this are checked off the event loop
 PROVIDER_HEADER = "x-promptbake-provider"
 
 
@@ -100,7 +103,7 @@ class PromptbakeMiddleware:
             await self.app(scope, _replay(b"{}"), send)
             return
         if path not in JSON_ROUTES or method != "POST":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, _errors_as_json(send, path, method))
             return
 
         media = headers.get("content-type", "application/json").split(";")[0].strip().lower()
@@ -114,12 +117,58 @@ class PromptbakeMiddleware:
             body = await _read_body(receive, cfg.max_request_bytes)
         except _TooLarge:
             raise _too_large(cfg.max_request_bytes) from None
+        if media == "application/json":
+            if len(body) > _THREAD_BYTES:
+                await anyio.to_thread.run_sync(_check_json_fields, body, path)
+            else:
+                _check_json_fields(body, path)
         if media == "multipart/form-data":
             # parsing and re-encoding a large form takes ~10 ms per MB: keep it off the event loop
             body = await anyio.to_thread.run_sync(_multipart_to_json_sync, scope, body, path, cfg)
             scope = {**scope, "headers": [*(h for h in scope.get("headers", []) if h[0].lower() not in (b"content-type", b"content-length")),
                                           (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
         await self.app(scope, _replay(body), _reshape_validation_errors(send, svc))
+
+
+_PLAIN_ERRORS = {404: "not_found", 405: "method_not_allowed"}
+
+
+def _errors_as_json(send: Any, path: str, method: str) -> Any:
+    """Starlette answers an unknown path or method in text/plain; give them the service's JSON error
+    shape (``{"error": {"kind", "message"}}``) like every other error."""
+    state: dict[str, Any] = {}
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            media = dict(message.get("headers", [])).get(b"content-type", b"").split(b";")[0]
+            if message["status"] in _PLAIN_ERRORS and media in (b"text/plain", b""):
+                state["start"] = message
+                return
+        elif "start" in state:
+            if message.get("more_body"):
+                return
+            start = state.pop("start")
+            kind = _PLAIN_ERRORS[start["status"]]
+            text = f"no route {path}" if kind == "not_found" else f"{method} is not allowed on {path}"
+            extra = [(k, v) for k, v in start.get("headers", []) if k.lower() == b"allow"]
+            await _send_json(send, start["status"], {"error": {"kind": kind, "message": text}}, extra)
+            return
+        await send(message)
+
+    return wrapped
+
+
+def _check_json_fields(body: bytes, path: str) -> None:
+    """A JSON object with a field the API does not take is a 400 (a misspelt ``top_k`` would otherwise
+    be silently ignored); a body that is not a JSON object is left to the API's own validation."""
+    try:
+        data = json.loads(body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - _JSON_FIELDS[path])
+        if unknown:
+            raise bad_request("unknown_field", f"unknown field(s) {unknown}; expected {sorted(_JSON_FIELDS[path])}")
 
 
 def _reshape_validation_errors(send: Any, svc: Any) -> Any:

@@ -300,7 +300,8 @@ class PromptbakeService:
         images: list[str] = Field(description="base64-encoded image bytes (JPEG, PNG, WebP, BMP, GIF); "
                                               "multipart requests send files named 'images' instead"),
         class_names: list[str] = Field(description="the candidate names, any language the backbone knows"),
-        top_k: int = Field(default=5, description="names listed in each prediction's 'top', best first"),
+        top_k: int = Field(default=5, strict=True, description="names listed in each prediction's 'top', best first "
+                           "(an integer: true or \"3\" are refused)"),
         mode: str = Field(default="auto", description="which heads score the names, for methods with a base/novel "
                           "switch: 'auto' (names the method was trained on use its base heads, others its novel "
                           "heads), 'base' or 'novel' (one set for every name); other methods ignore it"),

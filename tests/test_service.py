@@ -385,6 +385,10 @@ def _bad_requests() -> list[tuple[str, dict, int, str]]:
         ("blank-name", js(class_names=["red", "   "]), 400, "name_empty"),
         ("duplicate-name", js(class_names=["red", "Red "]), 400, "name_duplicate"),
         ("top-k-zero", js(top_k=0), 400, "top_k"),
+        ("top-k-bool", js(top_k=True), 400, "invalid_input"),
+        ("top-k-string", js(top_k="3"), 400, "invalid_input"),
+        ("invisible-name", js(class_names=["red", "\u200b"]), 400, "name_empty"),
+        ("unknown-json-field", js(topk=3), 400, "unknown_field"),
         ("top-k-over-limit", js(top_k=6), 400, "top_k"),
         ("wrong-type", js(images="not a list"), 400, "invalid_input"),
         ("names-not-json", {"files": [("images", ("a.png", red, "image/png"))], "data": {"class_names": "red, green"}},
@@ -609,3 +613,15 @@ def test_bentoml_serve_stops_once_on_a_bad_setting(var, value):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("promptbake: error:")]
     assert len(lines) == 1 and var in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "Application startup failed" not in proc.stderr
+
+
+def test_asgi_unknown_paths_and_methods_answer_in_the_json_error_shape(client):
+    for method, path, status, kind in (("GET", "/nope", 404, "not_found"), ("POST", "/no/such/route", 404, "not_found"),
+                                       ("GET", "/classify", 405, "method_not_allowed"),
+                                       ("DELETE", "/embed_text", 405, "method_not_allowed")):
+        r = client.request(method, path)
+        assert r.status_code == status, (method, path, r.text)
+        assert r.headers["content-type"] == "application/json"
+        assert r.json()["error"]["kind"] == kind and path in r.json()["error"]["message"]
+    assert client.get("/livez").status_code == 200  # the probes are untouched
+    _good(client)
