@@ -239,6 +239,11 @@ def test_int8_export_enforces_top1_agreement(exported, monkeypatch, tmp_path, da
     assert manifest.precision == "int8" and manifest.parity.tolerance is None
     assert 0 < manifest.parity.max_abs_diff_image < 0.5  # quantized: close, not equal
     assert load_artifact(tmp_path / "int8") == manifest
+    # the bound as an option: any agreement passes at a low one, a bound outside (0, 1] is refused
+    assert export_run(run, tmp_path / "int8-opt", precision="int8", min_top1=0.01).parity.min_top1_agreement == 0.01
+    for bad in (0.0, 1.5):
+        with pytest.raises(ExportError, match="min_top1 must be a fraction"):
+            export_run(run, tmp_path / f"bad-{bad}", precision="int8", min_top1=bad)
     graph = onnx.load(str(tmp_path / "int8" / "image.onnx"))
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.graph.node)
     ds = load_dataset(dataset_spec)
@@ -431,7 +436,6 @@ def test_predictor_cuda_path_on_a_stand_in_session(exported, dataset_spec, monke
 
 def test_non_exportable_capabilities_are_refused(tiny_backbone, tmp_path):
     from training.export import export_method
-    from training.runs import RunInfo
 
     method = create_method("coop", tiny_backbone, {"class_specific": True}, ["red", "green", "blue"])
     info = RunInfo("coop", method.config.to_dict(), {}, "test-tiny", "none", 1, 1, ["red", "green", "blue"])
@@ -546,3 +550,20 @@ def test_bench_classify_rejects_bad_counts(exported, capsys, args, message):
     _, coop = exported("coop")
     assert main(["bench", "classify", "--artifact", str(coop), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_quantized_parity_is_judged_on_up_to_256_images(tmp_path, monkeypatch):
+    import training.export as te
+
+    seen = {}
+
+    def fake_inputs(info, max_images):
+        seen["max"] = max_images
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(te, "parity_inputs", fake_inputs)
+    monkeypatch.setattr(te, "load_run_method", lambda run: (type("M", (), {"capabilities": Capabilities()})(), None))
+    for precision, n in (("fp32", 32), ("int8", 256), ("fp16", 256)):
+        with pytest.raises(RuntimeError, match="stop"):
+            te.export_run(tmp_path / "run", tmp_path / "art", precision=precision)
+        assert seen["max"] == n, precision
