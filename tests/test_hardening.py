@@ -149,3 +149,49 @@ def test_serve_says_in_one_line_that_the_port_is_busy(monkeypatch, capsys):
     # free again: the checks pass and the artifact is what is missing
     assert main(["serve", "--artifact", "/nonexistent", "--port", str(port)]) != 0
     assert "/nonexistent: no such artifact directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "artifact"])
+def test_a_full_disk_is_one_line_and_the_rerun_resumes(where, colour_spec, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import training.runs as runs
+
+    run = tmp_path / "run"
+    real_save, real_replace = runs.save_file, os.replace
+    if where == "checkpoint":  # the second epoch's checkpoint does not fit
+        calls = {"n": 0}
+
+        def full(tensors, path, metadata=None):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                from safetensors import SafetensorError
+
+                raise SafetensorError("Error while serializing: IoError(No space left on device)")
+            return real_save(tensors, path, metadata=metadata)
+
+        monkeypatch.setattr(runs, "save_file", full)
+        assert _train(run, colour_spec, "--epochs", "3") != 0
+        err = capsys.readouterr().err
+        assert "checkpoint.safetensors: cannot write" in err and "re-run" in err and "Traceback" not in err
+        assert not list(run.glob(".*.safetensors.*"))  # no torn temp file
+        monkeypatch.setattr(runs, "save_file", real_save)
+        assert _train(run, colour_spec, "--epochs", "3") == 0  # resumes from epoch 1's checkpoint
+        log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in log] == [1, 2, 3]
+    else:  # the export's final rename hits a read-only file system
+        assert _train(run, colour_spec) == 0
+
+        def read_only(src, dst):
+            raise OSError(errno.EROFS, "Read-only file system", str(dst))
+
+        monkeypatch.setattr(os, "replace", read_only)
+        monkeypatch.setattr(os, "rename", read_only)
+        capsys.readouterr()
+        assert main(["export", "--run", str(run), "--out", str(tmp_path / "art")]) != 0
+        err = capsys.readouterr().err
+        assert "Read-only file system" in err and "art" in err and err.count("\n") == 1
+        monkeypatch.setattr(os, "replace", real_replace)
+        monkeypatch.undo()
+        assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.*"))
+        assert main(["export", "--run", str(run), "--out", str(tmp_path / "art")]) == 0

@@ -689,6 +689,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # KeyError (raised while parsing too, by `train --method NAME --help`)
     except (KeyError, ValueError, FileNotFoundError, FileExistsError) as e:
         return _error(e.args[0] if isinstance(e, KeyError) and e.args else str(e))
+    except OSError as e:  # a full or read-only disk, a permission: files are written atomically, so nothing is torn
+        where = f"{e.filename}: " if e.filename else ""
+        return _error(f"{where}{e.strerror or e}; nothing half-written was left: free the space (or fix the "
+                      "permission) and re-run the same command (train and benchmark resume from their last checkpoint)")
     except KeyboardInterrupt:
         print("promptbake: interrupted; re-run the same command to resume (train, benchmark and pretrain continue "
               "from their last checkpoint)", file=sys.stderr)

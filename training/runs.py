@@ -65,7 +65,10 @@ def atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadat
     try:
         # a non-empty metadata block also keeps a file with no tensors readable (zero-shot runs)
         meta = {"format": "pt", **(metadata or {})}
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        except SafetensorError as e:  # its I/O errors (a full disk) as the OSError they are, naming the file
+            raise OSError(f"{path}: cannot write ({e})") from None
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
