@@ -72,8 +72,8 @@ class CapabilitiesInfo(_Strict):
 class TokenizerInfo(_Strict):
     file: str
     context_length: Annotated[int, Field(ge=2)]
-    sot_token_id: int
-    eot_token_id: int
+    sot_token_id: Annotated[int, Field(ge=0)]
+    eot_token_id: Annotated[int, Field(ge=0)]
 
 
 class GraphInfo(_Strict):
@@ -134,13 +134,13 @@ class Parity(_Strict):
         providers: the onnxruntime execution providers used.
     """
 
-    max_abs_diff_image: float
-    max_abs_diff_text: float
+    max_abs_diff_image: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    max_abs_diff_text: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     top1_agreement: Annotated[float, Field(ge=0, le=1)]
     n_images: Annotated[int, Field(ge=1)]
     n_classes: Annotated[int, Field(ge=1)]
-    tolerance: float | None = None
-    min_top1_agreement: float = 0.0
+    tolerance: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    min_top1_agreement: Annotated[float, Field(ge=0, le=1)] = 0.0
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
 
 
@@ -169,9 +169,9 @@ class Manifest(_Strict):
     #: descriptions of the classes the run knew, for methods that embed classes from them
     #: (``capabilities.needs_class_descriptions``); requests add their own for other names
     class_descriptions: dict[str, list[str]] = Field(default_factory=dict)
-    logit_scale: float
+    logit_scale: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]  # CLIP clamps its scale at 100
     embed_dim: Annotated[int, Field(ge=1)]
-    opset: int
+    opset: Annotated[int, Field(ge=7)]
     exporter: str
     precision: Precision
     graphs: Graphs
@@ -295,8 +295,14 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def verify_files(directory: str | os.PathLike[str], manifest: Manifest) -> None:
-    """Raise :class:`ArtifactError` naming the first file that is missing, extra, truncated or altered."""
+    """Raise :class:`ArtifactError` naming the first file that is missing, extra, truncated or altered,
+    or that is not a plain file of the folder (a symbolic link, which could point anywhere; a device,
+    a pipe, a folder)."""
     directory = Path(directory)
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+            kind = "a symbolic link" if entry.is_symlink() else "not a regular file"
+            raise ArtifactError(f"{directory / entry.name}: {kind}; an artifact holds plain files only")
     present = {p.name for p in directory.iterdir()} - {MANIFEST_FILENAME}
     extra = sorted(present - set(manifest.files))
     if extra:
@@ -311,6 +317,24 @@ def verify_files(directory: str | os.PathLike[str], manifest: Manifest) -> None:
             raise ArtifactError(f"{path}: {kind}: {size} bytes, the manifest says {entry.bytes}")
         if sha256_file(path) != entry.sha256:
             raise ArtifactError(f"{path}: altered: sha256 differs from the manifest")
+
+
+DIGEST_PREFIX = "sha256:"
+
+
+def artifact_digest(manifest: Manifest) -> str:
+    """The artifact's content digest: ``sha256:`` + the sha256 of its canonical manifest (sorted keys,
+    no whitespace). The manifest lists every file's sha256, so the digest pins the whole artifact,
+    the manifest's own fields (logit scale, templates, heads) included; like a container image's
+    digest, it is an anchor outside the artifact (``serve --expect-digest``)."""
+    canonical = json.dumps(manifest.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return DIGEST_PREFIX + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def check_digest(directory: str | os.PathLike[str], manifest: Manifest, expected: str | None) -> None:
+    """Raise :class:`ArtifactError` unless ``expected`` (when given) is the artifact's digest."""
+    if expected and artifact_digest(manifest) != expected:
+        raise ArtifactError(f"{directory}: content digest {artifact_digest(manifest)} is not the expected {expected}")
 
 
 def load_artifact(directory: str | os.PathLike[str]) -> Manifest:

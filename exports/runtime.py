@@ -28,7 +28,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from exports import scoring
-from exports.manifest import ArtifactError, Manifest, load_artifact
+from exports.manifest import ArtifactError, Manifest, check_digest, load_artifact
 from exports.preprocess import preprocess_batch
 from exports.prompts import MissingDescriptionError, prompt_rows
 from exports.text_cache import TextEmbeddingCache, normalize_name
@@ -61,6 +61,45 @@ def _providers(device: str, device_id: int = 0) -> list[Provider]:
             )
         return [(_CUDA, {"device_id": device_id}), _CPU]
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
+def check_graph_shapes(path: Path, manifest: Manifest, image: ort.InferenceSession, text: ort.InferenceSession) -> None:
+    """The manifest's dimensions against the graphs' own declared shapes: the image input ``[B, 3, S, S]``,
+    the text input ``[T, C, L]``, every embedding output ``[., D]`` (a manifest edited to another
+    ``embed_dim``, ``image_size`` or context length is refused here, not at the first request)."""
+    m = manifest
+
+    def expect(session: ort.InferenceSession, graph: str, name: str, axis: int, want: int, what: str, inputs: bool) -> None:
+        values = {v.name: v for v in (session.get_inputs() if inputs else session.get_outputs())}
+        if name not in values:
+            raise ArtifactError(f"{path / graph}: has no {'input' if inputs else 'output'} {name!r} (the manifest's {what})")
+        shape = list(values[name].shape or [])
+        dim = shape[axis] if -len(shape) <= axis < len(shape) else None
+        if isinstance(dim, int) and dim != want:
+            raise ArtifactError(f"{path / graph}: {name} has {dim} at axis {axis}, the manifest's {what} says {want}")
+
+    gi, gt = m.graphs.image, m.graphs.text
+    expect(image, gi.file, gi.input_name, 1, 3, "channels", True)
+    expect(image, gi.file, gi.input_name, 2, m.preprocess.image_size, "preprocess.image_size", True)
+    expect(text, gt.file, gt.input_name, -1, m.tokenizer.context_length, "tokenizer.context_length", True)
+    for name in gi.outputs:
+        expect(image, gi.file, name, -1, m.embed_dim, "embed_dim", False)
+    if not m.capabilities.text_depends_on_image:
+        for name in gt.outputs:
+            expect(text, gt.file, name, -1, m.embed_dim, "embed_dim", False)
+
+
+def verify_artifact(directory: str | os.PathLike[str], expected_digest: str | None = None) -> Manifest:
+    """Everything checked before an artifact is used: the manifest, every file's size and sha256,
+    the content digest when one is expected, and the graphs' shapes against the manifest (CPU
+    sessions; what ``promptbake verify`` runs)."""
+    path = Path(directory)
+    manifest = load_artifact(path)
+    check_digest(path, manifest, expected_digest)
+    cpu = ["CPUExecutionProvider"]
+    check_graph_shapes(path, manifest, create_session(path / manifest.graphs.image.file, cpu, manifest.precision),
+                       create_session(path / manifest.graphs.text.file, cpu, manifest.precision))
+    return manifest
 
 
 def create_session(path: Path, providers: Sequence[Provider], precision: str = "fp32",
@@ -159,6 +198,7 @@ class Predictor:
         providers = _providers(device, device_id)
         self._image = create_session(self.path / m.graphs.image.file, providers, m.precision, intra_op_threads)
         self._text = create_session(self.path / m.graphs.text.file, providers, m.precision, intra_op_threads)
+        check_graph_shapes(self.path, m, self._image, self._text)
         self._logit_scale = float(m.logit_scale)
         if text_cache_names < 0:
             raise ValueError("text_cache_names must be >= 0")

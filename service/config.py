@@ -54,6 +54,8 @@ class ServiceConfig(BaseModel):
         text_cache_names: class-name embeddings kept (LRU over names); memory is
             ``text_cache_names x embed_dim x 4`` bytes (20,000 x 512 x 4 = 41 MB).
         api_key: when set, every route but the health probes needs ``Authorization: Bearer KEY``.
+        artifact_digest: when set, the artifact must have this content digest (``sha256:...``, as
+            ``promptbake export`` and ``verify`` print it), or the service does not start.
         ready_timeout_s: ``/readyz`` fails when its real inference takes longer.
     """
 
@@ -79,6 +81,7 @@ class ServiceConfig(BaseModel):
     text_cache_names: _Pos = 20_000
     api_key: str | None = None
     ready_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    artifact_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
 
     @field_validator("allowed_formats", mode="before")
     @classmethod
@@ -137,7 +140,7 @@ class ServiceConfig(BaseModel):
 
     def public(self) -> dict[str, object]:
         """The limits a client may see (no key, no paths)."""
-        return self.model_dump(exclude={"api_key", "artifact", "intra_op_threads", "ready_timeout_s"})
+        return self.model_dump(exclude={"api_key", "artifact", "artifact_digest", "intra_op_threads", "ready_timeout_s"})
 
 
 def cuda_device_for_worker(worker_index: int | None, cuda_devices: Sequence[int] | None) -> int:

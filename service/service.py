@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse
 
 from exports import scoring
-from exports.manifest import MANIFEST_FILENAME, ArtifactError
+from exports.manifest import MANIFEST_FILENAME, ArtifactError, artifact_digest, check_digest, read_manifest
 from exports.preprocess import preprocess_batch
 from exports.prompts import MissingDescriptionError
 from exports.runtime import Predictor
@@ -63,6 +63,7 @@ class ArtifactSummary(BaseModel):
     precision: str
     embed_dim: int
     manifest_sha256: str
+    digest: str = Field(description="the artifact's content digest (sha256 of its canonical manifest), as export prints it")
 
 
 class TopEntry(BaseModel):
@@ -151,8 +152,10 @@ def _exit_on_bad_settings() -> None:
     in its main process, so a bad one stops the server once, in one line, instead of failing every
     worker start in a restart loop. (Whether the artifact is given and loads is checked per worker.)"""
     try:
-        ServiceConfig.from_env()
-    except ServiceConfigError as e:
+        cfg = ServiceConfig.from_env()
+        if cfg.artifact_digest and cfg.artifact and Path(cfg.artifact).is_dir():  # the pin: the manifest alone, cheap
+            check_digest(cfg.artifact, read_manifest(cfg.artifact), cfg.artifact_digest)
+    except (ServiceConfigError, ArtifactError) as e:
         sys.stderr.write(f"promptbake: error: {e}\n")
         raise SystemExit(2) from None
 
@@ -194,9 +197,11 @@ class PromptbakeService:
         self.worker = bentoml.server_context.worker_index or 1  # None outside a BentoML worker process
         self.predictor = create_predictor(path, cfg, self.worker)
         m = self.predictor.manifest
+        check_digest(path, m, cfg.artifact_digest)
         self.artifact = ArtifactSummary(
             name=name, method=m.method, backbone=m.backbone, precision=m.precision, embed_dim=m.embed_dim,
             manifest_sha256=hashlib.sha256((path / MANIFEST_FILENAME).read_bytes()).hexdigest(),
+            digest=artifact_digest(m),
         )
         self.providers = list(self.predictor.providers)
         self.provider = self.providers[0]

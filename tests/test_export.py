@@ -229,10 +229,17 @@ def test_int8_export_enforces_top1_agreement(exported, monkeypatch, tmp_path, da
 
     run, art = exported("coop")
     _reuse_graphs(monkeypatch, art)
-    monkeypatch.setattr(ox, "MIN_TOP1_AGREEMENT", 1.01)
-    with pytest.raises(ExportError, match=r"int8 parity failed: top-1 agrees with torch fp32 on .*% of 24 images \(needs 101%\)"):
+    real = ox.measure_parity
+
+    def disagreeing(*args, **kwargs):  # the quantized graphs agree on half the images only
+        p = real(*args, **kwargs)
+        return p if p.tolerance is not None else p.model_copy(update={"top1_agreement": 0.5})
+
+    monkeypatch.setattr(ox, "measure_parity", disagreeing)
+    with pytest.raises(ExportError, match=r"int8 parity failed: top-1 agrees with torch fp32 on 50\.0% of 24 images \(needs 99%\)"):
         export_run(run, tmp_path / "refused", precision="int8")
     assert not (tmp_path / "refused").exists() and not list(tmp_path.iterdir())
+    monkeypatch.setattr(ox, "measure_parity", real)
 
     monkeypatch.setattr(ox, "MIN_TOP1_AGREEMENT", 0.0)
     manifest = export_run(run, tmp_path / "int8", precision="int8")
@@ -398,6 +405,12 @@ def test_predictor_cuda_path_on_a_stand_in_session(exported, dataset_spec, monke
         def get_providers(self):
             return self.started
 
+        def get_inputs(self):  # the declared shapes, checked against the manifest
+            return self.real.get_inputs()
+
+        def get_outputs(self):
+            return self.real.get_outputs()
+
         def run(self, *args, **kwargs):
             raise AssertionError("session.run used while IOBinding is on")
 
@@ -436,6 +449,7 @@ def test_predictor_cuda_path_on_a_stand_in_session(exported, dataset_spec, monke
 
 def test_non_exportable_capabilities_are_refused(tiny_backbone, tmp_path):
     from training.export import export_method
+    from training.runs import RunInfo
 
     method = create_method("coop", tiny_backbone, {"class_specific": True}, ["red", "green", "blue"])
     info = RunInfo("coop", method.config.to_dict(), {}, "test-tiny", "none", 1, 1, ["red", "green", "blue"])

@@ -195,3 +195,93 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes(where, colour_spec, tmp_p
         monkeypatch.undo()
         assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.*"))
         assert main(["export", "--run", str(run), "--out", str(tmp_path / "art")]) == 0
+
+
+def _artifact(exported, tmp_path):
+    import shutil
+
+    _, art = exported("coop")
+    copy = tmp_path / "art"
+    shutil.copytree(art, copy)
+    return copy
+
+
+def _edit_manifest(art, **changes):
+    m = json.loads((art / "manifest.json").read_text())
+    for key, value in changes.items():
+        target = m
+        *path, last = key.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = value
+    (art / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"logit_scale": -100.0}, "logit_scale"), ({"logit_scale": float("inf")}, "logit_scale"),
+    ({"parity.max_abs_diff_text": -1.0}, "max_abs_diff_text"), ({"opset": 1}, "opset"),
+    ({"embed_dim": 31}, "embed_dim says 31"), ({"preprocess.image_size": 64}, "image_size says 64"),
+    ({"tokenizer.context_length": 50}, "context_length says 50"),
+])
+def test_verify_bounds_every_manifest_field_and_checks_it_against_the_graphs(change, message, exported, tmp_path, capsys):
+    art = _artifact(exported, tmp_path)
+    _edit_manifest(art, **change)
+    assert main(["verify", str(art)]) != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    from exports.runtime import Predictor
+    from exports.manifest import ArtifactError
+
+    with pytest.raises(ArtifactError, match=message):
+        Predictor(art)
+
+
+def test_symlinks_and_other_non_files_are_refused(exported, tmp_path, capsys):
+    art = _artifact(exported, tmp_path)
+    outside = tmp_path / "outside.onnx"
+    (art / "image.onnx").rename(outside)
+    (art / "image.onnx").symlink_to(outside)  # same bytes, but it lives outside the artifact
+    assert main(["verify", str(art)]) != 0
+    assert "image.onnx: a symbolic link" in capsys.readouterr().err
+    (art / "image.onnx").unlink()
+    outside.rename(art / "image.onnx")
+    os.mkfifo(art / "pipe")
+    assert main(["verify", str(art)]) != 0
+    assert "pipe: not a regular file" in capsys.readouterr().err
+
+
+def test_the_content_digest_pins_the_artifact(exported, tmp_path, capsys, monkeypatch):
+    from exports.manifest import artifact_digest, load_artifact
+
+    art = _artifact(exported, tmp_path)
+    assert main(["verify", str(art)]) == 0
+    digest = artifact_digest(load_artifact(art))
+    assert f"digest {digest}" in capsys.readouterr().out and digest.startswith("sha256:") and len(digest) == 71
+    assert main(["verify", str(art), "--expect-digest", digest]) == 0
+    # a graph swapped together with its rewritten sha256 passes the file checks, not the pin
+    m = json.loads((art / "manifest.json").read_text())
+    m["prompt_templates"] = ["X X X X {}!"]  # any edit to the manifest changes the digest
+    (art / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    assert main(["verify", str(art)]) == 0
+    assert main(["verify", str(art), "--expect-digest", digest]) != 0
+    assert f"is not the expected {digest}" in capsys.readouterr().err
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("the server must not start"))
+    assert main(["serve", "--artifact", str(art), "--expect-digest", digest, "--port", "3998"]) != 0
+    assert "is not the expected" in capsys.readouterr().err
+    monkeypatch.setenv("PROMPTBAKE_ARTIFACT_DIGEST", "sha256:nothex")
+    assert main(["serve", "--artifact", str(art), "--port", "3998"]) != 0
+    assert "PROMPTBAKE_ARTIFACT_DIGEST" in capsys.readouterr().err
+
+
+def test_the_service_refuses_an_artifact_with_another_digest_and_reports_its_own(exported, tmp_path, restore_pillow_settings):
+    from exports.manifest import ArtifactError, artifact_digest, load_artifact
+    from service.config import ServiceConfig
+    from service.service import PromptbakeService
+
+    art = _artifact(exported, tmp_path)
+    digest = artifact_digest(load_artifact(art))
+    svc = PromptbakeService.inner(ServiceConfig(artifact=str(art), artifact_digest=digest))
+    assert svc.artifact.digest == digest
+    with pytest.raises(ArtifactError, match="is not the expected"):
+        PromptbakeService.inner(ServiceConfig(artifact=str(art), artifact_digest="sha256:" + "0" * 64))

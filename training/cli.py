@@ -217,6 +217,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"text {p.max_abs_diff_text:.2e}, top-1 agreement {100 * p.top1_agreement:.1f}% "
         f"({p.n_images} images x {p.n_classes} classes)"
     )
+    from exports.manifest import artifact_digest
+
+    print(f"digest {artifact_digest(manifest)} (pin it: promptbake serve --expect-digest, PROMPTBAKE_ARTIFACT_DIGEST)")
     if args.bentoml:
         tag = save_to_bentoml(args.out, args.bentoml, manifest)
         print(f"saved to the BentoML model store as {tag}")
@@ -224,13 +227,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from exports.manifest import load_artifact
+    from exports.manifest import artifact_digest
+    from exports.runtime import verify_artifact
 
-    m = load_artifact(args.artifact)
+    m = verify_artifact(args.artifact, args.expect_digest)
     p = m.parity
     size = sum(f.bytes for f in m.files.values())
     print(f"OK {args.artifact}: {m.method} on {m.backbone}, {m.precision}, schema {m.schema_version}, "
-          f"{len(m.files)} files ({size / 2**20:.1f} MiB) match their sha256")
+          f"{len(m.files)} files ({size / 2**20:.1f} MiB) match their sha256, graphs match the manifest")
+    print(f"   digest {artifact_digest(m)}")
     print(f"   parity at export: image {p.max_abs_diff_image:.2e}, text {p.max_abs_diff_text:.2e}, "
           f"top-1 agreement {100 * p.top1_agreement:.1f}% ({p.n_images} images x {p.n_classes} classes)")
     return 0
@@ -285,6 +290,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env = {**os.environ, "PROMPTBAKE_DEVICE": args.device}
     if args.artifact:
         env["PROMPTBAKE_ARTIFACT"] = str(args.artifact)
+    if args.expect_digest:
+        env["PROMPTBAKE_ARTIFACT_DIGEST"] = args.expect_digest
     ServiceConfig.from_env(env)  # ServiceConfigError (a ValueError) names the variable
     _check_port_free(args.host, args.port)
     if not args.artifact:
@@ -292,8 +299,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         args.artifact = str(ensure_default_artifact())
     # Check here: a one-line error instead of a server whose worker BentoML restarts over and over.
+    from exports.manifest import check_digest
+
     if Path(args.artifact).is_dir():
-        load_artifact(args.artifact)
+        check_digest(args.artifact, load_artifact(args.artifact), args.expect_digest)
     elif os.sep in args.artifact or args.artifact.startswith("."):
         raise FileNotFoundError(f"{args.artifact}: no such artifact directory")
     else:
@@ -303,7 +312,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             model = bentoml.models.get(args.artifact)
         except Exception as e:  # NotFound or a malformed tag
             raise ValueError(f"{args.artifact}: neither an artifact directory nor a BentoML model ({e})") from None
-        load_artifact(model.path_of((model.info.metadata or {}).get("artifact_subdir", "artifact")))
+        sub = model.path_of((model.info.metadata or {}).get("artifact_subdir", "artifact"))
+        check_digest(sub, load_artifact(sub), args.expect_digest)
     env["PROMPTBAKE_ARTIFACT"] = str(args.artifact)
     if args.allow_cpu_fallback:
         env["PROMPTBAKE_ALLOW_CPU_FALLBACK"] = "1"
@@ -447,9 +457,10 @@ def _add_artifact_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--bentoml", metavar="NAME", help="also save the artifact to the BentoML model store as NAME")
     s.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
 
-    s = _add_command(sub, "verify", "check an artifact's schema version and every file's sha256")
+    s = _add_command(sub, "verify", "check an artifact: schema, every file's sha256, the graphs' shapes; print its digest")
     s.set_defaults(handler=cmd_verify)
     s.add_argument("artifact", metavar="ART_DIR")
+    s.add_argument("--expect-digest", metavar="sha256:HEX", help="also require this content digest (as printed by export)")
 
     s = _add_command(sub, "predict", "classify images with an artifact (onnxruntime, no torch)")
     s.set_defaults(handler=cmd_predict)
@@ -474,6 +485,8 @@ def _add_artifact_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=_port, default=3000, help="1..65535 (default 3000)")
     s.add_argument("--device", choices=["cpu", "cuda"], default=os.environ.get("PROMPTBAKE_DEVICE", "cpu"))
     s.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU when CUDA is unusable")
+    s.add_argument("--expect-digest", metavar="sha256:HEX", default=os.environ.get("PROMPTBAKE_ARTIFACT_DIGEST"),
+                   help="refuse to serve unless the artifact has this content digest (default: $PROMPTBAKE_ARTIFACT_DIGEST)")
 
 
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
