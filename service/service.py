@@ -103,11 +103,20 @@ class InfoResponse(BaseModel):
 
 # -- loading -----------------------------------------------------------------------------------
 
+#: the BentoML model a Bento ships its artifact as (bentofile.yaml), served when PROMPTBAKE_ARTIFACT is unset
+DEFAULT_MODEL = "promptbake-default"
+
+
 def resolve_artifact(spec: str | None) -> tuple[Path, str]:
-    """``PROMPTBAKE_ARTIFACT`` -> (artifact directory, display name): a directory or a model tag."""
+    """``PROMPTBAKE_ARTIFACT`` -> (artifact directory, display name): a directory or a model tag; unset,
+    the Bento's own model :data:`DEFAULT_MODEL` (so ``bentoml serve promptbake:latest`` needs no variable)."""
     if not spec:
-        raise ServiceConfigError("PROMPTBAKE_ARTIFACT is not set: give an artifact directory (promptbake export --out) "
-                                 "or a BentoML model tag (promptbake export --bentoml NAME)")
+        try:
+            bentoml.models.get(DEFAULT_MODEL)
+        except Exception:  # bentoml.exceptions.NotFound: not inside a Bento, nor in the model store
+            raise ServiceConfigError("PROMPTBAKE_ARTIFACT is not set: give an artifact directory (promptbake export "
+                                     "--out) or a BentoML model tag (promptbake export --bentoml NAME)") from None
+        spec = DEFAULT_MODEL
     path = Path(spec).expanduser()
     if path.is_dir():
         return path.resolve(), path.name

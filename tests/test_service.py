@@ -581,6 +581,66 @@ def test_bentoml_build_makes_a_torch_free_gpu_bento(artifact, tmp_path):
     assert not any(p.startswith("training/") or p == "exports/onnx_export.py" for p in src), src
     assert "promptbake-default" in (bento / "bento.yaml").read_text()
 
+    # the built Bento serves its own artifact with no PROMPTBAKE_* variable (the editable install keeps
+    # the repository importable here, so the Bento's file list is checked by the next test instead)
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clean = {k: v for k, v in env.items() if not k.startswith("PROMPTBAKE_") and k != "PYTHONPATH"}
+    tag = proc.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    server = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=tmp_path, env=clean, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, ready = time.monotonic() + 120, None
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+                    ready = r.status
+                    break
+            except OSError:
+                time.sleep(1)
+        assert ready == 200, server.stdout.read().decode()[-3000:] if server.poll() is not None else "not ready in 120 s"
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/info", data=b"{}", headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.loads(r.read())["artifact"]["name"].startswith("promptbake-default")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_the_bento_includes_every_module_the_service_imports():
+    """bentofile.yaml lists files one by one (nothing of training/ may go in): the service's own import
+    closure within the repository must be exactly what it includes."""
+    import ast
+
+    import yaml
+
+    included = set(yaml.safe_load((REPO / "bentofile.yaml").read_text())["include"])
+    todo, seen = ["service/service.py"], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        pkg = path.split("/")[0] + "/__init__.py"
+        todo.append(pkg)
+        for node in ast.walk(ast.parse((REPO / path).read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name.split(".")[0] in ("exports", "service"):
+                    for candidate in (name.replace(".", "/") + ".py", name.replace(".", "/") + "/__init__.py"):
+                        if (REPO / candidate).is_file():
+                            todo.append(candidate)
+    assert seen == included, f"missing from the Bento: {sorted(seen - included)}; not imported: {sorted(included - seen)}"
+
 
 def test_bench_serve_table_formats_every_row():
     from training.bench.serve import format_serve_table
