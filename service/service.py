@@ -35,6 +35,7 @@ import bentoml
 import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, Field
+from pydantic import ValidationError as PydanticValidationError
 from starlette.responses import JSONResponse
 
 from exports import scoring
@@ -170,6 +171,26 @@ def _exit_on_bad_settings() -> None:
 
 
 _exit_on_bad_settings()
+
+
+class _ClientErrorsAreNotServerErrors(logging.Filter):
+    """BentoML logs a request its typed API refuses (a 400 ``invalid_input``) as ``ERROR Exception on
+    /classify`` with the whole traceback; a client's mistake is one INFO line here, and server errors
+    keep their ERROR and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        status = getattr(exc, "error_code", None)
+        if status is None and isinstance(exc, PydanticValidationError) and exc.title == "Input":
+            status = 400  # the typed API's own input model (BentoML names it "Input"); the client gets a 400
+        if status is not None and 400 <= int(status) < 500:
+            record.msg, record.args = f"{record.getMessage()}: client error {int(status)}: {str(exc).splitlines()[0][:200]}", ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(_ClientErrorsAreNotServerErrors())
 
 
 def _int_env(name: str, default: int, minimum: int | None = None) -> int:

@@ -685,3 +685,16 @@ def test_asgi_unknown_paths_and_methods_answer_in_the_json_error_shape(client):
         assert r.json()["error"]["kind"] == kind and path in r.json()["error"]["message"]
     assert client.get("/livez").status_code == 200  # the probes are untouched
     _good(client)
+
+
+def test_a_refused_request_is_not_logged_as_a_server_error(client, caplog):
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):
+        r = client.post("/classify", json={"images": "not a list", "class_names": NAMES})
+    assert r.status_code == 400 and r.json()["error"]["kind"] == "invalid_input"
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING or rec.exc_info], \
+        [(rec.levelname, rec.getMessage()[:80]) for rec in caplog.records]
+    assert any("client error 400" in rec.getMessage() for rec in caplog.records)
+    _good(client)
