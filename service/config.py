@@ -57,6 +57,12 @@ class ServiceConfig(BaseModel):
         artifact_digest: when set, the artifact must have this content digest (``sha256:...``, as
             ``promptbake export`` and ``verify`` print it), or the service does not start.
         ready_timeout_s: ``/readyz`` fails when its real inference takes longer.
+        max_concurrency: API requests processed at once per worker; beyond it a request is a 429
+            ``too_many_requests`` at once, and ``/readyz`` answers 503 while every slot is taken. A
+            request takes a slot only once its body has arrived, so slow uploads hold none.
+        body_timeout_s, min_body_rate: a request body must arrive within ``body_timeout_s`` plus one
+            second per ``min_body_rate`` bytes received so far (a rolling deadline: 10 s, then at least
+            64 KiB/s), or it is a 408 ``body_timeout`` and the connection is freed.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -81,6 +87,9 @@ class ServiceConfig(BaseModel):
     text_cache_names: _Pos = 20_000
     api_key: str | None = None
     ready_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    max_concurrency: _Pos = 64
+    body_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 10.0
+    min_body_rate: Annotated[int, Field(ge=1)] = 65536
     artifact_digest: Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")] | None = None
 
     @field_validator("allowed_formats", mode="before")

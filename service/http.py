@@ -20,6 +20,8 @@ import base64
 import hmac
 import json
 import logging
+import math
+import time
 from typing import Any
 
 import anyio.to_thread
@@ -113,8 +115,8 @@ class PromptbakeMiddleware:
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > cfg.max_request_bytes:
             raise _too_large(cfg.max_request_bytes)
-        try:
-            body = await _read_body(receive, cfg.max_request_bytes)
+        try:  # before a slot is taken: a slow upload holds none
+            body = await _read_body(receive, cfg.max_request_bytes, cfg.body_timeout_s, cfg.min_body_rate)
         except _TooLarge:
             raise _too_large(cfg.max_request_bytes) from None
         if media == "application/json":
@@ -127,7 +129,11 @@ class PromptbakeMiddleware:
             body = await anyio.to_thread.run_sync(_multipart_to_json_sync, scope, body, path, cfg)
             scope = {**scope, "headers": [*(h for h in scope.get("headers", []) if h[0].lower() not in (b"content-type", b"content-length")),
                                           (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-        await self.app(scope, _replay(body), _reshape_validation_errors(send, svc))
+        if svc.slots.locked():
+            raise RequestError(429, "too_many_requests", f"{cfg.max_concurrency} requests are being processed; "
+                               "retry shortly", limit=cfg.max_concurrency)
+        async with svc.slots:
+            await self.app(scope, _replay(body), _reshape_validation_errors(send, svc))
 
 
 _PLAIN_ERRORS = {404: "not_found", 405: "method_not_allowed"}
@@ -210,10 +216,19 @@ def _too_large(limit: int) -> RequestError:
     return RequestError(413, "request_bytes", f"the request body is larger than {limit} bytes", limit=limit)
 
 
-async def _read_body(receive: Any, limit: int) -> bytes:
+async def _read_body(receive: Any, limit: int, timeout_s: float = math.inf, min_rate: int = 1) -> bytes:
+    """The whole body, at most ``limit`` bytes, arriving within ``timeout_s + received / min_rate``
+    seconds of the first read (408 ``body_timeout`` otherwise: a stalled or trickling client)."""
     chunks, size = [], 0
+    start = time.monotonic()
     while True:
-        message = await receive()
+        remaining = start + timeout_s + size / min_rate - time.monotonic()
+        message = None
+        with anyio.move_on_after(max(remaining, 0.0)):
+            message = await receive()
+        if message is None:
+            raise RequestError(408, "body_timeout", f"the request body arrived too slowly ({size} bytes in "
+                               f"{time.monotonic() - start:.1f} s; at least {min_rate} bytes/s after {timeout_s:g} s)")
         if message["type"] == "http.disconnect":
             raise bad_request("disconnected", "the client disconnected")
         chunk = message.get("body", b"")

@@ -211,11 +211,10 @@ def _int_env(name: str, default: int, minimum: int | None = None) -> int:
     # one onnxruntime session pair per worker process; on CUDA the workers are spread over
     # PROMPTBAKE_CUDA_DEVICES (one session set per GPU with as many workers as GPUs)
     workers=_int_env("PROMPTBAKE_WORKERS", 1, minimum=1),
-    traffic={
-        "timeout": _int_env("PROMPTBAKE_TIMEOUT_S", 60),
-        # beyond this many requests in flight BentoML answers 429 at once instead of queueing
-        "max_concurrency": _int_env("PROMPTBAKE_MAX_CONCURRENCY", 64),
-    },
+    # no BentoML max_concurrency: its slot is taken before the body is read, so 64 slow uploads would
+    # lock everyone out; the service's own slots (PROMPTBAKE_MAX_CONCURRENCY, service/http.py) are
+    # taken once a body has arrived
+    traffic={"timeout": _int_env("PROMPTBAKE_TIMEOUT_S", 60)},
 )
 class PromptbakeService:
     def __init__(self, config: ServiceConfig | None = None) -> None:
@@ -223,6 +222,7 @@ class PromptbakeService:
             logging.getLogger("promptbake").setLevel(logging.INFO)  # BentoML leaves user loggers at WARNING
         self.config = cfg = config or ServiceConfig.from_env()
         harden_pillow(cfg.max_image_pixels)
+        self.slots = asyncio.Semaphore(cfg.max_concurrency)  # API requests processed at once (service/http.py)
         path, name = resolve_artifact(cfg.artifact)
         self.worker = bentoml.server_context.worker_index or 1  # None outside a BentoML worker process
         self.predictor = create_predictor(path, cfg, self.worker)
@@ -436,7 +436,11 @@ class PromptbakeService:
 
     # -- probes and lifecycle ----------------------------------------------------------------------
     async def __is_ready__(self) -> bool:
-        """``/readyz``: a real image and text inference through the serving path, within a time limit."""
+        """``/readyz``: a real image and text inference through the serving path, within a time limit;
+        not ready while every request slot is taken (a saturated replica)."""
+        if self.slots.locked():
+            logger.warning("not ready: all %d request slots are taken", self.config.max_concurrency)
+            return False
         try:
             with anyio.fail_after(self.config.ready_timeout_s):
                 s = self.predictor.manifest.preprocess.image_size

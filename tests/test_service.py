@@ -534,6 +534,38 @@ def test_served_metrics_and_info(server):
     assert info["device_id"] is None and info["io_binding"] is False and info["worker"] == 1
 
 
+def test_served_slow_uploads_hold_no_slot_and_time_out(server, test_images):
+    """64 clients that send the headers of a large POST and one body byte, then stall (loopback, bounded):
+    a good request is still answered at once, /readyz stays honest, and the stalled ones get a 408."""
+    import socket
+
+    base, _, _ = server
+    host, port = "127.0.0.1", int(base.rsplit(":", 1)[1])
+    stalled = []
+    try:
+        for _ in range(64):
+            s = socket.create_connection((host, port), timeout=30)
+            s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000000\r\n\r\n{")
+            stalled.append(s)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        r = httpx.post(base + "/classify", files=[("images", ("a.png", test_images[0].read_bytes(), "image/png"))],
+                       data={"class_names": json.dumps(NAMES)}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - t0 <= 2.0
+        assert httpx.get(base + "/readyz", timeout=30).status_code == 200  # not saturated: no slot is held
+        # the stalled ones are cut off after the body deadline (10 s by default)
+        answers = []
+        for s in stalled[:4]:
+            s.settimeout(30)
+            answers.append(s.recv(4096))
+        assert all(a.startswith(b"HTTP/1.1 408") and b"body_timeout" in a for a in answers), answers[:1]
+    finally:
+        for s in stalled:
+            s.close()
+
+
 def test_served_graceful_shutdown_finishes_the_request_in_flight(server, test_images):
     base, log, stop = server
     names = [f"thing number {i}" for i in range(4000)]  # never seen: seconds of text graph even on test-tiny
@@ -697,4 +729,27 @@ def test_a_refused_request_is_not_logged_as_a_server_error(client, caplog):
     assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING or rec.exc_info], \
         [(rec.levelname, rec.getMessage()[:80]) for rec in caplog.records]
     assert any("client error 400" in rec.getMessage() for rec in caplog.records)
+    _good(client)
+
+
+def test_asgi_saturated_slots_answer_429_and_readyz_says_so(client):
+    import asyncio
+
+    from service.http import _service
+
+    svc = _service()
+    held = svc.config.max_concurrency
+    loop = asyncio.new_event_loop()
+    try:
+        for _ in range(held):  # every slot taken, as by requests in flight
+            loop.run_until_complete(svc.slots.acquire())
+        r = client.post("/classify", json={"images": [_b64(_encode(Image.new("RGB", (8, 8)), "PNG"))], "class_names": NAMES})
+        assert r.status_code == 429 and r.json()["error"]["kind"] == "too_many_requests", r.text
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/livez").status_code == 200
+    finally:
+        for _ in range(held):
+            svc.slots.release()
+        loop.close()
+    assert client.get("/readyz").status_code == 200
     _good(client)
