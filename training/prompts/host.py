@@ -47,8 +47,8 @@ class HostedMethod(PromptMethod):
     The config must have ``host`` (a registered method name) and ``host_options`` (its options as
     a JSON object string). What of the host trains is the plug-in's choice
     (:meth:`trained_host_tensors`): none by default (DPC learns its own copies), all of them for a
-    regulariser plug-in (DeKg), all but those it replaces (ATPrompt's context). Host tensors that
-    train are the plug-in's learned state under ``host.<name>``.
+    regulariser plug-in (DeKg) or one that extends the host's prompt (ATPrompt, TextRefiner). Host
+    tensors that train are the plug-in's learned state under ``host.<name>``.
     """
 
     compatible_hosts: ClassVar[tuple[str, ...]] = ()
