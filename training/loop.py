@@ -240,12 +240,12 @@ def train(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             loss, logits = method.backward_step(x, y, tokens, are_features=cache is not None, scaler=scaler, amp=use_amp)
-            scaler.step(optimizer)
-            scaler.update()
             value = loss.item()
-            if not math.isfinite(value):  # diverged: stop before a non-finite step reaches the checkpoint
+            if not math.isfinite(value):  # diverged: stop before the step, so no non-finite tensor is ever saved
                 raise RunError(f"{method.name}: the loss became {value} at epoch {epoch + 1}, step {step}; "
                                f"training stopped (try a lower --lr); {run.path} keeps its last finite checkpoint")
+            scaler.step(optimizer)
+            scaler.update()
             tot_loss += value * y.shape[0]
             if logits is not None:
                 tot_correct += int((logits.argmax(-1) == y).sum())
