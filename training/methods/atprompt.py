@@ -58,7 +58,7 @@ from training.backbones import Backbone
 from training.prompts.context import PLACEHOLDER
 from training.prompts.host import HostedMethod, check_host
 from training.prompts.text import eot_positions
-from training.protocol import Capabilities, GraphSignature, MethodConfig, get_method, register_method
+from training.protocol import Capabilities, GraphSignature, MethodConfig, register_method
 from training.prompts.templates import coop_dataset
 
 HOSTS = ("coop", "cocoop", "maple")
@@ -181,7 +181,7 @@ class ATPrompt(HostedMethod):
 
     @classmethod
     def capabilities_for(cls, config: ATPromptConfig) -> Capabilities:
-        return get_method(config.host).method_cls.capabilities_for(cls.host_config_for(config))
+        return cls.host_capabilities(config)
 
     def __init__(self, backbone: Backbone, config: ATPromptConfig, train_classnames):
         super().__init__(backbone, config, train_classnames)

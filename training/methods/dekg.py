@@ -125,7 +125,7 @@ class DeKg(HostedMethod):
 
     @classmethod
     def capabilities_for(cls, config: DeKgConfig) -> Capabilities:
-        return get_method(config.host).method_cls.capabilities_for(cls.host_config_for(config))
+        return cls.host_capabilities(config)
 
     def trained_host_tensors(self) -> tuple[str, ...]:
         return self.host_tensor_names()

@@ -63,7 +63,6 @@ from training.protocol import (
     Head,
     MethodConfig,
     PromptMethod,
-    get_method,
     register_method,
 )
 from training.prompts.host import HostedMethod, check_host
@@ -134,7 +133,7 @@ class DPC(HostedMethod):
 
     @classmethod
     def capabilities_for(cls, config: DPCConfig) -> Capabilities:
-        host = get_method(config.host).method_cls.capabilities_for(cls.host_config_for(config))
+        host = cls.host_capabilities(config)
         return Capabilities(changes_image_graph=host.changes_image_graph, base_novel_switch=True)
 
     # -- the prompt sets

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from training.backbones import Backbone
-from training.protocol import MethodConfig, PromptMethod, create_method, get_method
+from training.protocol import Capabilities, MethodConfig, PromptMethod, create_method, get_method
 
 
 def host_options(config: MethodConfig) -> dict[str, Any]:
@@ -65,6 +65,11 @@ class HostedMethod(PromptMethod):
         """The host's typed config under this plug-in (validated by the host's own config class)."""
         options = cls.host_options_for(config, host_options(config))
         return get_method(getattr(config, "host")).config_cls.from_dict(options)
+
+    @classmethod
+    def host_capabilities(cls, config: MethodConfig) -> Capabilities:
+        """The capabilities of the host as this plug-in builds it (without building it)."""
+        return get_method(getattr(config, "host")).method_cls.capabilities_for(cls.host_config_for(config))
 
     def __init__(self, backbone: Backbone, config: MethodConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)
