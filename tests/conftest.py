@@ -75,6 +75,15 @@ def colour_spec(colour_root) -> str:
     return f"folder:{colour_root}"
 
 
+def _stages_of(name: str, options: dict) -> tuple:
+    """The training stages of method ``name`` under ``options`` (built on test-tiny)."""
+    from training.backbones import create_backbone
+    from training.methods import create_method, get_method
+
+    method_options = {k: v for k, v in options.items() if k in {f for f in get_method(name).config_cls.__dataclass_fields__}}
+    return create_method(name, create_backbone("test-tiny"), method_options or None, ["a", "b"]).stages()
+
+
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory, colour_spec):
     """``get(name) -> (run dir, artifact dir or the CLI's error line)``.
@@ -105,9 +114,10 @@ def exported(tmp_path_factory, colour_spec):
                 extra += ["--descriptions", str(Path(colour_spec.removeprefix("folder:")) / "descriptions.json")]
             if cls.needs_init_run:  # DPC: stage 2 of a finished run of its default host
                 extra += ["--init-run", str(get(get_method(name).config_cls().host)[0])]
+            epochs = len(_stages_of(name, options))  # one epoch per stage of a multi-stage recipe (2SFS)
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 rc = main(["train", "--method", name, "--backbone", "test-tiny", "--dataset", colour_spec,
-                           "--shots", "2", "--seed", "1", "--out", str(run), "--epochs", "1", "--batch-size", "4",
+                           "--shots", "2", "--seed", "1", "--out", str(run), "--epochs", str(epochs), "--batch-size", "4",
                            "--no-progress", *extra])
                 assert rc == 0, f"promptbake train --method {name} failed: {err.getvalue()}"
                 rc = main(["export", "--run", str(run), "--out", str(art)])

@@ -5,6 +5,8 @@ re-derives the base/novel split from the dataset spec, and writes ``metrics.json
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import logging
@@ -45,12 +47,20 @@ from training.runs import (
 logger = logging.getLogger(__name__)
 
 
-def make_train_config(method: str, overrides: Mapping[str, Any], method_cfg: MethodConfig | None = None) -> TrainConfig:
+def make_train_config(method: str, overrides: Mapping[str, Any], method_cfg: MethodConfig | None = None,
+                      *, shots: int | None = None, n_classes: int | None = None) -> TrainConfig:
     """The method's reference training defaults (under ``method_cfg``, default: the method's default
-    config), then the caller's overrides."""
+    config), then the caller's overrides. With ``shots`` and ``n_classes`` (the base classes) and no
+    epochs given, a method whose reference counts steps tied to the data sets its epochs
+    (:meth:`PromptMethod.reference_epochs`)."""
     spec = get_method(method)
-    defaults = spec.method_cls.train_defaults_for(method_cfg if method_cfg is not None else spec.config_cls())
-    return TrainConfig(**{**defaults, **overrides})
+    config = method_cfg if method_cfg is not None else spec.config_cls()
+    cfg = TrainConfig(**{**spec.method_cls.train_defaults_for(config), **overrides})
+    if "epochs" not in overrides and shots is not None and n_classes is not None:
+        epochs = spec.method_cls.reference_epochs(config, shots * n_classes, shots, cfg.batch_size)
+        if epochs is not None:
+            cfg = dataclasses.replace(cfg, epochs=epochs)
+    return cfg
 
 
 def uses_descriptions(method: str, method_cfg: MethodConfig) -> bool:
@@ -176,7 +186,7 @@ def train_job(
     elif init_run:
         raise RunError(f"{method} does not start from another run; drop --init-run")
     method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
-    train_cfg = make_train_config(method, train_options or {}, method_cfg)
+    train_cfg = make_train_config(method, train_options or {}, method_cfg, shots=shots, n_classes=len(base.classnames))
     if train_cfg.select == "best_val" and not base.val:
         raise RunError(f"{dataset} has no validation split for --select best_val; use --select last")
     info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base.classnames)
@@ -247,9 +257,9 @@ def job_info(
             base_classnames = split_base_novel(load_dataset(dataset))[0].classnames
         _, method_options, init_info = start_run(method, init_run, method_options, backbone, dataset, shots, base_classnames)
     method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
-    train_cfg = make_train_config(method, train_options or {}, method_cfg)
     if base_classnames is None:
         base_classnames = split_base_novel(load_dataset(dataset))[0].classnames
+    train_cfg = make_train_config(method, train_options or {}, method_cfg, shots=shots, n_classes=len(base_classnames))
     info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base_classnames)
     if uses_descriptions(method, method_cfg):
         info.descriptions = train_descriptions(descriptions, dataset, base_classnames)[1]

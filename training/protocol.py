@@ -184,6 +184,13 @@ class PromptMethod(nn.Module):
         return dict(cls.train_defaults)
 
     @classmethod
+    def reference_epochs(cls, config: MethodConfig, n_images: int, shots: int, batch_size: int) -> int | None:
+        """Epochs of the reference schedule when it is counted in steps tied to the data (2SFS: 300
+        steps per shot), for a few-shot set of ``n_images`` at ``batch_size``; None (default): the
+        ``epochs`` of :meth:`train_defaults_for`. Used when the caller gives no epochs."""
+        return None
+
+    @classmethod
     def options_for_epochs(cls, config: MethodConfig, epochs: int) -> dict[str, Any]:
         """Method options to change when training ``epochs`` instead of the reference's epochs.
 
