@@ -21,6 +21,7 @@ class TrainConfig:
     lr: peak learning rate after warm-up.
     weight_decay, momentum: optimizer settings (Dassl defaults).
     adam_betas: AdamW's betas (Dassl default (0.9, 0.999); ProText (0.9, 0.98)).
+    adam_eps: AdamW's epsilon (PyTorch's 1e-8; the TCP family's configs set 1e-3).
     warmup_epochs, warmup_lr: the reference's constant warm-up.
     precision: "auto" = AMP (fp16 autocast + grad scaling) on CUDA, fp32 on CPU.
     device: "auto", "cpu" or "cuda".
@@ -42,6 +43,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     precision: Literal["auto", "fp32", "amp"] = "auto"
@@ -53,7 +55,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))  # a list from the CLI or run.json
-        for name in ("lr", "weight_decay", "momentum", "warmup_lr", "min_crop_scale", "adam_betas"):
+        for name in ("lr", "weight_decay", "momentum", "warmup_lr", "min_crop_scale", "adam_betas", "adam_eps"):
             values = getattr(self, name)
             if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (values if isinstance(values, tuple) else (values,))):
                 raise ValueError(f"{name} must be a finite number, got {values!r}")
@@ -63,8 +65,8 @@ class TrainConfig:
             raise ValueError("batch_size must be >= 1")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if self.lr <= 0 or self.warmup_lr <= 0:
-            raise ValueError("lr and warmup_lr must be > 0")
+        if self.lr <= 0 or self.warmup_lr <= 0 or self.adam_eps <= 0:
+            raise ValueError("lr, warmup_lr and adam_eps must be > 0")
         if self.weight_decay < 0 or self.momentum < 0:
             raise ValueError(f"weight_decay and momentum must be >= 0, got {self.weight_decay}, {self.momentum}")
         if self.precision not in ("auto", "fp32", "amp"):

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 from exports.tempdirs import pid_alive
 from training.config import TrainConfig
+from training.data import load_dataset, split_base_novel
 from training.jobs import describe_difference, eval_job, job_info, mean_std, recorded_info, train_job
 from training.methods import get_method
 from training.backbones import resolve_backbone_spec
@@ -57,7 +58,7 @@ def split_methods(text: str) -> list[str]:
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """A grid row: ``NAME`` or ``NAME[key=value;key=value]``, a method with options (a plug-in's host,
     ATPrompt's attributes, ...) and training options of its own (``epochs=5``: a row at its reference
-    schedule in a scaled grid). A value is read as JSON where it parses (numbers, booleans, lists),
+    schedule in a scaled grid; ``epochs_scale=1``: the row's own schedule scale). A value is read as JSON where it parses (numbers, booleans, lists),
     else as a string. Method options are checked by the method's config, training options by
     :class:`~training.config.TrainConfig` (:func:`row_options` splits them)."""
     name, _, rest = spec.partition("[")
@@ -78,14 +79,27 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     method_options, train_options = row_options(options)
     spec_.config_cls.from_dict(_config_options(method_options))
     TrainConfig(**train_options)
+    _row_scale(spec, options, None)
     return name, options
 
 
 def row_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """A row's options split into ``(method options, training options)`` (TrainConfig's fields)."""
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return ({k: v for k, v in options.items() if k not in train_fields},
+    return ({k: v for k, v in options.items() if k not in train_fields and k not in GRID_ROW_KEYS},
             {k: v for k, v in options.items() if k in train_fields})
+
+
+#: row options the grid itself reads: ``epochs_scale`` = the row's own schedule scale (``twosfs[epochs_scale=1]``:
+#: the reference budget in a grid scaled to 10%)
+GRID_ROW_KEYS = ("epochs_scale",)
+
+
+def _row_scale(label: str, options: Mapping[str, Any], default: float | None) -> float | None:
+    scale = options.get("epochs_scale", default)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1):
+        raise ValueError(f"method {label!r}: epochs_scale must be a number in (0, 1], got {scale!r}")
+    return scale
 
 
 def _dir_name(label: str) -> str:
@@ -127,12 +141,21 @@ def run_grid(
     def cell_dir(method: str, dataset: str, seed: int) -> Path:
         return out / "runs" / _dir_name(method) / dataset.replace("/", "_").replace(":", "_") / f"seed{seed}"
 
+    base_counts: dict[str, int] = {}
+
+    def n_base(dataset: str) -> int:  # for methods whose reference budget is tied to the data (2SFS)
+        if dataset not in base_counts:
+            base_counts[dataset] = len(split_base_novel(load_dataset(dataset))[0].classnames)
+        return base_counts[dataset]
+
     parsed = {label: parse_method_spec(label) for label in methods}
     for label, dataset, seed in ((m, d, s) for d in datasets for m in methods for s in seeds):
         method, row = parsed[label]
         extra, row_train = row_options(row)
         run = cell_dir(label, dataset, seed)
-        method_options, opts = _options_for(method, {**(train_options or {}), **row_train}, epochs_scale, extra)
+        method_options, opts = _options_for(method, {**(train_options or {}), **row_train},
+                                            _row_scale(label, row, epochs_scale), extra,
+                                            shots=shots, n_classes=n_base(dataset))
         init_run = None
         if get_method(method).method_cls.needs_init_run:  # DPC: stage 2 of the host's cell in this grid
             host = method_options.get("host", get_method(method).config_cls().host)
@@ -336,12 +359,18 @@ def _epoch_seconds(run: Path) -> float | None:
     return round(sum(r.get("seconds", 0.0) for r in records), 1)
 
 
-def scaled_epochs(method: str, scale: float, options: Mapping[str, Any] | None = None) -> int:
-    """``method``'s reference epochs (under ``options``) times ``scale``, at least MIN_SCALED_EPOCHS
-    (0 stays 0: zero-shot)."""
+def scaled_epochs(method: str, scale: float, options: Mapping[str, Any] | None = None, *,
+                  shots: int | None = None, n_classes: int | None = None, batch_size: int | None = None) -> int:
+    """``method``'s reference epochs (under ``options``; for ``shots`` x ``n_classes`` images where its
+    reference counts steps tied to the data, :meth:`PromptMethod.reference_epochs`) times ``scale``,
+    at least MIN_SCALED_EPOCHS (0 stays 0: zero-shot)."""
     spec = get_method(method)
-    defaults = spec.method_cls.train_defaults_for(spec.config_cls.from_dict(_config_options(options)))
+    config = spec.config_cls.from_dict(_config_options(options))
+    defaults = spec.method_cls.train_defaults_for(config)
     ref = defaults.get("epochs", TrainConfig.epochs)
+    if shots is not None and n_classes is not None:
+        batch = batch_size or defaults.get("batch_size", TrainConfig.batch_size)
+        ref = spec.method_cls.reference_epochs(config, shots * n_classes, shots, batch) or ref
     return 0 if ref == 0 else max(MIN_SCALED_EPOCHS, round(ref * scale))
 
 
@@ -350,7 +379,8 @@ def _config_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _options_for(method: str, train_options: Mapping[str, Any] | None, epochs_scale: float | None = None,
-                 extra: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                 extra: Mapping[str, Any] | None = None, *, shots: int | None = None,
+                 n_classes: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(method options, training options)`` of one cell: the row's own options (``extra``), a scaled
     schedule unless epochs are given (with the method's epoch-counted options moved along), and no
     feature cache for methods that change the image graph."""
@@ -358,7 +388,8 @@ def _options_for(method: str, train_options: Mapping[str, Any] | None, epochs_sc
     spec = get_method(method)
     config = spec.config_cls.from_dict(_config_options(extra))
     if epochs_scale is not None and "epochs" not in opts:
-        opts["epochs"] = scaled_epochs(method, epochs_scale, extra)
+        opts["epochs"] = scaled_epochs(method, epochs_scale, extra, shots=shots, n_classes=n_classes,
+                                       batch_size=opts.get("batch_size"))
     method_options = spec.method_cls.options_for_epochs(config, opts["epochs"]) if "epochs" in opts else {}
     method_options.update(extra or {})
     if opts.get("feature_cache_views") and spec.method_cls.capabilities_for(config).changes_image_graph:

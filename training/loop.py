@@ -57,7 +57,8 @@ def _make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimiz
     groups = [{"params": g["params"], "lr_scale": float(g.get("lr_scale", 1.0))} for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas))
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.adam_betas),
+                             eps=cfg.adam_eps)
 
 
 def stage_plan(epochs: int, stages: Sequence[Stage]) -> list[tuple[Stage, int, int]]:

@@ -57,6 +57,7 @@ from torch import nn
 from training.backbones import Backbone
 from training.protocol import MethodConfig, PromptMethod, register_method
 from training.prompts.context import context_template, init_context, place_context
+from training.prompts.deep import run_blocks_injecting
 from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, frozen_text_features, knowledge_distance
 from training.prompts.templates import template_option
 from training.prompts.text import eot_positions, text_position_inputs
@@ -165,15 +166,7 @@ class TCP(PromptMethod):
         pos, mask = text_position_inputs(clip, x.shape[1], x.dtype)
         x = x + pos
         class_tokens = self.class_tokens(handcrafted.to(x.dtype))  # [C, n_ctx, W]
-        w = self.config.inject_weight
-        if not clip.transformer.batch_first:
-            raise NotImplementedError("TCP iterates open_clip's text blocks and expects a batch-first transformer")
-        for i, block in enumerate(clip.transformer.resblocks):
-            if i == self.inject_layer:
-                mid = x[:, 1 : 1 + self.n_ctx]
-                mid = class_tokens.to(x.dtype) if w == 1.0 else w * class_tokens.to(x.dtype) + (1 - w) * mid
-                x = torch.cat([x[:, :1], mid, x[:, 1 + self.n_ctx :]], dim=1)
-            x = block(x, attn_mask=mask)
+        x = run_blocks_injecting(clip.transformer, x, class_tokens, self.inject_layer, 1, self.config.inject_weight, mask)
         x = clip.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]  # [C, W]
         proj = clip.text_projection

@@ -73,6 +73,36 @@ def run_blocks(
     return x
 
 
+def run_blocks_injecting(
+    transformer: Transformer,
+    x: torch.Tensor,
+    tokens: torch.Tensor,
+    block: int,
+    start: int,
+    weight: float = 1.0,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run ``transformer``'s blocks on x [N, L, W]; right before block ``block`` the n positions from
+    ``start`` (negative: counted from the end) become ``weight * tokens + (1 - weight) * x`` there, with
+    ``tokens`` [N, n, W] one set per sequence (TCP's class-aware text tokens, BIP's image-conditioned
+    visual tokens)."""
+    blocks = transformer.resblocks
+    if not 0 <= block < len(blocks):
+        raise ValueError(f"injection before block {block} of a {len(blocks)}-block transformer")
+    if not getattr(transformer, "batch_first", False):
+        raise ValueError("injected tokens need a batch-first open_clip transformer (as in open_clip 3.x)")
+    n = tokens.shape[1]
+    lo = start if start >= 0 else x.shape[1] + start
+    for i, b in enumerate(blocks):
+        if i == block:
+            new = tokens.to(x.dtype)
+            if weight != 1.0:
+                new = weight * new + (1.0 - weight) * x[:, lo : lo + n]
+            x = torch.cat([x[:, :lo], new, x[:, lo + n :]], dim=1)
+        x = b(x, attn_mask=attn_mask)
+    return x
+
+
 def causal_mask(length: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[L, L] additive mask with -inf above the diagonal (CLIP's text-tower mask for any length)."""
     return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu_(1)
