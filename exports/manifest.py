@@ -84,12 +84,15 @@ class GraphInfo(_Strict):
             and ``/embed_text`` return).
         image_input_name: text graph only, for methods with ``text_depends_on_image``: the input
             fed with the image graph's first output; the output is then logits ``[B, C]``.
+        extra_image_inputs: text graph only: the image graph's other outputs it takes too, each fed
+            under its own name (SurPL's local tokens); empty for CoCoOp.
     """
 
     file: str
     input_name: str
     outputs: Annotated[list[str], Field(min_length=1)]
     image_input_name: str | None = None
+    extra_image_inputs: list[str] = []
 
     @property
     def output_name(self) -> str:
@@ -211,6 +214,10 @@ class Manifest(_Strict):
         if conditioned:
             if self.heads or len(self.graphs.text.outputs) != 1:
                 raise ValueError("an image-conditioned text graph returns the logits: one text output and no heads")
+            if not set(self.graphs.text.extra_image_inputs) <= set(self.graphs.image.outputs[1:]):
+                raise ValueError("graphs.text.extra_image_inputs must name outputs of the image graph (after the first)")
+        elif self.graphs.text.extra_image_inputs:
+            raise ValueError("graphs.text.extra_image_inputs is only for an image-conditioned text graph")
         elif not self.heads:
             raise ValueError("heads: at least one head is needed")
         for i, h in enumerate(self.heads):

@@ -320,7 +320,7 @@ def torch_outputs(image_encoder: nn.Module, text_encoder: nn.Module, pixels: np.
     img_t = _as_tuple(image_encoder(torch.from_numpy(pixels)))
     image = {n: t.double().numpy() for n, t in zip(sig.image_outputs, img_t, strict=True)}
     if sig.conditioned:
-        text = {sig.text_outputs[0]: (text_encoder(torch.from_numpy(tokens), img_t[0]) / sig.logit_scale).double().numpy()}
+        text = {sig.text_outputs[0]: (text_encoder(torch.from_numpy(tokens), *img_t) / sig.logit_scale).double().numpy()}
     else:
         txt_t = _as_tuple(text_encoder(torch.from_numpy(tokens)))
         text = {n: t.double().numpy() for n, t in zip(sig.text_outputs, txt_t, strict=True)}
@@ -340,8 +340,11 @@ def ort_outputs(image_graph: Path, text_graph: Path, pixels: np.ndarray, tokens:
     def run(px: np.ndarray, tok: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         img = dict(zip(sig.image_outputs, img_s.run(list(sig.image_outputs), {IMAGE_INPUT: px}), strict=True))
         feeds = {TEXT_INPUT: np.ascontiguousarray(tok)}
-        if sig.conditioned:
+        if sig.conditioned:  # every image output: the main one as TEXT_IMAGE_INPUT, the others under their names
             feeds[TEXT_IMAGE_INPUT] = img[sig.image_outputs[0]]
+            feeds.update({n: img[n] for n in sig.image_outputs[1:]})
+            used = {i.name for i in txt_s.get_inputs()}  # a graph may not read every image output
+            feeds = {k: v for k, v in feeds.items() if k in used}
         text = dict(zip(sig.text_outputs, txt_s.run(list(sig.text_outputs), feeds), strict=True))
         if sig.conditioned:
             text = {k: v.astype(np.float64) / sig.logit_scale for k, v in text.items()}
@@ -537,10 +540,11 @@ def export_artifact(
                                  {IMAGE_INPUT: {0: "batch"}, **{o: {0: "batch"} for o in sig.image_outputs}}, opset, exporter)
             if conditioned:
                 with torch.no_grad():
-                    example_images = _as_tuple(image_encoder(example_pixels))[0]
-                t_txt = export_graph(text_encoder, (example_tokens, example_images), src / TEXT_GRAPH_FILENAME,
-                                     [TEXT_INPUT, TEXT_IMAGE_INPUT], sig.text_outputs,
-                                     {TEXT_INPUT: {1: "classes"}, TEXT_IMAGE_INPUT: {0: "batch"},
+                    example_images = _as_tuple(image_encoder(example_pixels))
+                image_inputs = [TEXT_IMAGE_INPUT, *sig.image_outputs[1:]]
+                t_txt = export_graph(text_encoder, (example_tokens, *example_images), src / TEXT_GRAPH_FILENAME,
+                                     [TEXT_INPUT, *image_inputs], sig.text_outputs,
+                                     {TEXT_INPUT: {1: "classes"}, **{n: {0: "batch"} for n in image_inputs},
                                       sig.text_outputs[0]: {0: "batch", 1: "classes"}}, opset, exporter)
             else:
                 token_axes = {0: "rows", 1: "classes"} if described else {1: "classes"}
@@ -588,7 +592,8 @@ def export_artifact(
             precision=precision,
             graphs=Graphs(image=GraphInfo(file=IMAGE_GRAPH_FILENAME, input_name=IMAGE_INPUT, outputs=list(sig.image_outputs)),
                           text=GraphInfo(file=TEXT_GRAPH_FILENAME, input_name=TEXT_INPUT, outputs=list(sig.text_outputs),
-                                         image_input_name=TEXT_IMAGE_INPUT if conditioned else None)),
+                                         image_input_name=TEXT_IMAGE_INPUT if conditioned else None,
+                                         extra_image_inputs=list(sig.image_outputs[1:]) if conditioned else [])),
             heads=list(sig.heads),
             files=describe_files(tmp),
             parity=parity,

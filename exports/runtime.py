@@ -198,6 +198,8 @@ class Predictor:
         providers = _providers(device, device_id)
         self._image = create_session(self.path / m.graphs.image.file, providers, m.precision, intra_op_threads)
         self._text = create_session(self.path / m.graphs.text.file, providers, m.precision, intra_op_threads)
+        # the image outputs an image-conditioned text graph reads (the exporter drops inputs a graph never uses)
+        self._text_inputs = {i.name for i in self._text.get_inputs()}
         check_graph_shapes(self.path, m, self._image, self._text)
         self._logit_scale = float(m.logit_scale)
         if text_cache_names < 0:
@@ -342,16 +344,27 @@ class Predictor:
             runs.append(self._run(self._text, g.outputs, {g.input_name: np.ascontiguousarray(tokens)}))
         return np.stack([np.concatenate([r[j] for r in runs]) for j in range(len(g.outputs))], axis=1).astype(np.float32, copy=False)
 
-    def conditioned_logits(self, image_embeddings: np.ndarray, names: Sequence[str],
+    def conditioned_logits(self, image_embeddings: np.ndarray | Mapping[str, np.ndarray], names: Sequence[str],
                            descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
-        """``[B, D]`` image embeddings (from :meth:`embed_images`) and names -> ``[B, C]`` float64 logits
-        through the image-conditioned text graph (:attr:`conditioned` artifacts only): the text graph
-        runs on every (image, name) pair, at most ``_MAX_PROMPTS`` prompts per graph run."""
+        """Image outputs and names -> ``[B, C]`` float64 logits through the image-conditioned text graph
+        (:attr:`conditioned` artifacts only): the text graph runs on every (image, name) pair, at most
+        ``_MAX_PROMPTS`` prompts per graph run. ``image_embeddings``: the ``[B, D]`` main output (from
+        :meth:`embed_images`), or :meth:`image_outputs`' dict, which a graph that reads other image
+        outputs too (``graphs.text.extra_image_inputs``) needs."""
         if not self.conditioned:
             raise ValueError(f"method {self.manifest.method!r}: class embeddings do not depend on the image; use logits()")
+        g = self.manifest.graphs.text
+        if isinstance(image_embeddings, Mapping):
+            outputs = image_embeddings
+            image_embeddings = outputs[self.manifest.graphs.image.outputs[0]]
+            extra = {n: outputs[n] for n in g.extra_image_inputs}
+        elif g.extra_image_inputs:
+            raise ValueError(f"method {self.manifest.method!r}: its text graph also reads the image outputs "
+                             f"{g.extra_image_inputs}; pass image_outputs(), not the embeddings alone")
+        else:
+            extra = {}
         names = scoring.check_class_names(names)
         tokens = self._tokens(names, self.class_descriptions(names, descriptions))
-        g = self.manifest.graphs.text
         B, C = len(image_embeddings), len(names)
         # the text tower runs B x C prompts: bound them per graph run
         c_step = min(C, _MAX_PROMPTS)
@@ -359,8 +372,10 @@ class Predictor:
         out = np.empty((B, C), dtype=np.float64)
         for i in range(0, B, b_step):
             for j in range(0, C, c_step):
+                images = {g.image_input_name: image_embeddings, **extra}
                 feeds = {g.input_name: np.ascontiguousarray(tokens[:, j : j + c_step]),
-                         g.image_input_name: np.ascontiguousarray(image_embeddings[i : i + b_step], dtype=np.float32)}
+                         **{n: np.ascontiguousarray(v[i : i + b_step], dtype=np.float32) for n, v in images.items()
+                            if n in self._text_inputs}}
                 out[i : i + b_step, j : j + c_step] = self._run(self._text, g.outputs, feeds)[0]
         return out
 
@@ -387,7 +402,7 @@ class Predictor:
         scoring.check_mode(mode)
         pixels = preprocess_batch(list(images), self.manifest.preprocess)
         if self.conditioned:
-            return self.conditioned_logits(self.embed_pixels(pixels), names, descriptions)
+            return self.conditioned_logits(self.image_outputs(pixels), names, descriptions)
         return self.logits_from_outputs(self.image_outputs(pixels), self.text_outputs(names, descriptions), names, mode)
 
     def scores(self, images: Sequence[Image.Image], class_names: Sequence[str], mode: str = "auto",

@@ -241,6 +241,7 @@ class PromptbakeService:
         self.metrics = get_metrics()
         self.text_cache = self.predictor.text_cache  # per normalised name; the Predictor's own
         self.image_output_names = list(m.graphs.image.outputs)
+        self._image_rows = [(1, False)] * len(self.image_output_names)  # set by the first image batch
         # the batcher splits [n, ...] arrays by rows: every image output stacked on axis 1
         self.batcher = ImageBatcher(self._stacked_image_outputs, cfg.max_batch_size, cfg.max_latency_ms,
                                     on_batch=self.metrics.batch_size.observe)
@@ -283,8 +284,12 @@ class PromptbakeService:
         return preprocess_batch(decoded, self.predictor.manifest.preprocess)
 
     def _stacked_image_outputs(self, pixels: np.ndarray) -> np.ndarray:
+        """Every image output side by side, ``[n, rows, D]``: a ``[n, D]`` output is one row, a ``[n, K, D]``
+        token output (read by an image-conditioned text graph) K rows; :meth:`_image_outputs` splits them."""
         outputs = self.predictor.image_outputs(pixels)
-        return np.stack([outputs[n] for n in self.image_output_names], axis=1)  # [n, outputs, D]
+        parts = [outputs[n].reshape(len(pixels), -1, outputs[n].shape[-1]) for n in self.image_output_names]
+        self._image_rows = [(p.shape[1], outputs[n].ndim == 3) for p, n in zip(parts, self.image_output_names)]
+        return np.concatenate(parts, axis=1)
 
     async def _image_outputs(self, images: list[str]) -> dict[str, np.ndarray]:
         """Every declared image output ``{name: [n, D]}``, batched across requests."""
@@ -295,7 +300,14 @@ class PromptbakeService:
         self.metrics.stage_seconds.labels("decode").observe(t1 - t0)
         self.metrics.stage_seconds.labels("image_embed").observe(time.perf_counter() - t1)
         self.metrics.images.inc(len(images))
-        return {n: stacked[:, j] for j, n in enumerate(self.image_output_names)}
+        return self._split_image_outputs(stacked)
+
+    def _split_image_outputs(self, stacked: np.ndarray) -> dict[str, np.ndarray]:
+        out, start = {}, 0
+        for n, (rows, tokens) in zip(self.image_output_names, self._image_rows):
+            out[n] = stacked[:, start : start + rows] if tokens else stacked[:, start]
+            start += rows
+        return out
 
     async def _text_outputs(self, keys: list[str], descriptions: dict[str, list[str]] | None = None) -> dict[str, np.ndarray]:
         """Every declared class output ``{name: [C, D]}`` of normalised names, through the per-name cache."""
@@ -307,7 +319,7 @@ class PromptbakeService:
         self.metrics.stage_seconds.labels("text_embed").observe(time.perf_counter() - t0)
         return out
 
-    async def _conditioned_logits(self, img: np.ndarray, keys: list[str],
+    async def _conditioned_logits(self, img: dict[str, np.ndarray], keys: list[str],
                                   descriptions: dict[str, list[str]] | None = None) -> np.ndarray:
         t0 = time.perf_counter()
         # the Predictor's image-conditioned path, fed with the batched image embeddings
@@ -383,7 +395,7 @@ class PromptbakeService:
                                   f"pair, at most {limit} per request: send fewer images or names per request",
                                   limit=limit)
             img = await self._image_outputs(images)
-            logits = await self._conditioned_logits(img[self.image_output_names[0]], keys, per_name)
+            logits = await self._conditioned_logits(img, keys, per_name)
         else:
             img, txt = await asyncio.gather(self._image_outputs(images), self._text_outputs(keys, per_name))
             logits = self.predictor.logits_from_outputs(img, txt, keys, mode)
@@ -448,7 +460,7 @@ class PromptbakeService:
                 img = await self.batcher.embed(pixels)  # [1, outputs, D]
                 probe = {"ready": ["ready."]} if self.predictor.described else None
                 if self.predictor.conditioned:
-                    txt = await self._conditioned_logits(img[:, 0], ["ready"], probe)
+                    txt = await self._conditioned_logits(self._split_image_outputs(img), ["ready"], probe)
                 else:
                     outputs, _, _ = await anyio.to_thread.run_sync(
                         lambda: self.predictor.counted_text_outputs(["ready"], False, probe))

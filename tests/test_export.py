@@ -32,6 +32,7 @@ from exports.manifest import (
     read_manifest,
 )
 from exports.onnx_export import ExportError, check_exportable
+from exports.preprocess import preprocess_batch
 from training.cli import main
 from training.data import load_dataset
 from training.data.transforms import build_eval_transform, load_image
@@ -121,11 +122,18 @@ def test_every_method_exports_and_matches_torch(label, exported, dataset_spec):
         assert predictor.conditioned and manifest.graphs.text.image_input_name == "image_embeddings"
         with pytest.raises(ValueError, match="depend on the image"):
             predictor.embed_texts(names)
-        # the public path the service feeds with batched image embeddings
-        emb = predictor.embed_images(images)
-        assert np.abs(predictor.conditioned_logits(emb, names) - ref_logits).max() <= TOL * scale
+        # the public path the service feeds with batched image outputs (the main one alone where it is all
+        # the text graph reads: CoCoOp; SurPL's also reads its local tokens)
+        outputs = predictor.image_outputs(preprocess_batch(images, manifest.preprocess))
+        assert np.abs(predictor.conditioned_logits(outputs, names) - ref_logits).max() <= TOL * scale
+        if manifest.graphs.text.extra_image_inputs:
+            with pytest.raises(ValueError, match="also reads the image outputs"):
+                predictor.conditioned_logits(predictor.embed_images(images), names)
+        else:
+            emb = predictor.embed_images(images)
+            assert np.abs(predictor.conditioned_logits(emb, names) - ref_logits).max() <= TOL * scale
         with pytest.raises(ValueError, match="must not be empty"):
-            predictor.conditioned_logits(emb, [])
+            predictor.conditioned_logits(outputs, [])
     else:
         assert np.abs(predictor.embed_texts(names, described) - _torch_class_embeddings(method, names)).max() <= TOL
         with pytest.raises(ValueError, match="do not depend on the image"):

@@ -59,7 +59,7 @@ def predict_samples(
     for x, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x = x.to(device)
         if conditioned:
-            logits = method(x, tokens).float().cpu().numpy()
+            logits = method.logits_from_outputs(method.image_outputs(x), tokens).float().cpu().numpy()
         else:
             image = {k: v.float().cpu().numpy() for k, v in method.image_outputs(x).items()}
             logits = scoring.head_logits(image, text, heads, is_base, scale)

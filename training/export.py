@@ -77,33 +77,33 @@ class TextEncoder(nn.Module):
 
 
 class ConditionedTextEncoder(nn.Module):
-    """For ``text_depends_on_image`` methods: (token ids [T, C, L], image embeddings [B, D]) -> logits [B, C].
+    """For ``text_depends_on_image`` methods: (token ids [T, C, L], every image output) -> logits [B, C].
 
-    The method's own ``logits_from_features`` on the image graph's (normalised) output;
-    :func:`export_method` checks first that the method's logits do not depend on the norm of the
-    image features, so this equals the method on raw features.
+    The method's own ``logits_from_outputs`` on the image graph's outputs; :func:`export_method`
+    checks first that this path gives the method's own logits on the images (CoCoOp: that its
+    logits do not depend on the norm of the image features the graph normalises).
     """
 
     def __init__(self, method: PromptMethod):
         super().__init__()
         self.method = method
+        self.names = method.graph_signature().image_outputs
 
-    def forward(self, tokens: torch.Tensor, image_embeddings: torch.Tensor) -> torch.Tensor:
-        return self.method.logits_from_features(image_embeddings, tokens)
+    def forward(self, tokens: torch.Tensor, *image_outputs: torch.Tensor) -> torch.Tensor:
+        return self.method.logits_from_outputs(dict(zip(self.names, image_outputs, strict=True)), tokens)
 
 
-def _check_norm_invariant(method: PromptMethod, pixels: np.ndarray, classnames: Sequence[str]) -> None:
+def _check_conditioned_path(method: PromptMethod, pixels: np.ndarray, classnames: Sequence[str]) -> None:
     with torch.no_grad():
         x = torch.from_numpy(pixels[:4])
-        feats = method.encode_image(x)
         tokens = method.tokenize(list(classnames))
-        raw = method.logits_from_features(feats, tokens)
-        unit = method.logits_from_features(F.normalize(feats, dim=-1), tokens)
-    gap = float((raw - unit).abs().max() / method.logit_scale())
+        own = method(x, tokens)
+        graph = method.logits_from_outputs(method.image_outputs(x), tokens)
+    gap = float((own - graph).abs().max() / method.logit_scale())
     if gap > 1e-5:
         raise ExportError(
-            f"{method.name}: the class embeddings depend on the norm of the image features (difference {gap:.2g}), "
-            "but the artifact passes the normalised image embeddings to the text graph"
+            f"{method.name}: its logits from the image outputs differ from its own logits (difference {gap:.2g}; "
+            "e.g. the class embeddings depend on the norm of the image features the graph normalises)"
         )
 
 
@@ -210,7 +210,7 @@ def export_method(
     pixels = preprocess_batch(list(images), bb.preprocess)
     conditioned = method.capabilities.text_depends_on_image
     if conditioned and len(pixels) and classnames:
-        _check_norm_invariant(method, pixels, classnames)
+        _check_conditioned_path(method, pixels, classnames)
     return export_artifact(
         out_dir,
         image_encoder=ImageEncoder(method),

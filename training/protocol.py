@@ -250,7 +250,8 @@ class PromptMethod(nn.Module):
         return GraphSignature()
 
     def image_outputs(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """[B, 3, H, W] pixels -> ``{name: [B, D] L2-normalised}`` for every declared image output."""
+        """[B, 3, H, W] pixels -> ``{name: [B, D] L2-normalised}`` for every declared image output (an
+        output an image-conditioned text graph reads may be ``[B, K, D]`` tokens, SurPL's)."""
         return {IMAGE_EMBEDDINGS: F.normalize(self.encode_image(images), dim=-1)}
 
     def text_outputs(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -307,6 +308,12 @@ class PromptMethod(nn.Module):
         image_feats = F.normalize(image_features, dim=-1)
         text_feats = self.class_embeddings(tokens)
         return self.logit_scale() * image_feats @ text_feats.t()
+
+    def logits_from_outputs(self, image_outputs: Mapping[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] from every declared image output (:meth:`image_outputs`) and class tokens: the
+        image-conditioned text graph of a ``text_depends_on_image`` method takes all of them. Default:
+        :meth:`logits_from_features` on the main output (CoCoOp); SurPL also reads its token output."""
+        return self.logits_from_features(image_outputs[self.graph_signature().image_outputs[0]], tokens)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, C] of images against the classes whose templated tokens are [T, C, L]."""

@@ -53,75 +53,13 @@ import torch.nn.functional as F
 from training.backbones import Backbone
 from training.protocol import Capabilities, MethodConfig, register_method
 from training.prompts.deep import DeepPromptMethod, validate_prompt_options
+from training.prompts.knowledge import template_ensemble_features
+from training.prompts.templates import IMAGENET_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
-_TEACHER_CHUNK = 1024  # prompts per frozen text-encoder call when building the teacher ensemble
-
-# CLIP's ImageNet prompt-engineering templates as listed in PromptSRC's trainers/imagenet_templates.py
-# (IMAGENET_TEMPLATES, 60 entries), the reference's teacher ensemble for every dataset.
-TEACHER_TEMPLATES = (
-    "a photo of a {}.",
-    "a bad photo of a {}.",
-    "a photo of many {}.",
-    "a sculpture of a {}.",
-    "a photo of the hard to see {}.",
-    "a low resolution photo of the {}.",
-    "a rendering of a {}.",
-    "graffiti of a {}.",
-    "a bad photo of the {}.",
-    "a cropped photo of the {}.",
-    "a tattoo of a {}.",
-    "the embroidered {}.",
-    "a photo of a hard to see {}.",
-    "a bright photo of a {}.",
-    "a photo of a clean {}.",
-    "a photo of a dirty {}.",
-    "a dark photo of the {}.",
-    "a drawing of a {}.",
-    "a photo of my {}.",
-    "the plastic {}.",
-    "a photo of the cool {}.",
-    "a close-up photo of a {}.",
-    "a black and white photo of the {}.",
-    "a painting of the {}.",
-    "a painting of a {}.",
-    "a pixelated photo of the {}.",
-    "a sculpture of the {}.",
-    "a bright photo of the {}.",
-    "a cropped photo of a {}.",
-    "a plastic {}.",
-    "a photo of the dirty {}.",
-    "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.",
-    "a photo of the {}.",
-    "a good photo of the {}.",
-    "a rendering of the {}.",
-    "a {} in a video game.",
-    "a photo of one {}.",
-    "a doodle of a {}.",
-    "a close-up photo of the {}.",
-    "the origami {}.",
-    "the {} in a video game.",
-    "a sketch of a {}.",
-    "a doodle of the {}.",
-    "a origami {}.",
-    "a low resolution photo of a {}.",
-    "the toy {}.",
-    "a rendition of the {}.",
-    "a photo of the clean {}.",
-    "a photo of a large {}.",
-    "a rendition of a {}.",
-    "a photo of a nice {}.",
-    "a photo of a weird {}.",
-    "a blurry photo of a {}.",
-    "a cartoon {}.",
-    "art of a {}.",
-    "a sketch of the {}.",
-    "a embroidered {}.",
-    "a pixelated photo of a {}.",
-    "itap of the {}.",
-)
+# the reference's teacher ensemble for every dataset: CLIP's 60 ImageNet templates
+TEACHER_TEMPLATES = IMAGENET_TEMPLATES
 
 
 @dataclass(frozen=True)
@@ -203,12 +141,7 @@ class PromptSRC(DeepPromptMethod):
     def teacher_text_features(self, device: torch.device) -> torch.Tensor:
         """[C, D]: frozen CLIP's training-class embeddings, averaged over the templates, normalised."""
         if self._teacher is None:
-            names = self.train_classnames
-            tokens = self.backbone.tokenizer([t.replace("{}", c) for t in self.config.teacher_templates for c in names])
-            with torch.no_grad(), torch.autocast(device.type, enabled=False):
-                feats = torch.cat([self.clip.encode_text(chunk.to(device)) for chunk in tokens.split(_TEACHER_CHUNK)])
-            feats = feats.float().view(len(self.config.teacher_templates), len(names), -1)  # [T, C, D]
-            self._teacher = F.normalize(feats.mean(dim=0), dim=-1)
+            self._teacher = template_ensemble_features(self, self.config.teacher_templates, self.train_classnames, device)
         if self._teacher.device != device:
             self._teacher = self._teacher.to(device)
         return self._teacher

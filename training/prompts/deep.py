@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 # -- the one layer-by-layer forward ----------------------------------------------------------------
 
-def _replace(x: torch.Tensor, prompts: torch.Tensor, start: int) -> torch.Tensor:
+def replace_prompts(x: torch.Tensor, prompts: torch.Tensor, start: int) -> torch.Tensor:
     """x [N, L, W] with positions start..start+n replaced by prompts [n, W] (shared by all N)."""
     n = prompts.shape[0]
     p = prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
@@ -68,7 +68,7 @@ def run_blocks(
         raise ValueError("deep prompts need a batch-first open_clip transformer (as in open_clip 3.x)")
     for i, block in enumerate(transformer.resblocks):
         if 1 <= i <= len(deep_prompts):
-            x = _replace(x, deep_prompts[i - 1], start)
+            x = replace_prompts(x, deep_prompts[i - 1], start)
         x = block(x, attn_mask=attn_mask)
     return x
 

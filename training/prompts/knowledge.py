@@ -6,6 +6,8 @@ feeds them to its class-aware token generator and regularises towards them.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +52,20 @@ def handcrafted_train_features(method: PromptMethod, template: str, tokens: torc
             "training classes the method was built with; the tokens given are not those classes' prompts"
         )
     return feats
+
+
+_ENSEMBLE_CHUNK = 1024  # prompts per frozen text-encoder call
+
+
+def template_ensemble_features(method: PromptMethod, templates: Sequence[str], names: Sequence[str],
+                               device: torch.device) -> torch.Tensor:
+    """[C, D]: the frozen CLIP's embeddings of every template filled with every name, averaged over the
+    templates *before* normalising (PromptSRC's teacher, SurPL's text target), normalised (no grad, fp32)."""
+    tokens = method.backbone.tokenizer([t.replace("{}", c) for t in templates for c in names])
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        feats = torch.cat([method.clip.encode_text(chunk.to(device)) for chunk in tokens.split(_ENSEMBLE_CHUNK)])
+    feats = feats.float().view(len(templates), len(names), -1)  # [T, C, D]
+    return F.normalize(feats.mean(dim=0), dim=-1)
 
 
 def knowledge_distance(learned: torch.Tensor, handcrafted: torch.Tensor, kind: str = "cosine") -> torch.Tensor:

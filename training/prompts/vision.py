@@ -48,3 +48,17 @@ def image_tokens(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch
     if visual.proj is not None:
         x = x @ visual.proj
     return x, cls_attention
+
+
+def value_path_tokens(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SurPL's surrogate of an open_clip block on its input x [B, T, W]: the attention replaced by its
+    value path, ``v = x + out_proj(W_v ln_1(x) + b_v)``, then the block's MLP, ``v + mlp(ln_2(v))``
+    (each token on its own: no token mixing) -> [B, T, W]."""
+    attn = block.attn
+    if not isinstance(attn, torch.nn.MultiheadAttention) or not attn._qkv_same_embed_dim:  # noqa: SLF001
+        raise ValueError("the value path needs open_clip blocks with nn.MultiheadAttention")
+    W = x.shape[-1]
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[2 * W :]
+    v = torch.nn.functional.linear(block.ln_1(x), attn.in_proj_weight[2 * W :], bias)
+    v = x + block.ls_1(attn.out_proj(v))
+    return v + block.ls_2(block.mlp(block.ln_2(v)))
