@@ -14,7 +14,6 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 

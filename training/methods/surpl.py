@@ -212,7 +212,7 @@ class SurPL(DeepPromptMethod):
         """[l1 [B, C], l2 [B, C], l3_k [B, C] per signal] from raw g [B, D], local tokens [B, T, D], tokens."""
         t = self.encode_text(tokens[0])  # [C, D] raw
         s = self.logit_scale()
-        B, C = g.shape[0], t.shape[0]
+        B = g.shape[0]
         g_n = F.normalize(g, dim=-1)
         l1 = s * g_n @ F.normalize(t, dim=-1).t().to(g.dtype)
         shifted = self.sfg(t.unsqueeze(1).expand(-1, B, -1), g.unsqueeze(0).to(t.dtype))  # [C, B, D]
