@@ -2,8 +2,8 @@
 
 Follows the official code htyao89/BIP at 427ed6c99c82d56418d206d8e58b8e937fe7878e (``trainers/bip.py``,
 the blocks of ``trainers/clip_text/model.py``, ``scripts/base2new_train.sh``, the TCP configs it
-reuses; "Bi-modal Instance-aware Prompting", Yao et al., TPAMI 2025 by the task's reference; the
-repository itself names no paper, and its README is TCP's).
+reuses). The venue, TPAMI 2025, is the project's method list's: the repository names no paper (its
+README is TCP's), so every detail here is from the code.
 
 Learned (the reference's ``prompt_learner``):
 - ``ctx`` [n_ctx, W_t], random N(0, 0.02): the prompt is ``[SOT] X X X X {name}. [EOT]``;
