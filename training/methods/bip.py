@@ -62,7 +62,7 @@ from training.backbones import Backbone
 from training.protocol import Capabilities, MethodConfig, PromptMethod, register_method
 from training.prompts.context import context_template, init_context, place_context
 from training.prompts.deep import check_vision_tower, run_blocks_injecting, vision_input_tokens
-from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, frozen_text_features
+from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, cached_frozen_text_features, check_template, frozen_text_features
 from training.prompts.templates import template_option
 from training.prompts.text import eot_positions, text_position_inputs
 
@@ -150,7 +150,6 @@ class BIP(PromptMethod):
         # the prototype head: trained, but training state (rebuilt for each run, unused at test)
         self.proto = nn.Parameter(torch.zeros(len(self.train_classnames), dim))
         self.register_buffer("proto_ready", torch.zeros((), dtype=torch.bool), persistent=False)
-        self._hand_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _layer(self, layers: int, tower: str) -> int:
         layer = default_inject_layer(layers) if self.config.inject_layer is None else self.config.inject_layer
@@ -174,13 +173,7 @@ class BIP(PromptMethod):
 
     def _handcrafted(self, hand_tokens: torch.Tensor) -> torch.Tensor:
         """[C, D] normalised frozen embeddings of the hand-crafted prompts (cached while training)."""
-        if not self.training:
-            return frozen_text_features(self, hand_tokens)
-        cache = self._hand_cache
-        if cache is None or cache[0].shape != hand_tokens.shape or cache[0].device != hand_tokens.device \
-                or not torch.equal(cache[0], hand_tokens):
-            cache = self._hand_cache = (hand_tokens.clone(), frozen_text_features(self, hand_tokens))
-        return cache[1]
+        return cached_frozen_text_features(self, hand_tokens) if self.training else frozen_text_features(self, hand_tokens)
 
     def prompted_text(self, tokens: torch.Tensor, t0: torch.Tensor) -> torch.Tensor:
         """Learned-prompt tokens [C, L] and t0 [C, D] -> [C, D] prompted text features (not normalised)."""

@@ -58,7 +58,13 @@ from training.backbones import Backbone
 from training.protocol import MethodConfig, PromptMethod, register_method
 from training.prompts.context import context_template, init_context, place_context
 from training.prompts.deep import run_blocks_injecting
-from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, frozen_text_features, knowledge_distance
+from training.prompts.knowledge import (
+    HANDCRAFTED_TEMPLATE,
+    cached_frozen_text_features,
+    check_template,
+    frozen_text_features,
+    knowledge_distance,
+)
 from training.prompts.templates import template_option
 from training.prompts.text import eot_positions, text_position_inputs
 
@@ -138,7 +144,6 @@ class TCP(PromptMethod):
             ("gelu", QuickGELU()),
             ("linear2", nn.Linear(hidden, self.n_ctx * width)),
         ]))
-        self._hand_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def n_ctx(self) -> int:
@@ -176,20 +181,11 @@ class TCP(PromptMethod):
         """[C, L] hand-crafted prompt tokens -> [C, D] normalised frozen-CLIP embeddings (no grad)."""
         return frozen_text_features(self, hand_tokens)
 
-    def _training_handcrafted(self, hand_tokens: torch.Tensor) -> torch.Tensor:
-        # training sees the same class list every step; skip the frozen forward when it repeats
-        cache = self._hand_cache
-        if cache is None or cache[0].shape != hand_tokens.shape or cache[0].device != hand_tokens.device \
-                or not torch.equal(cache[0], hand_tokens):
-            cache = (hand_tokens.clone(), self.handcrafted_embeddings(hand_tokens))
-            self._hand_cache = cache
-        return cache[1]
-
     def class_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """[2, C, L] (learned prompt, hand-crafted prompt) tokens -> [C, D] (not normalised)."""
         learned, hand_tokens = self._split(tokens)
         # training repeats one class list: its frozen hand-crafted pass is cached (never while exporting)
-        hand = self._training_handcrafted(hand_tokens) if self.training else self.handcrafted_embeddings(hand_tokens)
+        hand = cached_frozen_text_features(self, hand_tokens) if self.training else self.handcrafted_embeddings(hand_tokens)
         return self.encode_prompts(learned, hand)
 
     def class_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -204,7 +200,7 @@ class TCP(PromptMethod):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         learned, hand_tokens = self._split(tokens)
         feats = inputs if are_features else self.encode_image(inputs)
-        hand = self._training_handcrafted(hand_tokens)
+        hand = cached_frozen_text_features(self, hand_tokens)
         text = F.normalize(self.encode_prompts(learned, hand), dim=-1)  # [C, D]
         logits = self.logit_scale() * F.normalize(feats, dim=-1) @ text.t().to(feats.dtype)
         loss = F.cross_entropy(logits, labels) + self.config.weight * knowledge_distance(text, hand, "cosine")

@@ -30,6 +30,18 @@ def frozen_text_features(method: PromptMethod, tokens: torch.Tensor) -> torch.Te
         return F.normalize(feats.float(), dim=-1)
 
 
+def cached_frozen_text_features(method: PromptMethod, tokens: torch.Tensor) -> torch.Tensor:
+    """:func:`frozen_text_features` of ``tokens`` [C, L], remembered on ``method`` while the same tokens
+    come back (training repeats one class list every step: TCP's and BIP's hand-crafted anchors). A
+    plain attribute, never saved; any other tokens (or device) recompute it."""
+    cache = getattr(method, "_frozen_text_cache", None)
+    if cache is None or cache[0].shape != tokens.shape or cache[0].device != tokens.device \
+            or not torch.equal(cache[0], tokens):
+        cache = (tokens.clone(), frozen_text_features(method, tokens))
+        method._frozen_text_cache = cache
+    return cache[1]
+
+
 def handcrafted_train_features(method: PromptMethod, template: str, tokens: torch.Tensor) -> torch.Tensor:
     """Frozen-CLIP embeddings [C, D] of ``template`` filled with the method's training class names.
 
