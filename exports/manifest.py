@@ -36,6 +36,7 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 MANIFEST_FILENAME = "manifest.json"
 IMAGE_GRAPH_FILENAME = "image.onnx"
 TEXT_GRAPH_FILENAME = "text.onnx"
+SCORE_GRAPH_FILENAME = "score.onnx"
 Precision = Literal["fp32", "fp16", "int8"]
 
 _CHUNK = 1 << 20
@@ -119,8 +120,13 @@ class Head(_Strict):
 
 
 class Graphs(_Strict):
+    """The image and text graphs; ``score`` only for an image-conditioned method whose class outputs
+    do not depend on the image (SurPL): it takes every image output and every class output, under
+    their names, and returns ``logits`` [B, C]."""
+
     image: GraphInfo
     text: GraphInfo
+    score: GraphInfo | None = None
 
 
 class Parity(_Strict):
@@ -209,16 +215,23 @@ class Manifest(_Strict):
             if not sentences or not all(isinstance(d, str) and d.strip() for d in sentences):
                 raise ValueError(f"class_descriptions[{name!r}] must be a non-empty list of non-empty strings")
         conditioned = self.capabilities.text_depends_on_image
-        if conditioned != (self.graphs.text.image_input_name is not None):
+        scored = self.graphs.score is not None
+        if scored and not conditioned:
+            raise ValueError("graphs.score is only for methods with capabilities.text_depends_on_image")
+        if scored:
+            if self.heads or self.graphs.score.outputs != ["logits"] or self.graphs.text.image_input_name is not None:
+                raise ValueError("a score graph returns the logits (its one output 'logits'; no heads), "
+                                 "and the text graph then takes no image input")
+        elif conditioned != (self.graphs.text.image_input_name is not None):
             raise ValueError("graphs.text.image_input_name must be set exactly when capabilities.text_depends_on_image")
-        if conditioned:
+        if conditioned and not scored:
             if self.heads or len(self.graphs.text.outputs) != 1:
                 raise ValueError("an image-conditioned text graph returns the logits: one text output and no heads")
             if not set(self.graphs.text.extra_image_inputs) <= set(self.graphs.image.outputs[1:]):
                 raise ValueError("graphs.text.extra_image_inputs must name outputs of the image graph (after the first)")
         elif self.graphs.text.extra_image_inputs:
             raise ValueError("graphs.text.extra_image_inputs is only for an image-conditioned text graph")
-        elif not self.heads:
+        elif not conditioned and not self.heads:
             raise ValueError("heads: at least one head is needed")
         for i, h in enumerate(self.heads):
             if h.image not in self.graphs.image.outputs or h.text not in self.graphs.text.outputs:
@@ -229,7 +242,8 @@ class Manifest(_Strict):
                              f"{'do' if switch else 'do not'} score base and novel names differently")
         if switch and not self.base_classnames:
             raise ValueError("a base/novel switch needs base_classnames")
-        for what, name in (("graphs.image", self.graphs.image.file), ("graphs.text", self.graphs.text.file),
+        score = [("graphs.score", self.graphs.score.file)] if self.graphs.score is not None else []
+        for what, name in (("graphs.image", self.graphs.image.file), ("graphs.text", self.graphs.text.file), *score,
                            ("tokenizer", self.tokenizer.file)):
             if name not in self.files:
                 raise ValueError(f"{what}.file {name!r} is not listed in files")

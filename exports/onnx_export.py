@@ -66,6 +66,7 @@ from torch import nn
 from exports.manifest import (
     IMAGE_GRAPH_FILENAME,
     MANIFEST_FILENAME,
+    SCORE_GRAPH_FILENAME,
     TEXT_GRAPH_FILENAME,
     CapabilitiesInfo,
     GraphInfo,
@@ -126,6 +127,8 @@ class ArtifactInfo:
             dict); empty for image-conditioned methods.
         class_descriptions: for methods that need class descriptions: those the artifact ships
             (the parity check embeds its classes from them).
+        scored: an image-conditioned method with image-independent class outputs (``text_outputs``)
+            and a score graph (image outputs, class outputs) -> logits.
     """
 
     method: str
@@ -141,6 +144,7 @@ class ArtifactInfo:
     text_outputs: Sequence[str] = (TEXT_OUTPUT,)
     heads: Sequence[Any] = ({"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT},)
     class_descriptions: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    scored: bool = False
 
 
 def check_exportable(capabilities: Mapping[str, bool]) -> None:
@@ -282,13 +286,14 @@ class Signature:
     heads: tuple[Head, ...]
     conditioned: bool
     logit_scale: float
+    scored: bool = False
 
     @classmethod
     def of(cls, info: ArtifactInfo) -> "Signature":
         heads = tuple(h if isinstance(h, Head) else Head.model_validate(h if isinstance(h, Mapping) else vars(h))
                       for h in info.heads)
         return cls(tuple(info.image_outputs), tuple(info.text_outputs), heads,
-                   bool(info.capabilities["text_depends_on_image"]), float(info.logit_scale))
+                   bool(info.capabilities["text_depends_on_image"]), float(info.logit_scale), bool(info.scored))
 
 
 @dataclass(frozen=True)
@@ -315,11 +320,14 @@ def _score(sig: Signature, image: dict[str, np.ndarray], text: dict[str, np.ndar
 
 @torch.no_grad()
 def torch_outputs(image_encoder: nn.Module, text_encoder: nn.Module, pixels: np.ndarray, tokens: np.ndarray,
-                  sig: Signature, is_base: np.ndarray) -> Outputs:
+                  sig: Signature, is_base: np.ndarray, score_encoder: nn.Module | None = None) -> Outputs:
     """Reference outputs of the torch encoders."""
     img_t = _as_tuple(image_encoder(torch.from_numpy(pixels)))
     image = {n: t.double().numpy() for n, t in zip(sig.image_outputs, img_t, strict=True)}
-    if sig.conditioned:
+    if sig.scored:
+        cls_t = _as_tuple(text_encoder(torch.from_numpy(tokens)))
+        text = {LOGITS_OUTPUT: (score_encoder(*img_t, *cls_t) / sig.logit_scale).double().numpy()}
+    elif sig.conditioned:
         text = {sig.text_outputs[0]: (text_encoder(torch.from_numpy(tokens), *img_t) / sig.logit_scale).double().numpy()}
     else:
         txt_t = _as_tuple(text_encoder(torch.from_numpy(tokens)))
@@ -328,7 +336,8 @@ def torch_outputs(image_encoder: nn.Module, text_encoder: nn.Module, pixels: np.
 
 
 def ort_outputs(image_graph: Path, text_graph: Path, pixels: np.ndarray, tokens: np.ndarray, sig: Signature,
-                is_base: np.ndarray, providers: Sequence[str], precision: str = "fp32") -> tuple[Outputs, float]:
+                is_base: np.ndarray, providers: Sequence[str], precision: str = "fp32",
+                score_graph: Path | None = None) -> tuple[Outputs, float]:
     """The same through onnxruntime on the exported graphs, chained as the runtime chains them.
 
     Also runs one image and one class alone and returns the largest difference to the batched
@@ -336,10 +345,17 @@ def ort_outputs(image_graph: Path, text_graph: Path, pixels: np.ndarray, tokens:
     """
     img_s = create_session(image_graph, providers, precision)
     txt_s = create_session(text_graph, providers, precision)
+    score_s = create_session(score_graph, providers, precision) if sig.scored else None
 
     def run(px: np.ndarray, tok: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         img = dict(zip(sig.image_outputs, img_s.run(list(sig.image_outputs), {IMAGE_INPUT: px}), strict=True))
         feeds = {TEXT_INPUT: np.ascontiguousarray(tok)}
+        if sig.scored:
+            cls = dict(zip(sig.text_outputs, txt_s.run(list(sig.text_outputs), feeds), strict=True))
+            used = {i.name for i in score_s.get_inputs()}
+            logits = score_s.run([LOGITS_OUTPUT], {k: v for k, v in {**img, **cls}.items() if k in used})[0]
+            return ({k: v.astype(np.float64) for k, v in img.items()},
+                    {LOGITS_OUTPUT: logits.astype(np.float64) / sig.logit_scale})
         if sig.conditioned:  # every image output: the main one as TEXT_IMAGE_INPUT, the others under their names
             feeds[TEXT_IMAGE_INPUT] = img[sig.image_outputs[0]]
             feeds.update({n: img[n] for n in sig.image_outputs[1:]})
@@ -454,6 +470,7 @@ def export_artifact(
     exporter: str = DEFAULT_EXPORTER,
     overwrite: bool = False,
     min_top1: float | None = None,
+    score_encoder: nn.Module | None = None,
 ) -> Manifest:
     """Export, check and write an artifact directory; on any failure nothing is left behind.
 
@@ -477,6 +494,8 @@ def export_artifact(
         opset: ONNX opset of the graphs.
         exporter: ``torchscript`` (default) or ``dynamo``; see the module docstring.
         overwrite: replace an existing non-empty ``out_dir``.
+        score_encoder: for a scored signature (``info.scored``): (every image output, every class
+            output of ``text_encoder``) -> logits ``[B, C]``, exported as the third graph.
         min_top1: the fraction of parity images on which fp16 / int8 must agree with torch fp32's top-1
             (default :data:`MIN_TOP1_AGREEMENT`, 0.99; with N images a fraction below 1 tolerates
             ``floor((1 - min_top1) N)`` disagreements: none at 32 images and 0.99, two at 256).
@@ -491,6 +510,8 @@ def export_artifact(
     elif not (isinstance(min_top1, (int, float)) and 0.0 < min_top1 <= 1.0):
         raise ExportError(f"min_top1 must be a fraction in (0, 1], got {min_top1!r}")
     check_exportable(info.capabilities)
+    if info.scored != (score_encoder is not None):
+        raise ExportError("a scored signature needs a score encoder, and only it")
     names = list(parity_classnames)
     pixels = np.ascontiguousarray(parity_pixels, dtype=np.float32)
     s = info.preprocess.image_size
@@ -521,7 +542,8 @@ def export_artifact(
         sig = Signature.of(info)
         conditioned = sig.conditioned
         is_base = base_mask(names, info.base_classnames, "auto")
-        reference = torch_outputs(image_encoder, text_encoder, pixels, tokens, sig, is_base)
+        reference = torch_outputs(image_encoder, text_encoder, pixels, tokens, sig, is_base, score_encoder)
+        graph_files = (IMAGE_GRAPH_FILENAME, TEXT_GRAPH_FILENAME, *((SCORE_GRAPH_FILENAME,) if sig.scored else ()))
         cpu = ["CPUExecutionProvider"]
 
         with contextlib.ExitStack() as stack:
@@ -538,7 +560,7 @@ def export_artifact(
             t_img = export_graph(image_encoder, (example_pixels,), src / IMAGE_GRAPH_FILENAME, [IMAGE_INPUT],
                                  sig.image_outputs,
                                  {IMAGE_INPUT: {0: "batch"}, **{o: {0: "batch"} for o in sig.image_outputs}}, opset, exporter)
-            if conditioned:
+            if conditioned and not sig.scored:
                 with torch.no_grad():
                     example_images = _as_tuple(image_encoder(example_pixels))
                 image_inputs = [TEXT_IMAGE_INPUT, *sig.image_outputs[1:]]
@@ -552,21 +574,30 @@ def export_artifact(
                                      sig.text_outputs,
                                      {TEXT_INPUT: token_axes, **{o: {0: "classes"} for o in sig.text_outputs}},
                                      opset, exporter)
+            if sig.scored:  # (image outputs, class outputs) -> logits: the per-(image, class) part
+                with torch.no_grad():
+                    example_images = _as_tuple(image_encoder(example_pixels))
+                    example_classes = _as_tuple(text_encoder(example_tokens))
+                t_txt += export_graph(score_encoder, (*example_images, *example_classes), src / SCORE_GRAPH_FILENAME,
+                                      [*sig.image_outputs, *sig.text_outputs], [LOGITS_OUTPUT],
+                                      {**{n: {0: "batch"} for n in sig.image_outputs},
+                                       **{n: {0: "classes"} for n in sig.text_outputs},
+                                       LOGITS_OUTPUT: {0: "batch", 1: "classes"}}, opset, exporter)
             logger.info("exported graphs with %s in %.1f s (image) and %.1f s (text)", exporter, t_img, t_txt)
-            for name in (IMAGE_GRAPH_FILENAME, TEXT_GRAPH_FILENAME):
+            for name in graph_files:
                 _check_graph(src / name)
             outputs, gap = ort_outputs(src / IMAGE_GRAPH_FILENAME, src / TEXT_GRAPH_FILENAME, pixels, tokens, sig,
-                                       is_base, cpu)
+                                       is_base, cpu, score_graph=src / SCORE_GRAPH_FILENAME)
             fp32 = measure_parity(reference, outputs, gap, FP32_TOLERANCE, 0.0, cpu)
             _check_parity(fp32, "fp32")
             parity = fp32
             if precision != "fp32":
-                for name in (IMAGE_GRAPH_FILENAME, TEXT_GRAPH_FILENAME):
+                for name in graph_files:
                     _convert_precision(src / name, tmp / name, precision)
                     _check_graph(tmp / name)
                 providers = _parity_providers(precision)
                 outputs, gap = ort_outputs(tmp / IMAGE_GRAPH_FILENAME, tmp / TEXT_GRAPH_FILENAME, pixels, tokens, sig,
-                                           is_base, providers, precision)
+                                           is_base, providers, precision, score_graph=tmp / SCORE_GRAPH_FILENAME)
                 parity = measure_parity(reference, outputs, gap, None, min_top1, providers)
                 _check_parity(parity, precision)
         logger.info("parity (%s): image %.2e, text %.2e, top-1 agreement %.3f on %d images x %d classes",
@@ -592,8 +623,10 @@ def export_artifact(
             precision=precision,
             graphs=Graphs(image=GraphInfo(file=IMAGE_GRAPH_FILENAME, input_name=IMAGE_INPUT, outputs=list(sig.image_outputs)),
                           text=GraphInfo(file=TEXT_GRAPH_FILENAME, input_name=TEXT_INPUT, outputs=list(sig.text_outputs),
-                                         image_input_name=TEXT_IMAGE_INPUT if conditioned else None,
-                                         extra_image_inputs=list(sig.image_outputs[1:]) if conditioned else [])),
+                                         image_input_name=TEXT_IMAGE_INPUT if conditioned and not sig.scored else None,
+                                         extra_image_inputs=list(sig.image_outputs[1:]) if conditioned and not sig.scored else []),
+                          score=GraphInfo(file=SCORE_GRAPH_FILENAME, input_name=sig.text_outputs[0], outputs=[LOGITS_OUTPUT])
+                          if sig.scored else None),
             heads=list(sig.heads),
             files=describe_files(tmp),
             parity=parity,

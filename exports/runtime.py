@@ -99,7 +99,18 @@ def verify_artifact(directory: str | os.PathLike[str], expected_digest: str | No
     cpu = ["CPUExecutionProvider"]
     check_graph_shapes(path, manifest, create_session(path / manifest.graphs.image.file, cpu, manifest.precision),
                        create_session(path / manifest.graphs.text.file, cpu, manifest.precision))
+    if manifest.graphs.score is not None:
+        score = create_session(path / manifest.graphs.score.file, cpu, manifest.precision)
+        _check_score_inputs(path, manifest, score)
     return manifest
+
+
+def _check_score_inputs(path: Path, manifest: Manifest, score: ort.InferenceSession) -> None:
+    """A score graph reads only outputs of the image and text graphs (under their names)."""
+    known = set(manifest.graphs.image.outputs) | set(manifest.graphs.text.outputs)
+    unknown = sorted(i.name for i in score.get_inputs() if i.name not in known)
+    if unknown:
+        raise ArtifactError(f"{path / manifest.graphs.score.file}: inputs {unknown} are no image or text graph output")
 
 
 def create_session(path: Path, providers: Sequence[Provider], precision: str = "fp32",
@@ -201,6 +212,11 @@ class Predictor:
         # the image outputs an image-conditioned text graph reads (the exporter drops inputs a graph never uses)
         self._text_inputs = {i.name for i in self._text.get_inputs()}
         check_graph_shapes(self.path, m, self._image, self._text)
+        self._score = None
+        if m.graphs.score is not None:  # scored: cached class outputs + (image, class) pairs through this graph
+            self._score = create_session(self.path / m.graphs.score.file, providers, m.precision, intra_op_threads)
+            _check_score_inputs(self.path, m, self._score)
+            self._score_inputs = {i.name for i in self._score.get_inputs()}
         self._logit_scale = float(m.logit_scale)
         if text_cache_names < 0:
             raise ValueError("text_cache_names must be >= 0")
@@ -320,6 +336,11 @@ class Predictor:
         """
         if self.conditioned:
             raise ValueError(f"method {self.manifest.method!r}: class embeddings depend on the image; use scores() or classify()")
+        return self._cached_text_outputs(class_names, cache, descriptions)
+
+    def _cached_text_outputs(self, class_names: Sequence[str], cache: bool = True,
+                             descriptions: Mapping[str, Sequence[str]] | None = None) -> tuple[dict[str, np.ndarray], int, int]:
+        """The text graph's outputs through the per-name cache (class embeddings; a scored artifact's class outputs)."""
         names = scoring.check_class_names(class_names, unique=False)
         per_name = self.class_descriptions(names, descriptions)
         if self.text_cache is None or not cache:
@@ -353,6 +374,8 @@ class Predictor:
         outputs too (``graphs.text.extra_image_inputs``) needs."""
         if not self.conditioned:
             raise ValueError(f"method {self.manifest.method!r}: class embeddings do not depend on the image; use logits()")
+        if self._score is not None:
+            return self._scored_logits(image_embeddings, names, descriptions)
         g = self.manifest.graphs.text
         if isinstance(image_embeddings, Mapping):
             outputs = image_embeddings
@@ -377,6 +400,27 @@ class Predictor:
                          **{n: np.ascontiguousarray(v[i : i + b_step], dtype=np.float32) for n, v in images.items()
                             if n in self._text_inputs}}
                 out[i : i + b_step, j : j + c_step] = self._run(self._text, g.outputs, feeds)[0]
+        return out
+
+    def _scored_logits(self, image_outputs: np.ndarray | Mapping[str, np.ndarray], names: Sequence[str],
+                       descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+        """A scored artifact: the names' class outputs from the per-name cache, then the score graph on
+        every (image, name) pair, at most ``_MAX_PROMPTS`` pairs per run."""
+        if not isinstance(image_outputs, Mapping):
+            raise ValueError(f"method {self.manifest.method!r}: its score graph reads every image output; "
+                             "pass image_outputs(), not the embeddings alone")
+        names = scoring.check_class_names(names)
+        classes = self._cached_text_outputs(names, descriptions=descriptions)[0]
+        B, C = len(next(iter(image_outputs.values()))), len(names)
+        c_step = min(C, _MAX_PROMPTS)
+        b_step = max(1, _MAX_PROMPTS // c_step)
+        out = np.empty((B, C), dtype=np.float64)
+        for i in range(0, B, b_step):
+            for j in range(0, C, c_step):
+                feeds = {**{n: np.ascontiguousarray(v[i : i + b_step], dtype=np.float32) for n, v in image_outputs.items()},
+                         **{n: np.ascontiguousarray(v[j : j + c_step], dtype=np.float32) for n, v in classes.items()}}
+                feeds = {k: v for k, v in feeds.items() if k in self._score_inputs}
+                out[i : i + b_step, j : j + c_step] = self._run(self._score, self.manifest.graphs.score.outputs, feeds)[0]
         return out
 
     # -- classification ----------------------------------------------------------------------------

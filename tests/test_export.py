@@ -119,16 +119,21 @@ def test_every_method_exports_and_matches_torch(label, exported, dataset_spec):
     described = descriptions_for(names)  # ignored by methods that embed no descriptions
     assert np.abs(predictor.logits(images, names, descriptions=described) - ref_logits).max() <= TOL * scale
     if caps.text_depends_on_image:
-        assert predictor.conditioned and manifest.graphs.text.image_input_name == "image_embeddings"
+        scored = manifest.graphs.score is not None  # SurPL: cached class outputs, then a score graph
+        assert predictor.conditioned and (scored or manifest.graphs.text.image_input_name == "image_embeddings")
         with pytest.raises(ValueError, match="depend on the image"):
             predictor.embed_texts(names)
         # the public path the service feeds with batched image outputs (the main one alone where it is all
         # the text graph reads: CoCoOp; SurPL's also reads its local tokens)
         outputs = predictor.image_outputs(preprocess_batch(images, manifest.preprocess))
         assert np.abs(predictor.conditioned_logits(outputs, names) - ref_logits).max() <= TOL * scale
-        if manifest.graphs.text.extra_image_inputs:
-            with pytest.raises(ValueError, match="also reads the image outputs"):
+        if manifest.graphs.text.extra_image_inputs or scored:
+            with pytest.raises(ValueError, match="not the embeddings alone"):
                 predictor.conditioned_logits(predictor.embed_images(images), names)
+            if scored:  # the class side ran once per name: a second call finds every name in the cache
+                misses = predictor.text_cache.misses
+                predictor.conditioned_logits(outputs, names)
+                assert predictor.text_cache.misses == misses and predictor.text_cache.hits >= len(names)
         else:
             emb = predictor.embed_images(images)
             assert np.abs(predictor.conditioned_logits(emb, names) - ref_logits).max() <= TOL * scale
@@ -158,6 +163,25 @@ def test_manifest_round_trip_and_hashes(exported):
     assert set(CapabilitiesInfo.model_fields) == {f.name for f in dataclasses.fields(Capabilities)}
     assert manifest.tokenizer.context_length == 77 and manifest.prompt_templates[0].endswith("{}.")
     assert oct(art.stat().st_mode & 0o777) == oct(0o755)
+
+
+def test_a_scored_artifact_has_a_score_graph_and_the_manifest_checks_it(exported):
+    _, art = exported("surpl")
+    manifest = read_manifest(art)
+    assert sorted(manifest.files) == sorted(["image.onnx", "text.onnx", "score.onnx", "bpe_simple_vocab_16e6.txt.gz"])
+    assert manifest.graphs.score.outputs == ["logits"] and not manifest.heads
+    assert manifest.graphs.text.image_input_name is None  # the class side does not read the image
+    data = json.loads(manifest.to_json())
+    for edit, message in (
+        (lambda d: d["capabilities"].update(text_depends_on_image=False), "only for methods"),
+        (lambda d: d["graphs"]["score"].update(outputs=["scores"]), "score graph returns the logits"),
+        (lambda d: d["graphs"]["text"].update(image_input_name="image_embeddings"), "score graph returns the logits"),
+        (lambda d: d["files"].pop("score.onnx"), "not listed in files"),
+    ):
+        bad = json.loads(json.dumps(data))
+        edit(bad)
+        with pytest.raises(ValueError, match=message):
+            Manifest.model_validate(bad)
 
 
 def _tamper(path: Path, kind: str) -> None:

@@ -69,7 +69,7 @@ def test_the_three_heads_and_their_average(tiny_backbone):
     x, tokens = torch.randn(2, 3, 32, 32), m.tokenize(CLASSES)
     with torch.no_grad():
         g, local = m.image_features(x)
-        l1, l2, *l3 = m.head_logits(g, local, tokens)
+        l1, l2, *l3 = m.head_logits(g, local, m.text_outputs(tokens))
         t = m.encode_text(tokens[0])
         s = m.logit_scale()
         torch.testing.assert_close(l1, s * F.normalize(g, dim=-1) @ F.normalize(t, dim=-1).t())
@@ -89,7 +89,7 @@ def test_the_loss_is_the_references_sum(tiny_backbone):
     x, y, tokens = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2]), m.tokenize(CLASSES)
     loss, logits = m.compute_loss(x, y, tokens)
     g, local = m.image_features(x)
-    l1, l2, *l3 = m.head_logits(g, local, tokens)
+    l1, l2, *l3 = m.head_logits(g, local, m.text_outputs(tokens))
     ce = F.cross_entropy(l1, y) + F.cross_entropy(l2, y) + torch.stack([F.cross_entropy(l, y) for l in l3]).mean()
     frozen = F.normalize(m.clip.visual(x), dim=-1)
     target = template_ensemble_features(m, m.config.text_templates, CLASSES, torch.device("cpu"))

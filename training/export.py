@@ -92,6 +92,22 @@ class ConditionedTextEncoder(nn.Module):
         return self.method.logits_from_outputs(dict(zip(self.names, image_outputs, strict=True)), tokens)
 
 
+class ScoreEncoder(nn.Module):
+    """For a scored signature: (every image output, every class output) -> logits [B, C], the method's
+    own ``score_outputs``: the artifact's third graph."""
+
+    def __init__(self, method: PromptMethod):
+        super().__init__()
+        self.method = method
+        sig = method.graph_signature()
+        self.image_names, self.class_names = sig.image_outputs, sig.text_outputs
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        n = len(self.image_names)
+        return self.method.score_outputs(dict(zip(self.image_names, tensors[:n], strict=True)),
+                                         dict(zip(self.class_names, tensors[n:], strict=True)))
+
+
 def _check_conditioned_path(method: PromptMethod, pixels: np.ndarray, classnames: Sequence[str]) -> None:
     with torch.no_grad():
         x = torch.from_numpy(pixels[:4])
@@ -198,6 +214,7 @@ def export_method(
         base_classnames=list(info.base_classnames),
         image_outputs=sig.image_outputs,
         text_outputs=sig.text_outputs,
+        scored=sig.scored,
         heads=[h.to_dict() for h in sig.heads],
         class_descriptions=dict(descriptions or {}) if method.capabilities.needs_class_descriptions else {},
     )
@@ -213,7 +230,8 @@ def export_method(
     return export_artifact(
         out_dir,
         image_encoder=ImageEncoder(method),
-        text_encoder=ConditionedTextEncoder(method) if conditioned else TextEncoder(method),
+        text_encoder=ConditionedTextEncoder(method) if conditioned and not sig.scored else TextEncoder(method),
+        score_encoder=ScoreEncoder(method) if sig.scored else None,
         info=art,
         vocab_path=_vocab_path(method),
         context_length=bb.context_length,

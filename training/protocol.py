@@ -98,13 +98,22 @@ class GraphSignature:
             image-conditioned method has the single output ``logits``).
         heads: the terms of the logits (none for image-conditioned methods, whose text graph
             returns the logits).
+        scored: an image-conditioned method whose class outputs do not depend on the image (SurPL):
+            ``text_outputs`` are those class outputs (cached per name like class embeddings), and
+            a third graph, :meth:`PromptMethod.score_outputs`, turns image and class outputs into
+            the logits; no heads.
     """
 
     image_outputs: tuple[str, ...] = (IMAGE_EMBEDDINGS,)
     text_outputs: tuple[str, ...] = (CLASS_EMBEDDINGS,)
     heads: tuple[Head, ...] = (Head(),)
+    scored: bool = False
 
     def __post_init__(self) -> None:
+        if self.scored and self.heads:
+            raise ValueError("a scored signature has no heads: its score graph returns the logits")
+        if len(set(self.image_outputs) | set(self.text_outputs)) != len(self.image_outputs) + len(self.text_outputs):
+            raise ValueError("image and text output names must be distinct")
         for i, h in enumerate(self.heads):
             if h.image not in self.image_outputs or h.text not in self.text_outputs:
                 raise ValueError(f"head {i} uses {h.image!r} / {h.text!r}, which are not declared outputs")
@@ -255,7 +264,8 @@ class PromptMethod(nn.Module):
         return {IMAGE_EMBEDDINGS: F.normalize(self.encode_image(images), dim=-1)}
 
     def text_outputs(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """[T, C, L] tokens -> ``{name: [C, D] L2-normalised}`` for every declared text output."""
+        """[T, C, L] tokens -> ``{name: [C, D] L2-normalised}`` for every declared text output (for a
+        scored signature: whatever ``[C, D]`` class outputs its score graph reads)."""
         return {CLASS_EMBEDDINGS: self.class_embeddings(tokens)}
 
     # -- encoders --------------------------------------------------------------------------------
@@ -312,8 +322,18 @@ class PromptMethod(nn.Module):
     def logits_from_outputs(self, image_outputs: Mapping[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, C] from every declared image output (:meth:`image_outputs`) and class tokens: the
         image-conditioned text graph of a ``text_depends_on_image`` method takes all of them. Default:
-        :meth:`logits_from_features` on the main output (CoCoOp); SurPL also reads its token output."""
-        return self.logits_from_features(image_outputs[self.graph_signature().image_outputs[0]], tokens)
+        :meth:`score_outputs` on :meth:`text_outputs` for a scored signature (SurPL), else
+        :meth:`logits_from_features` on the main output (CoCoOp)."""
+        sig = self.graph_signature()
+        if sig.scored:
+            return self.score_outputs(image_outputs, self.text_outputs(tokens))
+        return self.logits_from_features(image_outputs[sig.image_outputs[0]], tokens)
+
+    def score_outputs(self, image_outputs: Mapping[str, torch.Tensor], class_outputs: Mapping[str, torch.Tensor]
+                      ) -> torch.Tensor:
+        """For a scored signature: logits [B, C] from the image outputs and the (image-independent)
+        class outputs of :meth:`text_outputs`; the artifact's third graph."""
+        raise NotImplementedError(f"{self.name} has no score graph")
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, C] of images against the classes whose templated tokens are [T, C, L]."""

@@ -29,11 +29,12 @@ g^CLIP is the frozen CLIP's feature of the same image and t^ens the frozen embed
 ImageNet templates averaged before normalising (the training classes only).
 
 Serving: heads 2 and 3 depend on the image, so the method is image-conditioned
-(``text_depends_on_image``): the image graph returns the normalised ``g`` (``image_embeddings``,
-what ``/embed_image`` returns) and ``image_tokens`` [B, 1 + T, D] (the raw ``g`` then the T local
-tokens); the text graph takes both with the class tokens and returns the averaged logits. The text
-encoder runs once per class list inside that graph (it does not depend on the image); what costs per
-(image, class) pair is the SFG's MLP and the top-k over local tokens.
+(``text_depends_on_image``), with a scored signature: the image graph returns the normalised ``g``
+(``image_embeddings``, what ``/embed_image`` returns) and ``image_tokens`` [B, 1 + T, D] (the raw
+``g`` then the T local tokens); the text graph returns the image-independent class side (``t`` and
+the 4 signal-attended class features), cached per name like class embeddings; a score graph turns
+both into the averaged logits. What costs per (image, class) pair is the SFG's MLP on the shifted
+class features and the top-k over the local tokens.
 
 Base-to-novel: the repository ships only the all-class few-shot setting (no SUBSAMPLE_CLASSES, no
 base-to-novel script). Here the protocol is the standard one with the few-shot config's
@@ -74,6 +75,7 @@ from training.prompts.templates import IMAGENET_TEMPLATES
 from training.prompts.vision import value_path_tokens
 
 IMAGE_TOKENS = "image_tokens"
+CLASS_FEATURES, SIGNAL_FEATURES = "class_features", "signal_features"
 REFERENCE_LOCAL_TOKENS = 200  # 196 patches + 4 visual prompts of ViT-B/16
 
 
@@ -177,7 +179,9 @@ class SurPL(DeepPromptMethod):
         return Capabilities(changes_image_graph=True, text_depends_on_image=True)
 
     def graph_signature(self) -> GraphSignature:
-        return GraphSignature(image_outputs=(IMAGE_EMBEDDINGS, IMAGE_TOKENS), text_outputs=("logits",), heads=())
+        signals = tuple(f"{SIGNAL_FEATURES}_{k}" for k in range(self.config.n_signals))
+        return GraphSignature(image_outputs=(IMAGE_EMBEDDINGS, IMAGE_TOKENS), text_outputs=(CLASS_FEATURES, *signals),
+                              heads=(), scored=True)
 
     # -- image
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,22 +212,30 @@ class SurPL(DeepPromptMethod):
         return {IMAGE_EMBEDDINGS: F.normalize(g, dim=-1), IMAGE_TOKENS: torch.cat([g.unsqueeze(1), local], dim=1)}
 
     # -- the three heads
-    def head_logits(self, g: torch.Tensor, local: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """[l1 [B, C], l2 [B, C], l3_k [B, C] per signal] from raw g [B, D], local tokens [B, T, D], tokens."""
+    def text_outputs(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The image-independent class side, cached per name: the raw prompted text features ``t``
+        [C, D] and, per signal k, the normalised ``SFG(t, fg_signals[k])`` [C, D]."""
         t = self.encode_text(tokens[0])  # [C, D] raw
+        K = self.fg_signals.shape[0]
+        fg = self.sfg(t.unsqueeze(1).expand(-1, K, -1), self.fg_signals.unsqueeze(0).to(t.dtype))  # [C, K, D]
+        fg = F.normalize(fg, dim=-1)
+        return {CLASS_FEATURES: t, **{f"{SIGNAL_FEATURES}_{k}": fg[:, k] for k in range(K)}}
+
+    def head_logits(self, g: torch.Tensor, local: torch.Tensor, class_outputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """[l1 [B, C], l2 [B, C], l3_k [B, C] per signal] from raw g [B, D], local tokens [B, T, D] and
+        the class outputs of :meth:`text_outputs`."""
+        t = class_outputs[CLASS_FEATURES]
         s = self.logit_scale()
         B = g.shape[0]
         g_n = F.normalize(g, dim=-1)
         l1 = s * g_n @ F.normalize(t, dim=-1).t().to(g.dtype)
         shifted = self.sfg(t.unsqueeze(1).expand(-1, B, -1), g.unsqueeze(0).to(t.dtype))  # [C, B, D]
         l2 = s * torch.einsum("bd,bcd->bc", g_n, F.normalize(shifted.permute(1, 0, 2), dim=-1).to(g.dtype))
-        K = self.fg_signals.shape[0]
-        fg = self.sfg(t.unsqueeze(1).expand(-1, K, -1), self.fg_signals.unsqueeze(0).to(t.dtype))  # [C, K, D]
-        fg = F.normalize(fg.permute(1, 0, 2), dim=-1)  # [K, C, D]
         local_n = F.normalize(local, dim=-1)
         l3 = []
         for k, m in enumerate(self.top_k):
-            sims = torch.einsum("btd,cd->bct", local_n, fg[k].to(local_n.dtype))  # [B, C, T]
+            fg = class_outputs[f"{SIGNAL_FEATURES}_{k}"]
+            sims = torch.einsum("btd,cd->bct", local_n, fg.to(local_n.dtype))  # [B, C, T]
             l3.append(s * sims.topk(m, dim=-1).values.mean(dim=-1))
         return [l1, l2, *l3]
 
@@ -231,9 +243,10 @@ class SurPL(DeepPromptMethod):
         l1, l2, *l3 = heads
         return (l1 + l2 + torch.stack(l3).mean(dim=0)) / 3.0
 
-    def logits_from_outputs(self, image_outputs: Mapping[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    def score_outputs(self, image_outputs: Mapping[str, torch.Tensor], class_outputs: Mapping[str, torch.Tensor]
+                      ) -> torch.Tensor:
         packed = image_outputs[IMAGE_TOKENS]  # [B, 1 + T, D]: raw g, then the local tokens
-        return self.combine(self.head_logits(packed[:, 0], packed[:, 1:], tokens))
+        return self.combine(self.head_logits(packed[:, 0], packed[:, 1:], class_outputs))
 
     def logits_from_features(self, image_features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} scores from its global and local image tokens; use logits_from_outputs")
@@ -257,12 +270,13 @@ class SurPL(DeepPromptMethod):
             raise ValueError(f"{self.name} regularises against its {len(self.train_classnames)} training classes, "
                              f"got tokens for {tokens.shape[1]}")
         g, local = self.image_features(inputs)
-        l1, l2, *l3 = heads = self.head_logits(g, local, tokens)
+        class_outputs = self.text_outputs(tokens)
+        l1, l2, *l3 = heads = self.head_logits(g, local, class_outputs)
         loss = F.cross_entropy(l1, labels) + F.cross_entropy(l2, labels)
         loss = loss + torch.stack([F.cross_entropy(l, labels) for l in l3]).mean()
         with torch.no_grad():
             frozen = F.normalize(self.clip.visual(inputs).float(), dim=-1)
-        text = F.normalize(self.encode_text(tokens[0]).float(), dim=-1)
+        text = F.normalize(class_outputs[CLASS_FEATURES].float(), dim=-1)
         loss = loss + self.config.image_weight * F.l1_loss(F.normalize(g.float(), dim=-1), frozen)
         loss = loss + self.config.text_weight * F.l1_loss(text, self.text_target(inputs.device))
         return loss, self.combine([h.detach() for h in heads])
