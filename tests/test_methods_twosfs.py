@@ -125,3 +125,35 @@ def test_a_two_stage_run_trains_then_resumes_with_its_head(tiny_backbone, colour
     again.load_learned_state(learned)
     for k, v in again.learned_state().items():
         assert torch.equal(v, learned[k]), k
+
+
+def _reference_selection(clip, start: int = 0) -> set[str]:
+    """The reference's LayerNorm selection (``fs/utils/model_utils.py`` @ 64ac143, ``trainable_norm_params`` over
+    ``named_modules_with_index``), re-expressed from its description on an open_clip CLIP: modules are visited parents
+    first; a name containing ln_pre / ln_post / ln_final comes first with index 0 / 12 / 12, then every name comes
+    (again) with its block number inside ``resblocks.`` and -1 elsewhere; a LayerNorm with index >= start is switched
+    on, anything else is switched off with everything below it."""
+    def visits():
+        for name, module in clip.named_modules():
+            for tag, index in (("ln_pre", 0), ("ln_post", 12), ("ln_final", 12)):
+                if tag in name:
+                    yield name, module, index
+            if "resblocks." in name:
+                yield name, module, int(name.split("resblocks.")[1].split(".")[0])
+            else:
+                yield name, module, -1
+
+    for _, module, index in visits():
+        if isinstance(module, torch.nn.LayerNorm) and index >= start:
+            module.requires_grad_(True)
+        else:
+            module.requires_grad_(False)
+    return {n for n, p in clip.named_parameters() if p.requires_grad}
+
+
+def test_the_default_set_is_what_the_reference_selection_leaves_trainable(tiny_backbone):
+    clip = copy.deepcopy(tiny_backbone.model)
+    trainable = _reference_selection(clip)
+    assert trainable and not any(t.startswith(("visual.ln_pre", "visual.ln_post", "ln_final")) for t in trainable)
+    ours = {f"{n}.{p}" for n, _ in tuned_layer_norms(clip, "blocks") for p in ("weight", "bias")}
+    assert trainable == ours
