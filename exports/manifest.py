@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exports.preprocess import PreprocessConfig
+from exports.prompts import DESCRIPTION_TEMPLATE, check_description_template
 
 SCHEMA_VERSION = 2
 #: versions :func:`read_manifest` reads; older ones are upgraded in memory (:func:`_upgrade`)
@@ -178,6 +179,8 @@ class Manifest(_Strict):
     #: descriptions of the classes the run knew, for methods that embed classes from them
     #: (``capabilities.needs_class_descriptions``); requests add their own for other names
     class_descriptions: dict[str, list[str]] = Field(default_factory=dict)
+    #: how each description becomes a prompt (:func:`exports.prompts.prompt_rows`)
+    description_template: str = DESCRIPTION_TEMPLATE
     logit_scale: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]  # CLIP clamps its scale at 100
     embed_dim: Annotated[int, Field(ge=1)]
     opset: Annotated[int, Field(ge=7)]
@@ -195,6 +198,12 @@ class Manifest(_Strict):
             if t.count("{}") != 1:
                 raise ValueError(f"template {t!r} must contain exactly one '{{}}'")
         return templates
+
+    @field_validator("description_template")
+    @classmethod
+    def _description_slots(cls, template: str) -> str:
+        check_description_template(template)
+        return template
 
     @field_validator("files")
     @classmethod

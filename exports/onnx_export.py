@@ -80,7 +80,7 @@ from exports.manifest import (
     load_artifact,
 )
 from exports.preprocess import PreprocessConfig
-from exports.prompts import prompt_rows
+from exports.prompts import DESCRIPTION_TEMPLATE, prompt_rows
 from exports.runtime import create_session
 from exports.scoring import base_mask, head_logits
 from exports.tempdirs import make_owned_dir, remove_stale_dirs
@@ -145,6 +145,7 @@ class ArtifactInfo:
     heads: Sequence[Any] = ({"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT},)
     class_descriptions: Mapping[str, Sequence[str]] = field(default_factory=dict)
     scored: bool = False
+    description_template: str = DESCRIPTION_TEMPLATE
 
 
 def check_exportable(capabilities: Mapping[str, bool]) -> None:
@@ -531,7 +532,7 @@ def export_artifact(
         templates = list(info.prompt_templates)
         described = bool(info.capabilities["needs_class_descriptions"])
         descriptions = dict(info.class_descriptions) if described else None
-        rows = prompt_rows(templates, names, descriptions)
+        rows = prompt_rows(templates, names, descriptions, info.description_template)
         prompts = [p for row in rows for p in row]
         tokens = tokenizer(prompts)
         expected = np.asarray(reference_tokenize(prompts), dtype=np.int64)
@@ -553,7 +554,7 @@ def export_artifact(
             # traced at 2 classes (and, with descriptions, a row count other than the parity's): sizes stay dynamic
             n_example = 1 if len(rows) - len(templates) != 1 else 2
             example = {"a photo": ["a photo.", "a second one."][:n_example], "two words": ["two words."]} if described else None
-            example_rows = prompt_rows(templates, ["a photo", "two words"], example)
+            example_rows = prompt_rows(templates, ["a photo", "two words"], example, info.description_template)
             example_tokens = torch.from_numpy(tokenizer([p for row in example_rows for p in row]))
             example_tokens = example_tokens.reshape(len(example_rows), 2, context_length)
             example_pixels = torch.from_numpy(pixels[:1]).repeat(2, 1, 1, 1)
@@ -615,6 +616,7 @@ def export_artifact(
                                     sot_token_id=tokenizer.sot_token_id, eot_token_id=tokenizer.eot_token_id),
             prompt_templates=templates,
             class_descriptions={k: list(v) for k, v in (descriptions or {}).items()},
+            description_template=info.description_template,
             logit_scale=float(info.logit_scale),
             embed_dim=int(info.embed_dim),
             opset=opset,

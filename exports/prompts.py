@@ -13,6 +13,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 PADDING_PROMPT = ""
+#: how a description becomes a prompt: the sentence itself (CuPL); a method may put the class name
+#: in (LwEIB: ``"a photo of a {name}, {description}"``)
+DESCRIPTION_TEMPLATE = "{description}"
+
+
+def check_description_template(template: str) -> None:
+    """A description template names ``{description}`` once, ``{name}`` at most once, and nothing else."""
+    import string
+
+    fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    if fields.count("description") != 1 or fields.count("name") > 1 or set(fields) - {"name", "description"}:
+        raise ValueError(f"description template {template!r} must contain {{description}} once and may contain "
+                         "{name} once, nothing else")
 
 
 class MissingDescriptionError(ValueError):
@@ -26,12 +39,14 @@ class MissingDescriptionError(ValueError):
 
 
 def prompt_rows(templates: Sequence[str], class_names: Sequence[str],
-                descriptions: Mapping[str, Sequence[str]] | None = None) -> list[list[str]]:
+                descriptions: Mapping[str, Sequence[str]] | None = None,
+                description_template: str = DESCRIPTION_TEMPLATE) -> list[list[str]]:
     """``rows[s][c]``: the s-th prompt of class c.
 
     Without ``descriptions`` every row is one template filled with every name. With them (a method
     that needs descriptions; every name must have at least one), class c's prompts are the
-    templates filled with its name, then its descriptions, padded with :data:`PADDING_PROMPT`.
+    templates filled with its name, then its descriptions (each through ``description_template``),
+    padded with :data:`PADDING_PROMPT`.
 
     Raises:
         MissingDescriptionError: ``descriptions`` lacks some names.
@@ -41,7 +56,8 @@ def prompt_rows(templates: Sequence[str], class_names: Sequence[str],
     missing = [n for n in class_names if not descriptions.get(n)]
     if missing:
         raise MissingDescriptionError(missing)
-    per_class = [[t.format(n) for t in templates] + [str(d) for d in descriptions[n]] for n in class_names]
+    per_class = [[t.format(n) for t in templates]
+                 + [description_template.format(name=n, description=str(d)) for d in descriptions[n]] for n in class_names]
     depth = max(len(p) for p in per_class)
     return [[p[s] if s < len(p) else PADDING_PROMPT for p in per_class] for s in range(depth)]
 

@@ -305,7 +305,7 @@ class Predictor:
     def _tokens(self, names: list[str], descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
         """``[T, C, L]`` token ids, template-major as the exporter traced the text graph (``[S, C, L]``
         description rows for methods that embed classes from them; :func:`exports.prompts.prompt_rows`)."""
-        rows = prompt_rows(self.manifest.prompt_templates, names, descriptions)
+        rows = prompt_rows(self.manifest.prompt_templates, names, descriptions, self.manifest.description_template)
         L = self.manifest.tokenizer.context_length
         return self.tokenizer([p for row in rows for p in row]).reshape(len(rows), len(names), L)
 

@@ -124,3 +124,16 @@ def test_predict_takes_descriptions_for_methods_that_embed_them(exported, tmp_pa
     assert main(["predict", "--artifact", str(art), "--class-names", '["red", "lime"]', "--descriptions", str(desc),
                  str(img)]) == 0
     assert json.loads(capsys.readouterr().out)["predictions"][0]["label"] in ("red", "lime")
+
+
+def test_description_templates_put_the_name_in_and_are_checked():
+    from exports.prompts import check_description_template, prompt_rows
+
+    rows = prompt_rows(["a photo of a {}."], ["cat", "dog"], {"cat": ["small", "furry"], "dog": ["loyal"]},
+                       "a photo of a {name}, {description}")
+    assert rows == [["a photo of a cat.", "a photo of a dog."], ["a photo of a cat, small", "a photo of a dog, loyal"],
+                    ["a photo of a cat, furry", ""]]
+    assert prompt_rows([], ["cat"], {"cat": ["a cat."]}) == [["a cat."]]  # default: the sentence itself (CuPL)
+    for bad in ("{name}", "{description} {description}", "{description} {other}", "{name} {name} {description}"):
+        with pytest.raises(ValueError, match="description template"):
+            check_description_template(bad)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exports.prompts import prompt_rows
+from exports.prompts import DESCRIPTION_TEMPLATE, prompt_rows
 from training.backbones import Backbone
 from training.prompts.text import trim_tokens
 
@@ -248,6 +248,11 @@ class PromptMethod(nn.Module):
         """Templates with one ``{}`` for the class name; embeddings are averaged over them."""
         return ["{}"]
 
+    def description_template(self) -> str:
+        """For a method that embeds classes from descriptions: how one becomes a prompt (``{description}``
+        and optionally ``{name}``; :func:`exports.prompts.prompt_rows`). Default: the sentence itself."""
+        return DESCRIPTION_TEMPLATE
+
     def graph_signature(self) -> GraphSignature:
         """The graphs' outputs and heads (default: one image and one class embedding, one head).
 
@@ -291,7 +296,7 @@ class PromptMethod(nn.Module):
             if descriptions is None:
                 raise ValueError(f"{self.name} embeds classes from their descriptions: pass descriptions for "
                                  f"{len(classnames)} class names")
-            rows = prompt_rows(self.prompt_templates(), classnames, descriptions)
+            rows = prompt_rows(self.prompt_templates(), classnames, descriptions, self.description_template())
         else:
             rows = prompt_rows(self.prompt_templates(), classnames)
         tokens = torch.stack([self.backbone.tokenizer(r) for r in rows])
