@@ -174,6 +174,9 @@ class PromptMethod(nn.Module):
     training_data: ClassVar[Literal["images", "texts"]] = "images"
     #: the method trains on class descriptions (``--descriptions``; :meth:`use_descriptions`)
     needs_train_descriptions: ClassVar[bool] = False
+    #: :meth:`tokenize` drops the padding after the longest prompt (exact for CLIP's causal text
+    #: tower); a method whose text tower looks ahead (LwEIB's token convolutions) keeps it
+    trim_prompts: ClassVar[bool] = True
 
     @classmethod
     def options_for_dataset(cls, dataset: str) -> dict[str, Any]:
@@ -300,7 +303,7 @@ class PromptMethod(nn.Module):
         else:
             rows = prompt_rows(self.prompt_templates(), classnames)
         tokens = torch.stack([self.backbone.tokenizer(r) for r in rows])
-        return trim_tokens(tokens, self.backbone.eot_token_id)
+        return trim_tokens(tokens, self.backbone.eot_token_id) if self.trim_prompts else tokens
 
     def class_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """[T, C, L] tokens -> [C, D] class features before normalisation, for a loss that needs them
