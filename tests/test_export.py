@@ -585,6 +585,27 @@ def test_bench_classify_times_methods_side_by_side(exported, capsys):
     assert "| cocoop | 3 | 2 | new |" in out
 
 
+def test_bench_classify_sends_descriptions_to_artifacts_that_need_them(exported, capsys, monkeypatch):
+    from exports.runtime import Predictor
+    from training.cli import main
+
+    _, coop = exported("coop")
+    _, lweib = exported("lweib")
+    sent = []
+    real = Predictor.classify
+
+    def spy(self, images, names, top_k=1, mode="auto", descriptions=None):
+        sent.append((self.manifest.method, descriptions and {k: len(v) for k, v in descriptions.items()}))
+        return real(self, images, names, top_k=top_k, mode=mode, descriptions=descriptions)
+
+    monkeypatch.setattr(Predictor, "classify", spy)
+    assert main(["bench", "classify", "--artifact", str(coop), "--artifact", str(lweib), "--names", "2", "--images", "1",
+                 "--seconds", "0.01", "--rounds", "1", "--descriptions", "3"]) == 0
+    assert "| lweib | 2 | 1 | new |" in capsys.readouterr().out
+    assert {m for m, d in sent if d is None} == {"coop"}
+    assert {m for m, d in sent if d is not None} == {"lweib"} and all(set(d.values()) == {3} for m, d in sent if d)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--names", "0"], "--names takes distinct comma-separated whole numbers >= 1"),
     (["--images", "a,b"], "--images takes distinct comma-separated whole numbers >= 1"),

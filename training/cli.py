@@ -539,6 +539,8 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--seconds", type=float, default=1.0, help="length of one timed block (default 1)")
     c.add_argument("--rounds", type=int, default=5, help="timed blocks per artifact and setting; the median is kept (default 5)")
     c.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    c.add_argument("--descriptions", type=int, default=5,
+                   help="sentences sent per class name to artifacts that embed classes from descriptions (default 5)")
     c.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
 
 
@@ -572,7 +574,7 @@ def cmd_bench_classify(args: argparse.Namespace) -> int:
     from training.bench.classify import bench_classify, format_classify_table
 
     rows = bench_classify(args.artifact, names=_int_list(args.names, "--names"), images=_int_list(args.images, "--images"),
-                          seconds=args.seconds, rounds=args.rounds, device=args.device)
+                          seconds=args.seconds, rounds=args.rounds, device=args.device, descriptions=args.descriptions)
     print(format_classify_table(rows))
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -35,11 +35,20 @@ def _name_lists(n: int, class_list: str) -> Iterator[list[str]]:
     return ([f"thing {i} of kind {call}" for i in range(n)] for call in itertools.count(1))
 
 
-def _block_seconds(predictor, images: list[Image.Image], lists: Iterator[list[str]], calls: int) -> float:
-    """Seconds per call over ``calls`` calls of ``classify``, each with the next class list."""
+def _descriptions(names: list[str], n: int) -> dict[str, list[str]]:
+    """``n`` distinct sentences per name, for artifacts that embed classes from descriptions."""
+    return {name: [f"{name}, detail {j} of it." for j in range(n)] for name in names}
+
+
+def _block_seconds(predictor, images: list[Image.Image], lists: Iterator[list[str]], calls: int,
+                   descriptions: int = 0) -> float:
+    """Seconds per call over ``calls`` calls of ``classify``, each with the next class list (and, for an
+    artifact that needs them, ``descriptions`` sentences per name sent with the request)."""
     t0 = time.perf_counter()
     for _ in range(calls):
-        predictor.classify(images, next(lists), top_k=1)
+        names = next(lists)
+        extra = _descriptions(names, descriptions) if predictor.described else None
+        predictor.classify(images, names, top_k=1, descriptions=extra)
     return (time.perf_counter() - t0) / calls
 
 
@@ -51,17 +60,20 @@ def bench_classify(
     seconds: float = 1.0,
     rounds: int = 5,
     device: str = "cpu",
+    descriptions: int = 5,
 ) -> list[dict[str, Any]]:
     """One row per (artifact, names, images, class list): ms per call, images/s and the ratio to the
-    first artifact. ``seconds`` is the length of one block of one artifact; ``rounds`` blocks each."""
+    first artifact. ``seconds`` is the length of one block of one artifact; ``rounds`` blocks each.
+    An artifact that embeds classes from descriptions gets ``descriptions`` sentences per name with
+    every request (the other artifacts get none)."""
     from exports.runtime import Predictor
 
     if not artifacts:
         raise ValueError("give at least one artifact")
     if rounds < 1 or seconds <= 0:
         raise ValueError("rounds must be >= 1 and seconds > 0")
-    if any(n < 1 for n in (*names, *images)):
-        raise ValueError("class-name and image counts must be >= 1")
+    if any(n < 1 for n in (*names, *images, descriptions)):
+        raise ValueError("class-name, image and description counts must be >= 1")
     predictors = [Predictor(a, device=device) for a in artifacts]
     pictures = [Image.open(io.BytesIO(b)).convert("RGB") for b in synthetic_jpegs(max(images))]
     rows = []
@@ -72,12 +84,12 @@ def bench_classify(
                 lists = [_name_lists(n_names, class_list) for _ in predictors]
                 calls = []
                 for p, it in zip(predictors, lists):  # warm-up, and how many calls fill a block
-                    per_call = _block_seconds(p, batch, it, 1)
+                    per_call = _block_seconds(p, batch, it, 1, descriptions)
                     calls.append(max(1, int(seconds / max(per_call, 1e-6))))
                 times: list[list[float]] = [[] for _ in predictors]
                 for _ in range(rounds):
                     for k, (p, it) in enumerate(zip(predictors, lists)):
-                        times[k].append(_block_seconds(p, batch, it, calls[k]))
+                        times[k].append(_block_seconds(p, batch, it, calls[k], descriptions))
                 medians = [statistics.median(t) for t in times]
                 for path, p, med in zip(artifacts, predictors, medians):
                     rows.append({
