@@ -2,8 +2,8 @@
 
 One parser lists every command. Building it imports no torch: the ``train`` options come from
 :class:`training.config.TrainConfig` (standard library only), and each command imports its heavy
-modules inside its handler, so ``verify``, ``predict`` and ``serve`` run without torch, like the
-service. Method options and training options are derived from the typed config dataclasses, so a
+modules inside its handler, so ``verify``, ``predict`` (:mod:`exports.commands`) and ``serve``
+(:mod:`service.commands`) run without torch, like the service. Method options and training options are derived from the typed config dataclasses, so a
 new method's options appear here without touching this file. Errors a user can cause (bad spec,
 bad option, missing file) print one line and exit with status 2; no traceback.
 """
@@ -13,12 +13,13 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import types
 import typing
 from typing import Any, Literal, NoReturn, Sequence, get_args, get_origin, get_type_hints
 
+from exports.commands import add_commands as add_exports_commands
+from service.commands import add_command as add_serve_command
 from training.config import TrainConfig
 
 logger = logging.getLogger("promptbake")
@@ -226,135 +227,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
-    from exports.manifest import artifact_digest
-    from exports.runtime import verify_artifact
-
-    m = verify_artifact(args.artifact, args.expect_digest)
-    p = m.parity
-    size = sum(f.bytes for f in m.files.values())
-    print(f"OK {args.artifact}: {m.method} on {m.backbone}, {m.precision}, schema {m.schema_version}, "
-          f"{len(m.files)} files ({size / 2**20:.1f} MiB) match their sha256, graphs match the manifest")
-    print(f"   digest {artifact_digest(m)}")
-    print(f"   parity at export: image {p.max_abs_diff_image:.2e}, text {p.max_abs_diff_text:.2e}, "
-          f"top-1 agreement {100 * p.top1_agreement:.1f}% ({p.n_images} images x {p.n_classes} classes)")
-    return 0
-
-
-def _read_images(paths: Sequence[str]) -> list:
-    from PIL import Image
-
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                images.append(im)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ValueError(f"cannot read image {path}: {e}") from e
-    return images
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from exports.runtime import Predictor
-
-    try:
-        names = json.loads(args.class_names)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--class-names is not valid JSON ({e}); expected a list such as '[\"cat\", \"dog\"]'") from e
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise ValueError("--class-names must be a JSON list of strings")
-    descriptions = None
-    if args.descriptions:
-        from training.data.descriptions import load_descriptions  # torch-free
-
-        descriptions = load_descriptions(args.descriptions)
-    predictor = Predictor(args.artifact, device=args.device)
-    predictions = predictor.classify(_read_images(args.images), names, top_k=args.top_k, mode=args.mode,
-                                     descriptions=descriptions)
-    print(json.dumps({"predictions": predictions}, ensure_ascii=False))
-    return 0
-
-
 # -- serve, pretrain, benchmarks ---------------------------------------------------------------
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    """Run ``bentoml serve`` on service.service:PromptbakeService with PROMPTBAKE_* set (replaces this process)."""
-    from pathlib import Path
-
-    from exports.manifest import load_artifact
-
-    # Settings first: one line naming what is wrong, not a server that BentoML restarts over and over.
-    from service.config import ServiceConfig
-
-    env = {**os.environ, "PROMPTBAKE_DEVICE": args.device}
-    if args.artifact:
-        env["PROMPTBAKE_ARTIFACT"] = str(args.artifact)
-    if args.expect_digest:
-        env["PROMPTBAKE_ARTIFACT_DIGEST"] = args.expect_digest
-    ServiceConfig.from_env(env)  # ServiceConfigError (a ValueError) names the variable
-    _check_port_free(args.host, args.port)
-    if not args.artifact:
-        from training.defaults import ensure_default_artifact  # imports torch only for this one-time export
-
-        args.artifact = str(ensure_default_artifact())
-    # Check here: a one-line error instead of a server whose worker BentoML restarts over and over.
-    from exports.manifest import check_digest
-
-    if Path(args.artifact).is_dir():
-        check_digest(args.artifact, load_artifact(args.artifact), args.expect_digest)
-    elif os.sep in args.artifact or args.artifact.startswith("."):
-        raise FileNotFoundError(f"{args.artifact}: no such artifact directory")
-    else:
-        import bentoml
-
-        try:
-            model = bentoml.models.get(args.artifact)
-        except Exception as e:  # NotFound or a malformed tag
-            raise ValueError(f"{args.artifact}: neither an artifact directory nor a BentoML model ({e})") from None
-        sub = model.path_of((model.info.metadata or {}).get("artifact_subdir", "artifact"))
-        check_digest(sub, load_artifact(sub), args.expect_digest)
-    env["PROMPTBAKE_ARTIFACT"] = str(args.artifact)
-    if args.allow_cpu_fallback:
-        env["PROMPTBAKE_ALLOW_CPU_FALLBACK"] = "1"
-    repo = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:PromptbakeService",
-           "--host", args.host, "--port", str(args.port), "--working-dir", str(repo)]
-    logger.info("promptbake serve: %s (artifact %s, device %s)", " ".join(cmd), args.artifact, args.device)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # exec, so SIGTERM/SIGINT reach BentoML directly and its graceful shutdown runs
-    os.execve(sys.executable, cmd, env)
-    return 0  # not reached
-
-
-def _port(text: str) -> int:
-    """``--port``: an integer in 1..65535 (a larger one would silently wrap around when bound)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer in 1..65535, got {text!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {port}")
-    return port
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Bind ``host:port`` once, so a busy port is one line here rather than a traceback from the server."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise ValueError(f"--host {host}: not an address this machine can bind ({e.strerror})") from None
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds it
-        try:
-            sock.bind(address)
-        except OSError as e:
-            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror} (another server there? pick --port)") from None
-
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from training.benchmark.pretrain import main as pretrain_main
@@ -457,36 +330,8 @@ def _add_artifact_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--bentoml", metavar="NAME", help="also save the artifact to the BentoML model store as NAME")
     s.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
 
-    s = _add_command(sub, "verify", "check an artifact: schema, every file's sha256, the graphs' shapes; print its digest")
-    s.set_defaults(handler=cmd_verify)
-    s.add_argument("artifact", metavar="ART_DIR")
-    s.add_argument("--expect-digest", metavar="sha256:HEX", help="also require this content digest (as printed by export)")
-
-    s = _add_command(sub, "predict", "classify images with an artifact (onnxruntime, no torch)")
-    s.set_defaults(handler=cmd_predict)
-    s.add_argument("--artifact", required=True, metavar="ART_DIR")
-    s.add_argument("--class-names", required=True, metavar="JSON_LIST", help='e.g. \'["cat", "dog"]\'')
-    s.add_argument("--top-k", type=int, default=5)
-    s.add_argument("--mode", choices=["auto", "base", "novel"], default="auto",
-                   help="heads of methods with a base/novel switch: auto (trained names base, others novel), or one for all")
-    s.add_argument("--descriptions", metavar="FILE", help="class descriptions (CuPL JSON) for methods that embed classes "
-                   "from them; the artifact ships those of its known classes")
-    s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    s.add_argument("images", nargs="+", metavar="IMAGE")
-
-    s = _add_command(sub, "serve", "serve an artifact over HTTP with BentoML (onnxruntime, no torch)",
-                     description="Serve an artifact over HTTP with BentoML (limits and keys: PROMPTBAKE_* variables, "
-                                 "see docs/service.md).")
-    s.set_defaults(handler=cmd_serve)
-    s.add_argument("--artifact", default=os.environ.get("PROMPTBAKE_ARTIFACT"), metavar="ART_DIR|MODEL_TAG",
-                   help="artifact directory or BentoML model tag (default: $PROMPTBAKE_ARTIFACT, else zero-shot "
-                        "CLIP on the embedded emoji-vit-s, exported on first use)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
-    s.add_argument("--port", type=_port, default=3000, help="1..65535 (default 3000)")
-    s.add_argument("--device", choices=["cpu", "cuda"], default=os.environ.get("PROMPTBAKE_DEVICE", "cpu"))
-    s.add_argument("--allow-cpu-fallback", action="store_true", help="with --device cuda, run on CPU when CUDA is unusable")
-    s.add_argument("--expect-digest", metavar="sha256:HEX", default=os.environ.get("PROMPTBAKE_ARTIFACT_DIGEST"),
-                   help="refuse to serve unless the artifact has this content digest (default: $PROMPTBAKE_ARTIFACT_DIGEST)")
+    add_exports_commands(sub, _add_command)
+    add_serve_command(sub, _add_command)
 
 
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
