@@ -67,7 +67,7 @@ from training.protocol import (
 )
 from training.prompts.deep import check_vision_tower
 from training.prompts.knowledge import check_template
-from training.prompts.text import encode_text_embeddings, eot_positions
+from training.prompts.text import encode_text_embeddings, eot_positions, trim_tokens
 
 CLASS_HEAD = "class_embeddings_head"
 LN_SETS = ("blocks", "all")
@@ -130,7 +130,8 @@ class TwoSFS(PromptMethod):
             if self.train_classnames else torch.zeros(0, self.clip.context_length, dtype=torch.long)
         self.register_buffer("base_tokens", base, persistent=False)  # [n_base, context length]
         with torch.no_grad():  # zero-shot rows until stage 2 starts from the tuned text tower
-            init = F.normalize(self.encode_text(base), dim=-1) if len(base) else torch.zeros(0, backbone.embed_dim)
+            init = F.normalize(self.encode_text(trim_tokens(base, backbone.eot_token_id)), dim=-1) if len(base) \
+                else torch.zeros(0, backbone.embed_dim)
         self.head = nn.Parameter(init.clone())  # [n_base, D], stored unnormalised
         for m in self.layer_norms:
             m.requires_grad_(True)
