@@ -126,7 +126,7 @@ class TwoSFS(PromptMethod):
         self.layer_norms = [m for _, m in tuned_layer_norms(self.clip, config.ln_set)]
         if not self.layer_norms:
             raise ValueError(f"{self.name}: the backbone has no LayerNorm to tune")
-        base = torch.stack([self.backbone.tokenizer([config.template.format(c)])[0] for c in self.train_classnames]) \
+        base = self.backbone.tokenizer([config.template.format(c) for c in self.train_classnames]) \
             if self.train_classnames else torch.zeros(0, self.clip.context_length, dtype=torch.long)
         self.register_buffer("base_tokens", base, persistent=False)  # [n_base, context length]
         with torch.no_grad():  # zero-shot rows until stage 2 starts from the tuned text tower
