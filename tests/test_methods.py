@@ -200,14 +200,13 @@ def test_configs_are_frozen():
 @pytest.mark.parametrize("name", METHODS)
 def test_trimmed_tokens_give_the_same_embeddings(name, tiny_backbone):
     """tokenize() drops padding after the longest prompt; the causal text tower must not notice."""
-    method = _make(name, tiny_backbone)
+    method = _make(name, tiny_backbone).eval()  # test-time features (LwEIB draws its scales in training)
     described = descriptions_for(CLASSES) if method.capabilities.needs_class_descriptions else None
     trimmed = method.tokenize(CLASSES, described)
     full = torch.stack([tiny_backbone.tokenizer(row) for row in prompt_rows(method.prompt_templates(), CLASSES, described, method.description_template())])
-    if not method.trim_prompts:  # a text tower that looks ahead (LwEIB) keeps every position
-        assert torch.equal(trimmed, full)
-        return
     assert trimmed.shape[-1] < full.shape[-1] == tiny_backbone.context_length
+    longest = int((full == tiny_backbone.eot_token_id).float().argmax(-1).max())
+    assert trimmed.shape[-1] == longest + 1 + method.lookahead()  # LwEIB looks ahead: it keeps that much
     assert torch.equal(trimmed, full[..., : trimmed.shape[-1]])
     if method.capabilities.text_depends_on_image:
         images = torch.randn(2, 3, 32, 32)  # the logits through the method's own image outputs

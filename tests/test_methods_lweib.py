@@ -40,7 +40,8 @@ def test_adapters_sit_on_ln_1_and_the_mlp_hidden_layer_of_every_block(tiny_backb
     tokens = m.tokenize(CLASSES, DESCRIPTIONS)
     with torch.no_grad():
         torch.testing.assert_close(m.encode_image(x), plain.encode_image(x), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(m.encode_text(tokens[0]), plain.encode_text(tokens[0]), rtol=1e-5, atol=1e-5)
+        full = F.pad(tokens[0], (0, tiny_backbone.context_length - tokens.shape[-1]))  # open_clip takes the whole context
+        torch.testing.assert_close(m.encode_text(full), plain.encode_text(full), rtol=1e-5, atol=1e-5)
     assert m.description_template() == "a photo of a {name}, {description}" and m.prompt_templates() == []
 
 
@@ -55,16 +56,23 @@ def test_the_image_adapter_convolves_the_patch_grid_and_leaves_the_class_token(t
     torch.testing.assert_close(out[:, 1:], want)
 
 
-def test_the_text_adapter_looks_ahead_so_prompts_keep_their_padding(tiny_backbone):
+def test_the_text_adapter_looks_ahead_and_prompts_keep_exactly_that_much_padding(tiny_backbone):
     m = _make(tiny_backbone).eval()
-    tokens = m.tokenize(CLASSES, DESCRIPTIONS)
-    assert tokens.shape[-1] == tiny_backbone.context_length  # not trimmed
-    row = tokens[0, :1].clone()
-    eot = int((row[0] == tiny_backbone.eot_token_id).nonzero()[0])
-    changed = row.clone()
-    changed[0, eot + 1] = 320  # a token after the end of text
+    n_blocks = len(tiny_backbone.model.transformer.resblocks)
+    assert m.lookahead() == 2 * n_blocks  # two adapters per block, kernel 3: one position each
+    full = tiny_backbone.tokenizer(["a photo of a red, warm"])
+    eot = int((full[0] == tiny_backbone.eot_token_id).nonzero()[0])
     with torch.no_grad():
-        assert not torch.allclose(m.encode_text(row), m.encode_text(changed))
+        base = m.encode_text(full)
+        near, far = full.clone(), full.clone()
+        near[0, eot + m.lookahead()] = 320  # within reach of the end of text
+        far[0, eot + m.lookahead() + 1] = 320  # one past it
+        # each step back goes through one adapter, s = 0.025 each: tiny, but not zero
+        assert not torch.equal(m.encode_text(near), base)
+        assert torch.equal(m.encode_text(far), base)
+        # so trimming to the longest prompt + lookahead is exact
+        torch.testing.assert_close(m.encode_text(full[:, : eot + 1 + m.lookahead()]), base, rtol=1e-5, atol=1e-5)
+    assert m.tokenize(CLASSES, DESCRIPTIONS).shape[-1] < tiny_backbone.context_length
 
 
 def test_gradient_scaling_gives_the_convolution_an_unscaled_gradient(tiny_backbone):

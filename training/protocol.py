@@ -174,9 +174,7 @@ class PromptMethod(nn.Module):
     training_data: ClassVar[Literal["images", "texts"]] = "images"
     #: the method trains on class descriptions (``--descriptions``; :meth:`use_descriptions`)
     needs_train_descriptions: ClassVar[bool] = False
-    #: :meth:`tokenize` drops the padding after the longest prompt (exact for CLIP's causal text
-    #: tower); a method whose text tower looks ahead (LwEIB's token convolutions) keeps it
-    trim_prompts: ClassVar[bool] = True
+
 
     @classmethod
     def options_for_dataset(cls, dataset: str) -> dict[str, Any]:
@@ -251,6 +249,12 @@ class PromptMethod(nn.Module):
         """Templates with one ``{}`` for the class name; embeddings are averaged over them."""
         return ["{}"]
 
+    def lookahead(self) -> int:
+        """How many positions past a prompt's end of text can reach its feature (0 for CLIP's causal
+        text tower); :meth:`tokenize` keeps that much padding after the longest prompt (LwEIB's
+        token convolutions look ahead)."""
+        return 0
+
     def description_template(self) -> str:
         """For a method that embeds classes from descriptions: how one becomes a prompt (``{description}``
         and optionally ``{name}``; :func:`exports.prompts.prompt_rows`). Default: the sentence itself."""
@@ -303,7 +307,7 @@ class PromptMethod(nn.Module):
         else:
             rows = prompt_rows(self.prompt_templates(), classnames)
         tokens = torch.stack([self.backbone.tokenizer(r) for r in rows])
-        return trim_tokens(tokens, self.backbone.eot_token_id) if self.trim_prompts else tokens
+        return trim_tokens(tokens, self.backbone.eot_token_id, self.lookahead())
 
     def class_features(self, tokens: torch.Tensor) -> torch.Tensor:
         """[T, C, L] tokens -> [C, D] class features before normalisation, for a loss that needs them

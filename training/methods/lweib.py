@@ -9,9 +9,10 @@ through the adapter hook (:func:`training.prompts.adapters.wrap_modules`); each 
 ``z + s conv(z)`` with a depthwise convolution (kernel 3, padding 1, no bias, PyTorch's default
 init, no norm or activation):
 - on the output of ``ln_1`` (what q, k and v read; never added to the residual stream): along the
-  token axis in the text tower (a non-causal kernel: a position sees the next one, so prompts are
-  not trimmed: every position of the context takes part, as in the reference), over the patch grid
-  in the vision tower (the class token bypasses it);
+  token axis in the text tower (a non-causal kernel: a position sees the next one, so a prompt's
+  feature depends on up to 2 positions per block past its end of text; prompts keep that much
+  padding, :meth:`lookahead`, which gives the full context's features), over the patch grid in
+  the vision tower (the class token bypasses it);
 - on the MLP's hidden layer, after ``c_fc`` and before the activation, in the same way (4x width).
 The gradient-scaling op (identity forward, gradient times a factor backward) wraps the adapter's
 input by ``s`` and its output by ``1/s``: the convolution's weights get the gradient of an unscaled
@@ -43,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -163,8 +164,6 @@ class ConvAdapter(nn.Module):
 class LwEIB(PromptMethod):
     config_cls = LwEIBConfig
     train_defaults = {"epochs": 25, "batch_size": 16, "lr": 0.28, "warmup_epochs": 0}
-    #: the text adapters see the next position: trimming the padding would change the features
-    trim_prompts: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone, config: LwEIBConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)
@@ -192,6 +191,12 @@ class LwEIB(PromptMethod):
 
     def prompt_templates(self) -> list[str]:
         return []  # descriptions only
+
+    def lookahead(self) -> int:
+        """Each text adapter sees ``kernel_size // 2`` positions ahead, two adapters per adapted block;
+        a change past that many positions after the end of text never reaches its feature."""
+        blocks = len(self.clip.transformer.resblocks) - self.config.adapter_start
+        return 2 * blocks * (self.config.kernel_size // 2)
 
     def description_template(self) -> str:
         return f"{self.config.prompt_prefix} {{name}}, {{description}}"

@@ -29,15 +29,16 @@ def text_position_inputs(clip: CLIP, length: int, dtype: torch.dtype) -> tuple[t
     return clip.positional_embedding[:length].to(dtype), None if mask is None else mask[:length, :length]
 
 
-def trim_tokens(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
-    """Drop the padding columns after the last end-of-text token of ``tokens`` [..., L].
+def trim_tokens(tokens: torch.Tensor, eot_token_id: int, margin: int = 0) -> torch.Tensor:
+    """Drop the padding columns after the last end-of-text token of ``tokens`` [..., L], but ``margin``.
 
     The text tower is causal: position i attends to positions <= i only, so padding after a
     sequence's EOT never reaches the pooled EOT feature. Trimming is therefore exact and cuts the
-    text encoder's cost by about L / (longest prompt) — 5-7x for short class names at L = 77.
+    text encoder's cost by about L / (longest prompt) — 5-7x for short class names at L = 77. A
+    tower that also looks ``margin`` positions ahead in all (LwEIB's token convolutions) keeps them.
     """
-    keep = int(eot_positions(tokens.reshape(-1, tokens.shape[-1]), eot_token_id).max()) + 1
-    return tokens[..., :keep]
+    keep = int(eot_positions(tokens.reshape(-1, tokens.shape[-1]), eot_token_id).max()) + 1 + margin
+    return tokens[..., : min(keep, tokens.shape[-1])]
 
 
 def encode_text_embeddings(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:
