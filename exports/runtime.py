@@ -19,7 +19,7 @@ import logging
 import os
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -103,6 +103,19 @@ def verify_artifact(directory: str | os.PathLike[str], expected_digest: str | No
         score = create_session(path / manifest.graphs.score.file, cpu, manifest.precision)
         _check_score_inputs(path, manifest, score)
     return manifest
+
+
+def _pairwise(n_images: int, n_names: int, run: Callable[[slice, slice], np.ndarray]) -> np.ndarray:
+    """``[B, C]`` float64 from ``run(image rows, name columns)`` over blocks of at most ``_MAX_PROMPTS``
+    (image, name) pairs: an image-conditioned graph runs on every pair, so its runs are bounded."""
+    c_step = min(n_names, _MAX_PROMPTS)
+    b_step = max(1, _MAX_PROMPTS // max(c_step, 1))
+    out = np.empty((n_images, n_names), dtype=np.float64)
+    for i in range(0, n_images, b_step):
+        for j in range(0, n_names, c_step):
+            rows, cols = slice(i, i + b_step), slice(j, j + c_step)
+            out[rows, cols] = run(rows, cols)
+    return out
 
 
 def _check_score_inputs(path: Path, manifest: Manifest, score: ort.InferenceSession) -> None:
@@ -388,19 +401,14 @@ class Predictor:
             extra = {}
         names = scoring.check_class_names(names)
         tokens = self._tokens(names, self.class_descriptions(names, descriptions))
-        B, C = len(image_embeddings), len(names)
-        # the text tower runs B x C prompts: bound them per graph run
-        c_step = min(C, _MAX_PROMPTS)
-        b_step = max(1, _MAX_PROMPTS // c_step)
-        out = np.empty((B, C), dtype=np.float64)
-        for i in range(0, B, b_step):
-            for j in range(0, C, c_step):
-                images = {g.image_input_name: image_embeddings, **extra}
-                feeds = {g.input_name: np.ascontiguousarray(tokens[:, j : j + c_step]),
-                         **{n: np.ascontiguousarray(v[i : i + b_step], dtype=np.float32) for n, v in images.items()
-                            if n in self._text_inputs}}
-                out[i : i + b_step, j : j + c_step] = self._run(self._text, g.outputs, feeds)[0]
-        return out
+        images = {n: v for n, v in {g.image_input_name: image_embeddings, **extra}.items() if n in self._text_inputs}
+
+        def run(rows: slice, cols: slice) -> np.ndarray:  # the text tower on rows x cols prompts
+            feeds = {g.input_name: np.ascontiguousarray(tokens[:, cols]),
+                     **{n: np.ascontiguousarray(v[rows], dtype=np.float32) for n, v in images.items()}}
+            return self._run(self._text, g.outputs, feeds)[0]
+
+        return _pairwise(len(image_embeddings), len(names), run)
 
     def _scored_logits(self, image_outputs: np.ndarray | Mapping[str, np.ndarray], names: Sequence[str],
                        descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
@@ -411,17 +419,15 @@ class Predictor:
                              "pass image_outputs(), not the embeddings alone")
         names = scoring.check_class_names(names)
         classes = self._cached_text_outputs(names, descriptions=descriptions)[0]
-        B, C = len(next(iter(image_outputs.values()))), len(names)
-        c_step = min(C, _MAX_PROMPTS)
-        b_step = max(1, _MAX_PROMPTS // c_step)
-        out = np.empty((B, C), dtype=np.float64)
-        for i in range(0, B, b_step):
-            for j in range(0, C, c_step):
-                feeds = {**{n: np.ascontiguousarray(v[i : i + b_step], dtype=np.float32) for n, v in image_outputs.items()},
-                         **{n: np.ascontiguousarray(v[j : j + c_step], dtype=np.float32) for n, v in classes.items()}}
-                feeds = {k: v for k, v in feeds.items() if k in self._score_inputs}
-                out[i : i + b_step, j : j + c_step] = self._run(self._score, self.manifest.graphs.score.outputs, feeds)[0]
-        return out
+        images = {n: v for n, v in image_outputs.items() if n in self._score_inputs}
+        classes = {n: v for n, v in classes.items() if n in self._score_inputs}
+
+        def run(rows: slice, cols: slice) -> np.ndarray:  # the score graph on rows x cols pairs
+            feeds = {**{n: np.ascontiguousarray(v[rows], dtype=np.float32) for n, v in images.items()},
+                     **{n: np.ascontiguousarray(v[cols], dtype=np.float32) for n, v in classes.items()}}
+            return self._run(self._score, self.manifest.graphs.score.outputs, feeds)[0]
+
+        return _pairwise(len(next(iter(image_outputs.values()))), len(names), run)
 
     # -- classification ----------------------------------------------------------------------------
     def logits_from_outputs(self, image_outputs: dict[str, np.ndarray], text_outputs: dict[str, np.ndarray],

@@ -634,3 +634,18 @@ def test_quantized_parity_is_judged_on_up_to_256_images(tmp_path, monkeypatch):
         with pytest.raises(RuntimeError, match="stop"):
             te.export_run(tmp_path / "run", tmp_path / "art", precision=precision)
         assert seen["max"] == n, precision
+
+
+@pytest.mark.parametrize("name", ["cocoop", "surpl"])
+def test_image_conditioned_logits_are_the_same_in_small_blocks_of_pairs(name, exported, colour_root, monkeypatch):
+    """The runtime bounds the (image, name) pairs per graph run; the blocks must tile the logits exactly."""
+    import exports.runtime as runtime
+    from exports.runtime import Predictor
+
+    _, art = exported(name)
+    predictor = Predictor(art)
+    images = [load_image(p) for p in sorted((colour_root / "test").rglob("*.png"))[:5]]
+    names = ["red", "green", "blue", "crimson", "navy blue"]
+    whole = predictor.logits(images, names)
+    monkeypatch.setattr(runtime, "_MAX_PROMPTS", 3)  # 3 names x 1 image, then 2 names x 1 image, per run
+    np.testing.assert_allclose(predictor.logits(images, names), whole, rtol=1e-6, atol=1e-6)
