@@ -61,7 +61,7 @@ from torch import nn
 from training.backbones import Backbone
 from training.protocol import Capabilities, MethodConfig, PromptMethod, register_method
 from training.prompts.context import context_template, init_context, place_context
-from training.prompts.deep import check_vision_tower, run_blocks_injecting, vision_input_tokens
+from training.prompts.deep import check_vision_tower, run_blocks_injecting, tower_block, vision_input_tokens
 from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, cached_frozen_text_features, check_template, frozen_text_features
 from training.prompts.templates import template_option
 from training.prompts.text import eot_positions, text_position_inputs
@@ -137,8 +137,9 @@ class BIP(PromptMethod):
         visual = check_vision_tower(self.clip.visual)
         self.ctx = nn.Parameter(init_context(backbone, config.n_ctx, "", config.init_std))
         text_width, vision_width = self.ctx.shape[-1], visual.class_embedding.shape[0]
-        self.text_layer = self._layer(len(self.clip.transformer.resblocks), "text")
-        self.vision_layer = self._layer(len(visual.transformer.resblocks), "image")
+        self.text_layer, self.vision_layer = (
+            tower_block("inject_layer", config.inject_layer, default_inject_layer(len(blocks)), len(blocks), tower)
+            for tower, blocks in (("text", self.clip.transformer.resblocks), ("image", visual.transformer.resblocks)))
         dim = backbone.embed_dim
         hidden = max(dim // config.meta_reduction, 1)
         self.meta_net = _generator(dim, hidden, config.n_ctx * text_width)
@@ -150,12 +151,6 @@ class BIP(PromptMethod):
         # the prototype head: trained, but training state (rebuilt for each run, unused at test)
         self.proto = nn.Parameter(torch.zeros(len(self.train_classnames), dim))
         self.register_buffer("proto_ready", torch.zeros((), dtype=torch.bool), persistent=False)
-
-    def _layer(self, layers: int, tower: str) -> int:
-        layer = default_inject_layer(layers) if self.config.inject_layer is None else self.config.inject_layer
-        if layer >= layers:
-            raise ValueError(f"inject_layer={layer} but the {tower} tower has {layers} blocks")
-        return layer
 
     @classmethod
     def capabilities_for(cls, config: BIPConfig) -> Capabilities:

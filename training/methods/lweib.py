@@ -53,7 +53,7 @@ from torch import nn
 from training.backbones import Backbone
 from training.protocol import Capabilities, MethodConfig, PromptMethod, register_method
 from training.prompts.adapters import wrap_modules
-from training.prompts.deep import check_vision_tower
+from training.prompts.deep import check_vision_tower, tower_block
 from training.prompts.text import description_rows, encode_text_embeddings, eot_positions
 
 
@@ -173,9 +173,7 @@ class LwEIB(PromptMethod):
             raise ValueError(f"{self.name} needs a square patch grid, this backbone has {grid}")
         for tower, blocks, is_grid in (("text", self.clip.transformer.resblocks, False),
                                        ("image", visual.transformer.resblocks, True)):
-            if config.adapter_start >= len(blocks):
-                raise ValueError(f"adapter_start={config.adapter_start} but the {tower} tower has {len(blocks)} blocks")
-            for i in range(config.adapter_start, len(blocks)):
+            for i in range(tower_block("adapter_start", config.adapter_start, 0, len(blocks), tower), len(blocks)):
                 scale = BlockScale(config)
                 block = blocks[i]
                 width = block.ln_1.normalized_shape[0]

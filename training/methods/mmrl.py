@@ -69,7 +69,7 @@ from training.protocol import (
     PromptMethod,
     register_method,
 )
-from training.prompts.deep import check_vision_tower, run_blocks_inserting, vision_input_tokens
+from training.prompts.deep import check_vision_tower, run_blocks_inserting, tower_block, vision_input_tokens
 from training.prompts.knowledge import check_template, handcrafted_train_features
 from training.prompts.templates import template_option
 from training.prompts.text import eot_positions, text_position_inputs
@@ -142,8 +142,9 @@ class MMRL(PromptMethod):
         super().__init__(backbone, config, train_classnames)
         visual = check_vision_tower(self.clip.visual)
         text_blocks, vision_blocks = len(self.clip.transformer.resblocks), len(visual.transformer.resblocks)
-        self.text_start = self._start(text_blocks, "text")
-        self.vision_start = self._start(vision_blocks, "image")
+        self.text_start, self.vision_start = (
+            tower_block("rep_start", config.rep_start, default_rep_start(n), n, tower)
+            for tower, n in (("text", text_blocks), ("image", vision_blocks)))
         text_width, vision_width = self.clip.token_embedding.weight.shape[1], visual.class_embedding.shape[0]
         rep = torch.empty(config.n_rep_tokens, config.rep_dim)
         nn.init.normal_(rep, std=config.init_std)
@@ -152,12 +153,6 @@ class MMRL(PromptMethod):
         self.r2t = _copies(nn.Linear(config.rep_dim, text_width), text_blocks - self.text_start)
         self.r2v = _copies(nn.Linear(config.rep_dim, vision_width), vision_blocks - self.vision_start)
         self.proj_rep = nn.Parameter(torch.randn(vision_width, backbone.embed_dim) * vision_width ** -0.5)
-
-    def _start(self, layers: int, tower: str) -> int:
-        start = default_rep_start(layers) if self.config.rep_start is None else self.config.rep_start
-        if start >= layers:
-            raise ValueError(f"rep_start={start} but the {tower} tower has {layers} blocks")
-        return start
 
     @classmethod
     def capabilities_for(cls, config: MMRLConfig) -> Capabilities:

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from training.backbones import Backbone
 from training.protocol import Capabilities, MethodConfig, PromptMethod, register_method
-from training.prompts.deep import check_vision_tower, vision_input_tokens
+from training.prompts.deep import check_vision_tower, tower_block, vision_input_tokens
 from training.prompts.knowledge import check_template
 from training.prompts.text import encode_text_embeddings, eot_positions, text_position_inputs
 
@@ -110,8 +110,9 @@ class SkipT(PromptMethod):
     def __init__(self, backbone: Backbone, config: SkipTConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)
         visual = check_vision_tower(self.clip.visual)
-        self.text_start = self._start(len(self.clip.transformer.resblocks), "text")
-        self.vision_start = self._start(len(visual.transformer.resblocks), "image")
+        self.text_start, self.vision_start = (
+            tower_block("start_layer", config.start_layer, len(blocks) // 2, len(blocks), tower)
+            for tower, blocks in (("text", self.clip.transformer.resblocks), ("image", visual.transformer.resblocks)))
         for m in [*self.clip.transformer.resblocks[self.text_start:], self.clip.ln_final,
                   *visual.transformer.resblocks[self.vision_start:], visual.ln_post]:
             m.requires_grad_(True)
@@ -123,12 +124,6 @@ class SkipT(PromptMethod):
         self._prototypes: torch.Tensor | None = None  # [C, D] initial text features, frozen
         self._keep: torch.Tensor | None = None  # [C] bool, per rank, drawn once per run
         self._text_lower: tuple[torch.Tensor, torch.Tensor] | None = None  # (prompt tokens, their lower states)
-
-    def _start(self, layers: int, tower: str) -> int:
-        start = layers // 2 if self.config.start_layer is None else self.config.start_layer
-        if start >= layers:
-            raise ValueError(f"start_layer={start} but the {tower} tower has {layers} blocks")
-        return start
 
     @classmethod
     def capabilities_for(cls, config: SkipTConfig) -> Capabilities:

@@ -197,6 +197,15 @@ def encode_image_deep(
 
 # -- initialisation --------------------------------------------------------------------------------
 
+def tower_block(option: str, configured: int | None, default: int, layers: int, tower: str) -> int:
+    """The block of a ``layers``-block tower where a method acts: ``configured`` (the option's value)
+    or ``default`` (the reference's depth scaled to the tower); refused past the tower's top."""
+    block = default if configured is None else configured
+    if block >= layers:
+        raise ValueError(f"{option}={block} but the {tower} tower has {layers} blocks")
+    return block
+
+
 def effective_depth(depth: int, n_layers: int, what: str) -> int:
     """The reference ignores prompt depth beyond the tower's layers; so do we, with a warning."""
     if depth > n_layers:
