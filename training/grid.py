@@ -58,8 +58,8 @@ def split_methods(text: str) -> list[str]:
 def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """A grid row: ``NAME`` or ``NAME[key=value;key=value]``, a method with options (a plug-in's host,
     ATPrompt's attributes, ...) and training options of its own (``epochs=5``: a row at its reference
-    schedule in a scaled grid; ``epochs_scale=1``: the row's own schedule scale). A value is read as JSON where it parses (numbers, booleans, lists),
-    else as a string. Method options are checked by the method's config, training options by
+    schedule in a scaled grid; ``epochs_scale=1``: the row's own schedule scale). A value is read as
+    JSON where it parses (numbers, booleans, lists), else as a string. Method options are checked by the method's config, training options by
     :class:`~training.config.TrainConfig` (:func:`row_options` splits them)."""
     name, _, rest = spec.partition("[")
     name = name.strip()
