@@ -629,7 +629,7 @@ def test_quantized_parity_is_judged_on_up_to_256_images(tmp_path, monkeypatch):
         raise RuntimeError("stop")
 
     monkeypatch.setattr(te, "parity_inputs", fake_inputs)
-    monkeypatch.setattr(te, "load_run_method", lambda run: (type("M", (), {"capabilities": Capabilities()})(), None))
+    monkeypatch.setattr(te, "load_run_method", lambda run: (type("M", (), {"capabilities": Capabilities(), "export_refusal": lambda self: None})(), None))
     for precision, n in (("fp32", 32), ("int8", 256), ("fp16", 256)):
         with pytest.raises(RuntimeError, match="stop"):
             te.export_run(tmp_path / "run", tmp_path / "art", precision=precision)

@@ -167,6 +167,15 @@ def parity_inputs(info: RunInfo, max_images: int = MAX_PARITY_IMAGES) -> tuple[l
     return [load_image(s.path) for s in picked], list(ds.classnames), f"{len(picked)} test images of {ds.name}"
 
 
+def check_method_exportable(method: PromptMethod) -> None:
+    """Refuse, with the reason, a method the artifact cannot represent: from its declared
+    capabilities (:func:`exports.onnx_export.check_exportable`) and its own :meth:`export_refusal`."""
+    check_exportable(method.capabilities.to_dict())
+    reason = method.export_refusal()
+    if reason:
+        raise ExportError(f"{method.name} cannot be exported as configured: {reason}")
+
+
 def _vocab_path(method: PromptMethod) -> Path:
     from open_clip.tokenizer import default_bpe
 
@@ -194,7 +203,7 @@ def export_method(
     ``descriptions``: for methods that embed classes from descriptions, those the artifact ships
     (every parity class name needs some).
     """
-    check_exportable(method.capabilities.to_dict())  # before anything slow
+    check_method_exportable(method)  # before anything slow
     method = method.eval()
     bb = method.backbone
     sig = method.graph_signature()
@@ -272,7 +281,7 @@ def export_run(
         ExportError: the method cannot be exported or a check failed; nothing is written then.
     """
     method, info = load_run_method(run_dir)
-    check_exportable(method.capabilities.to_dict())
+    check_method_exportable(method)
     if parity_images is None or parity_classnames is None:
         images, names, source = parity_inputs(info, MAX_PARITY_IMAGES if precision == "fp32" else MAX_QUANTIZED_PARITY_IMAGES)
         parity_images = images if parity_images is None else parity_images

@@ -260,6 +260,12 @@ class PromptMethod(nn.Module):
         and optionally ``{name}``; :func:`exports.prompts.prompt_rows`). Default: the sentence itself."""
         return DESCRIPTION_TEMPLATE
 
+    def export_refusal(self) -> str | None:
+        """Why this method, as configured, cannot become an artifact (None: it can). For a behaviour the
+        two graphs cannot hold, e.g. a forward that rewrites the learned state (HiCroPL's coded prompt
+        update), so that no fixed graph gives what the method gives."""
+        return None
+
     def graph_signature(self) -> GraphSignature:
         """The graphs' outputs and heads (default: one image and one class embedding, one head).
 

@@ -57,6 +57,18 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def _own_storage(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors ready for safetensors, which refuses tensors that share memory: those (HiCroPL's
+    coded per-layer prompts, one storage as in its reference) are written as copies."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
 def atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +78,7 @@ def atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadat
         # a non-empty metadata block also keeps a file with no tensors readable (zero-shot runs)
         meta = {"format": "pt", **(metadata or {})}
         try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+            save_file(_own_storage(tensors), tmp, metadata=meta)
         except SafetensorError as e:  # its I/O errors (a full disk) as the OSError they are, naming the file
             raise OSError(f"{path}: cannot write ({e})") from None
         with open(tmp, "rb") as f:
