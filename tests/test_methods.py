@@ -4,11 +4,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import descriptions_for
 from exports.prompts import prompt_rows
+from training.data.transforms import build_train_transform
 from training.methods import Capabilities, create_method, get_method, list_methods, register_method
 from training.methods.coop import CoOp
 from training.prompts.text import eot_positions
@@ -36,7 +39,14 @@ def training_batch(method):
         method.use_descriptions({c: d for c, d in zip(CLASSES, colour_descriptions().values())})
         inputs, targets = method.training_texts()[:4]
         return inputs, targets, tokens
-    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    if method.needs_train_descriptions:
+        method.use_descriptions(descriptions_for(CLASSES))
+    # random pictures through the method's training transform (TAC stacks views), as the loop's data set does
+    pre = method.backbone.preprocess
+    transform = method.train_transform(build_train_transform(pre), pre)
+    rng = np.random.default_rng(0)
+    images = torch.stack([transform(Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))) for _ in range(4)])
+    labels = torch.tensor([0, 1, 2, 0])
     method.on_train_start(TensorSamples(torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])))
     return images, labels, tokens
 

@@ -221,7 +221,8 @@ def train_job(
         model.init_from(start)
     train_samples = sample_few_shot(base.train, shots, seed)
     logger.info("training %s on %d base classes, %d images (%d-shot, seed %d)", method, len(base.classnames), len(train_samples), shots, seed)
-    train_set = SampleDataset(train_samples, build_train_transform(bb.preprocess, train_cfg.min_crop_scale))
+    augment = build_train_transform(bb.preprocess, train_cfg.min_crop_scale)
+    train_set = SampleDataset(train_samples, model.train_transform(augment, bb.preprocess))
     tokens = model.tokenize(base.classnames, class_descriptions)
     val_samples = sample_few_shot(base.val, min(shots, 4), seed)  # Dassl's few-shot val: min(shots, 4) per class
 

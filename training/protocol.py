@@ -445,6 +445,13 @@ class PromptMethod(nn.Module):
         """Take what the method starts from out of ``other``, the trained method of the ``--init-run``."""
         raise ValueError(f"{self.name} does not start from another run")
 
+    def train_transform(self, augment: Callable[[Any], torch.Tensor], preprocess: Any) -> Callable[[Any], torch.Tensor]:
+        """The per-image transform of the training set, given the loop's augmentation ``augment`` (PIL
+        image -> [3, S, S]) and the backbone's preprocessing; what it returns reaches
+        :meth:`compute_loss` as ``inputs``, batched. Default: ``augment`` itself. TAC stacks several
+        augmented views and the un-augmented image (:class:`training.data.transforms.MultiView`)."""
+        return augment
+
     def on_train_start(self, train_set: Any) -> None:
         """Called by the loop once before the first (or resumed) epoch with the training dataset
         (methods that draw extra samples from it: DPC's hard negatives)."""

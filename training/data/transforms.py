@@ -74,6 +74,36 @@ def build_train_transform(pre: PreprocessLike, min_crop_scale: float = TRAIN_CRO
     ])
 
 
+def build_resize_transform(pre: PreprocessLike) -> Callable[[Image.Image], torch.Tensor]:
+    """Dassl's un-augmented training image (``img0``): RGB -> resize straight to the input size (the
+    aspect ratio is not kept, nothing is cropped) -> tensor -> normalise."""
+    size = pre.image_size if isinstance(pre.image_size, (tuple, list)) else (pre.image_size, pre.image_size)
+    return T.Compose([
+        ToRGB(),
+        T.Resize(tuple(size), interpolation=_interpolation(pre)),
+        T.ToTensor(),
+        T.Normalize(mean=tuple(pre.mean), std=tuple(pre.std)),
+    ])
+
+
+class MultiView:
+    """``views`` independent draws of ``augment`` of one image, then ``extra`` transforms of it (TAC's
+    K augmented views and the un-augmented image), stacked: PIL image -> ``[views + len(extra), 3, S, S]``.
+    A class so that DataLoader workers can pickle it."""
+
+    def __init__(self, augment: Callable[[Image.Image], torch.Tensor], views: int,
+                 extra: Sequence[Callable[[Image.Image], torch.Tensor]] = ()) -> None:
+        if views < 1:
+            raise ValueError(f"views must be >= 1, got {views}")
+        self.augment, self.views, self.extra = augment, views, tuple(extra)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.stack([self.augment(image) for _ in range(self.views)] + [t(image) for t in self.extra])
+
+    def __repr__(self) -> str:
+        return f"MultiView({self.augment!r}, views={self.views}, extra={self.extra!r})"
+
+
 def build_eval_transform(pre: PreprocessLike) -> Callable[[Image.Image], torch.Tensor]:
     """open_clip's eval transform for this preprocessing (resize, centre crop, RGB, tensor, normalise).
 

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from training.backbones import Backbone
 from training.protocol import Capabilities, MethodConfig, register_method
+from training.prompts.aggregate import SnapshotAverage
 from training.prompts.deep import DeepPromptMethod, validate_prompt_options
 from training.prompts.knowledge import template_ensemble_features
 from training.prompts.templates import IMAGENET_TEMPLATES
@@ -131,7 +132,7 @@ class PromptSRC(DeepPromptMethod):
         self._init_text_prompts(config.n_ctx_text, config.ctx_init, config.prompt_depth_text, config.init_std)
         self._init_vision_prompts(config.n_ctx_vision, config.prompt_depth_vision, config.init_std)
         self._teacher: torch.Tensor | None = None  # [C, D] frozen ensemble class embeddings
-        self._gpa: dict[str, torch.Tensor] = {}  # running Gaussian-weighted sum of the learned tensors
+        self._gpa = SnapshotAverage("gpa")  # running Gaussian-weighted sum of the learned tensors
 
     @classmethod
     def capabilities_for(cls, config: PromptSRCConfig) -> Capabilities:
@@ -190,23 +191,16 @@ class PromptSRC(DeepPromptMethod):
         if epoch == 1 and not 1 <= self.config.gpa_mean <= epochs:
             logger.warning("gpa_mean %s lies outside epochs 1..%d: the aggregate is mostly one epoch",
                            self.config.gpa_mean, epochs)
-        w = weights[epoch - 1]
-        for name, value in self.learned_state().items():
-            weighted = value * w
-            self._gpa[name] = weighted.clone() if name not in self._gpa else self._gpa[name] + weighted
+        self._gpa.add(self.learned_state(), weights[epoch - 1])
 
     def training_state(self) -> dict[str, torch.Tensor]:
-        return {f"gpa/{k}": v for k, v in self._gpa.items()}
+        return self._gpa.state()
 
     def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
-        learned = self.learned_state()
-        gpa = {k.removeprefix("gpa/"): v for k, v in state.items()}
-        if any(not k.startswith("gpa/") for k in state) or (gpa and set(gpa) != set(learned)):
-            raise ValueError(f"PromptSRC training state does not fit: got {sorted(state)}")
-        self._gpa = {k: v.to(learned[k].device, learned[k].dtype).clone() for k, v in gpa.items()}
+        self._gpa.load(state, self.learned_state(), "PromptSRC")
 
     def final_learned_state(self) -> dict[str, torch.Tensor]:
         """The Gaussian-weighted aggregate (loaded into the method too, as the reference does)."""
-        if self._gpa:
-            self.load_learned_state(self._gpa)
+        if self._gpa.sum:
+            self.load_learned_state(self._gpa.average(self.learned_state()))
         return self.learned_state()
