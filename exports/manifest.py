@@ -88,6 +88,8 @@ class GraphInfo(_Strict):
             fed with the image graph's first output; the output is then logits ``[B, C]``.
         extra_image_inputs: text graph only: the image graph's other outputs it takes too, each fed
             under its own name (SurPL's local tokens); empty for CoCoOp.
+        whole_class_list: score graph only: a class's logit depends on the other names of the
+            request (CPR), so the graph runs on all of them at once, never on blocks of names.
     """
 
     file: str
@@ -95,6 +97,7 @@ class GraphInfo(_Strict):
     outputs: Annotated[list[str], Field(min_length=1)]
     image_input_name: str | None = None
     extra_image_inputs: list[str] = []
+    whole_class_list: bool = False
 
     @property
     def output_name(self) -> str:
@@ -225,6 +228,8 @@ class Manifest(_Strict):
                 raise ValueError(f"class_descriptions[{name!r}] must be a non-empty list of non-empty strings")
         conditioned = self.capabilities.text_depends_on_image
         scored = self.graphs.score is not None
+        if self.graphs.image.whole_class_list or self.graphs.text.whole_class_list:
+            raise ValueError("whole_class_list is a property of graphs.score only")
         if scored and not conditioned:
             raise ValueError("graphs.score is only for methods with capabilities.text_depends_on_image")
         if scored:

@@ -129,6 +129,8 @@ class ArtifactInfo:
             (the parity check embeds its classes from them).
         scored: an image-conditioned method with image-independent class outputs (``text_outputs``)
             and a score graph (image outputs, class outputs) -> logits.
+        whole_class_list: scored only: the score graph must see every name of a request at once
+            (a class's logit depends on the others).
     """
 
     method: str
@@ -145,6 +147,7 @@ class ArtifactInfo:
     heads: Sequence[Any] = ({"image": IMAGE_OUTPUT, "text": TEXT_OUTPUT},)
     class_descriptions: Mapping[str, Sequence[str]] = field(default_factory=dict)
     scored: bool = False
+    whole_class_list: bool = False
     description_template: str = DESCRIPTION_TEMPLATE
 
 
@@ -288,13 +291,15 @@ class Signature:
     conditioned: bool
     logit_scale: float
     scored: bool = False
+    whole_class_list: bool = False
 
     @classmethod
     def of(cls, info: ArtifactInfo) -> "Signature":
         heads = tuple(h if isinstance(h, Head) else Head.model_validate(h if isinstance(h, Mapping) else vars(h))
                       for h in info.heads)
         return cls(tuple(info.image_outputs), tuple(info.text_outputs), heads,
-                   bool(info.capabilities["text_depends_on_image"]), float(info.logit_scale), bool(info.scored))
+                   bool(info.capabilities["text_depends_on_image"]), float(info.logit_scale), bool(info.scored),
+                   bool(info.whole_class_list))
 
 
 @dataclass(frozen=True)
@@ -377,9 +382,11 @@ def ort_outputs(image_graph: Path, text_graph: Path, pixels: np.ndarray, tokens:
         if n_text != tokens.shape[1]:
             raise ExportError(f"exported text graph returns {n_text} class rows of {name} for {tokens.shape[1]}: "
                               "a traced shape is not dynamic")
-    one_img, one_text = run(pixels[-1:], tokens[:, -1:])
+    # a class's logit depends on the other names when whole_class_list: then one image, every class
+    one_img, one_text = run(pixels[-1:], tokens if sig.whole_class_list else tokens[:, -1:])
     gap = max(float(np.abs(one_img[k] - img[k][-1:]).max()) for k in img)
-    gap = max(gap, *(float(np.abs(one_text[k] - (text[k][-1:, -1:] if sig.conditioned else text[k][-1:])).max())
+    gap = max(gap, *(float(np.abs(one_text[k] - (text[k][-1:] if sig.whole_class_list else
+                                                 text[k][-1:, -1:] if sig.conditioned else text[k][-1:])).max())
                      for k in text))
     return _score(sig, img, text, is_base), gap
 
@@ -627,7 +634,8 @@ def export_artifact(
                           text=GraphInfo(file=TEXT_GRAPH_FILENAME, input_name=TEXT_INPUT, outputs=list(sig.text_outputs),
                                          image_input_name=TEXT_IMAGE_INPUT if conditioned and not sig.scored else None,
                                          extra_image_inputs=list(sig.image_outputs[1:]) if conditioned and not sig.scored else []),
-                          score=GraphInfo(file=SCORE_GRAPH_FILENAME, input_name=sig.text_outputs[0], outputs=[LOGITS_OUTPUT])
+                          score=GraphInfo(file=SCORE_GRAPH_FILENAME, input_name=sig.text_outputs[0], outputs=[LOGITS_OUTPUT],
+                                          whole_class_list=sig.whole_class_list)
                           if sig.scored else None),
             heads=list(sig.heads),
             files=describe_files(tmp),

@@ -105,10 +105,13 @@ def verify_artifact(directory: str | os.PathLike[str], expected_digest: str | No
     return manifest
 
 
-def _pairwise(n_images: int, n_names: int, run: Callable[[slice, slice], np.ndarray]) -> np.ndarray:
+def _pairwise(n_images: int, n_names: int, run: Callable[[slice, slice], np.ndarray],
+              whole_class_list: bool = False) -> np.ndarray:
     """``[B, C]`` float64 from ``run(image rows, name columns)`` over blocks of at most ``_MAX_PROMPTS``
-    (image, name) pairs: an image-conditioned graph runs on every pair, so its runs are bounded."""
-    c_step = min(n_names, _MAX_PROMPTS)
+    (image, name) pairs: an image-conditioned graph runs on every pair, so its runs are bounded.
+    ``whole_class_list``: every name in each run (a class's logit depends on the others), the rows
+    in blocks of ``_MAX_PROMPTS // n_names`` (at least one)."""
+    c_step = max(n_names, 1) if whole_class_list else min(n_names, _MAX_PROMPTS)
     b_step = max(1, _MAX_PROMPTS // max(c_step, 1))
     out = np.empty((n_images, n_names), dtype=np.float64)
     for i in range(0, n_images, b_step):
@@ -427,7 +430,8 @@ class Predictor:
                      **{n: np.ascontiguousarray(v[cols], dtype=np.float32) for n, v in classes.items()}}
             return self._run(self._score, self.manifest.graphs.score.outputs, feeds)[0]
 
-        return _pairwise(len(next(iter(image_outputs.values()))), len(names), run)
+        return _pairwise(len(next(iter(image_outputs.values()))), len(names), run,
+                         self.manifest.graphs.score.whole_class_list)
 
     # -- classification ----------------------------------------------------------------------------
     def logits_from_outputs(self, image_outputs: dict[str, np.ndarray], text_outputs: dict[str, np.ndarray],

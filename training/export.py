@@ -224,6 +224,7 @@ def export_method(
         image_outputs=sig.image_outputs,
         text_outputs=sig.text_outputs,
         scored=sig.scored,
+        whole_class_list=sig.whole_class_list,
         description_template=method.description_template(),
         heads=[h.to_dict() for h in sig.heads],
         class_descriptions=dict(descriptions or {}) if method.capabilities.needs_class_descriptions else {},

@@ -102,14 +102,20 @@ class GraphSignature:
             ``text_outputs`` are those class outputs (cached per name like class embeddings), and
             a third graph, :meth:`PromptMethod.score_outputs`, turns image and class outputs into
             the logits; no heads.
+        whole_class_list: scored only: a class's logit depends on the other classes of the request
+            (CPR's head attends over every class feature), so the score graph runs on all the
+            request's names at once instead of in blocks of names.
     """
 
     image_outputs: tuple[str, ...] = (IMAGE_EMBEDDINGS,)
     text_outputs: tuple[str, ...] = (CLASS_EMBEDDINGS,)
     heads: tuple[Head, ...] = (Head(),)
     scored: bool = False
+    whole_class_list: bool = False
 
     def __post_init__(self) -> None:
+        if self.whole_class_list and not self.scored:
+            raise ValueError("whole_class_list is a property of a score graph: declare scored=True")
         if self.scored and self.heads:
             raise ValueError("a scored signature has no heads: its score graph returns the logits")
         if len(set(self.image_outputs) | set(self.text_outputs)) != len(self.image_outputs) + len(self.text_outputs):
