@@ -58,7 +58,7 @@ from training.protocol import (
     register_method,
 )
 from training.prompts.context import ContextConfig, ContextPromptMethod
-from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, frozen_text_features
+from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, class_text_means
 
 
 @dataclass(frozen=True)
@@ -170,11 +170,8 @@ class CPR(ContextPromptMethod):
         if missing:
             raise ValueError(f"{self.name} builds its text prototypes from descriptions; none for {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
-        out = []
-        for c in self.train_classnames:
-            texts = [self.config.cupl_template.format(c), *self.descriptions[c]]
-            out.append(frozen_text_features(self, self.backbone.tokenizer(texts).to(device)).mean(dim=0))
-        return F.normalize(torch.stack(out), dim=-1)
+        texts = [[self.config.cupl_template.format(c), *self.descriptions[c]] for c in self.train_classnames]
+        return class_text_means(self, texts, device, normalize_each=True)
 
     # -- training
     def compute_loss(

@@ -75,9 +75,7 @@ from training.prompts.deep import (
     validate_prompt_options,
     vision_input_tokens,
 )
-from training.prompts.knowledge import check_template
-
-_CHUNK = 1024  # description prompts per frozen text-encoder call
+from training.prompts.knowledge import check_template, class_text_means
 
 
 @dataclass(frozen=True)
@@ -201,14 +199,7 @@ class TAC(DeepPromptMethod):
         if missing:
             raise ValueError(f"{self.name} clusters the training classes' descriptions; none for {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
-        sentences = [s for c in self.train_classnames for s in self.descriptions[c]]
-        owner = torch.tensor([i for i, c in enumerate(self.train_classnames) for _ in self.descriptions[c]])
-        tokens = self.backbone.tokenizer(sentences)
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
-            feats = torch.cat([self.clip.encode_text(chunk.to(device)) for chunk in tokens.split(_CHUNK)]).float()
-        sums = torch.zeros(len(self.train_classnames), feats.shape[1], device=device).index_add_(0, owner.to(device), feats)
-        counts = torch.bincount(owner, minlength=len(self.train_classnames)).to(device).unsqueeze(1)
-        return F.normalize(sums / counts, dim=-1)
+        return class_text_means(self, [self.descriptions[c] for c in self.train_classnames], device, normalize_each=False)
 
     def on_train_start(self, train_set: Any) -> None:
         device = self.centres.device

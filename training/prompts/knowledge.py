@@ -80,6 +80,23 @@ def template_ensemble_features(method: PromptMethod, templates: Sequence[str], n
     return F.normalize(feats.mean(dim=0), dim=-1)
 
 
+def class_text_means(method: PromptMethod, texts: Sequence[Sequence[str]], device: torch.device,
+                     normalize_each: bool) -> torch.Tensor:
+    """[C, D]: per class, the frozen CLIP's text features of its sentences ``texts[c]`` averaged, then
+    normalised (no grad, fp32); ``normalize_each`` normalises every sentence's feature before the mean
+    (CPR's CuPL prototypes, HiCroPL's description embedding) or not (TAC's, the mean of raw features)."""
+    if any(not t for t in texts):
+        raise ValueError("every class needs at least one sentence")
+    owner = torch.tensor([c for c, sentences in enumerate(texts) for _ in sentences], device=device)
+    tokens = method.backbone.tokenizer([s for sentences in texts for s in sentences])
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        feats = torch.cat([method.clip.encode_text(chunk.to(device)) for chunk in tokens.split(_ENSEMBLE_CHUNK)]).float()
+    if normalize_each:
+        feats = F.normalize(feats, dim=-1)
+    sums = torch.zeros(len(texts), feats.shape[1], device=device).index_add_(0, owner, feats)
+    return F.normalize(sums / torch.bincount(owner, minlength=len(texts)).unsqueeze(1), dim=-1)
+
+
 def knowledge_distance(learned: torch.Tensor, handcrafted: torch.Tensor, kind: str = "cosine") -> torch.Tensor:
     """Mean over classes of the distance between normalised [C, D] embeddings.
 
