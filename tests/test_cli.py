@@ -185,6 +185,7 @@ def test_zeroshot_eval_and_seed_summary(colour_root, tmp_path, capsys):
     [
         (["--backbone", "no-such-backbone"], "unknown backbone"),
         (["--backbone", "ViT-B-16:/nonexistent/weights.safetensors"], "weights file not found"),
+        (["--backbone", "ViT-B/32"], "Did you mean ViT-B-32:openai"),
         (["--dataset", "folder:/nonexistent"], "/nonexistent"),
         (["--method", "coopp"], "Did you mean coop"),
         (["--n-ctx", "0"], "n_ctx must be >= 1"),
@@ -268,3 +269,23 @@ def test_bench_train_cost_measures_each_method_in_its_own_process(colour_root, c
         assert r["epochs"] == 1 and r["epoch_seconds"] > 0 and r["peak_rss_mb"] > 50 and r["trainable"] > 0
     assert rows[1]["trainable"] > rows[0]["trainable"]  # SkipT tunes backbone weights, CoOp 4 context vectors
     assert main(["bench", "train-cost", "--methods", "coop", "--epochs", "0"]) == 2
+
+
+def test_version_and_log_levels(capsys):
+    import logging
+
+    from training.logs import configure_logging
+
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("promptbake ")
+    saved = {n: logging.getLogger(n).level for n in ("", "training", "exports", "service")}
+    try:
+        configure_logging(False)
+        assert logging.getLogger("open_clip").getEffectiveLevel() == logging.WARNING  # third-party chatter off
+        assert logging.getLogger("training.loop").getEffectiveLevel() == logging.INFO
+        assert logging.getLogger("service.service").getEffectiveLevel() == logging.INFO
+        configure_logging(True)
+        assert logging.getLogger("open_clip").getEffectiveLevel() == logging.INFO
+        assert logging.getLogger("exports.runtime").getEffectiveLevel() == logging.DEBUG
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)

@@ -226,6 +226,10 @@ def create_backbone(spec: str) -> Backbone:
     if ":" not in spec:
         close = difflib.get_close_matches(spec, [*_PROJECT_BACKBONES, *_ALIASES], n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
+        model = spec.replace("/", "-")
+        if model in open_clip.list_models():  # OpenAI's spelling ("ViT-B/32"), or an open_clip model without weights
+            why = "open_clip writes OpenAI's 'ViT-B/32' as 'ViT-B-32'; " if "/" in spec else ""
+            hint = f" Did you mean {model}:openai? ({why}the weights follow the ':': a pretrained tag or a file)"
         raise BackboneError(f"unknown backbone {spec!r}.{hint} ({_alternatives()})")
     model_name, source = spec.split(":", 1)
     return _open_clip_backbone(spec, model_name, source)

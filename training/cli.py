@@ -21,6 +21,7 @@ from typing import Any, Literal, NoReturn, Sequence, get_args, get_origin, get_t
 from exports.commands import add_commands as add_exports_commands
 from service.commands import add_command as add_serve_command
 from training.config import TrainConfig
+from training.logs import configure_logging
 
 logger = logging.getLogger("promptbake")
 
@@ -56,7 +57,17 @@ def _add_dataclass_options(parser: argparse.ArgumentParser | argparse._ArgumentG
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose)
+
+
+def _version() -> str:
+    """The installed distribution's version; from a source tree that is not installed, "unknown"."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("promptbake")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _error(message: str) -> int:
@@ -429,7 +440,8 @@ def cmd_bench_classify(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """Every command and its options; imports no torch (handlers import what they need when run)."""
     p = _Parser(prog="promptbake", allow_abbrev=False, description="Train, evaluate, export and serve CLIP prompt-learning methods.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (and other packages' INFO)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     # takes_extra: the command receives the arguments its parser does not know (see main)
     p.set_defaults(takes_extra=False)
     sub = p.add_subparsers(dest="command", required=True)

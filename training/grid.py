@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 from exports.tempdirs import pid_alive
 from training.config import TrainConfig
+from training.logs import configure_logging
 from training.data import load_dataset, split_base_novel
 from training.jobs import describe_difference, eval_job, job_info, mean_std, recorded_info, train_job
 from training.methods import get_method
@@ -260,7 +261,7 @@ def _run_parallel(cells: Sequence[_Cell], todo: Sequence[int], parallel: int, re
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     threads = max(1, (os.cpu_count() or 1) // parallel)
-    level = logging.getLogger().getEffectiveLevel()
+    level = logging.getLogger("training").getEffectiveLevel()  # DEBUG under -v (training.logs)
     logger.info("training %d cells, %d at a time (%d torch thread(s) each)", len(todo), parallel, threads)
     # spawn: a forked child would inherit torch's thread pools and locks from this process
     with ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn"), initializer=_worker_init,
@@ -285,7 +286,7 @@ def _worker_init(threads: int, level: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s [pid %(process)d] %(name)s: %(message)s")
+    configure_logging(level <= logging.DEBUG, "%(asctime)s %(levelname)s [pid %(process)d] %(name)s: %(message)s")
 
 
 def _worker_cell(cell: _Cell, label: str) -> dict[str, Any]:
