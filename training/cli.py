@@ -288,6 +288,18 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                     test_per_class=args.test_per_class, progress=not args.no_progress, epochs_scale=args.epochs_scale,
                     parallel=args.parallel, collect_only=args.collect)
     print(results_table(rows, methods, datasets))
+    if args.plot:
+        from training.plots import plot_benchmark
+
+        for path in plot_benchmark(rows, methods, datasets, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from training.plots import plot_run
+
+    print(f"wrote {plot_run(args.run, args.out)}")
     return 0
 
 
@@ -513,6 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--out", help="write the ranking and the weights per epoch to this JSON file")
 
+    s = _add_command(sub, "plot", "a run's loss and accuracy per epoch as a PNG (needs matplotlib)")
+    s.set_defaults(handler=cmd_plot)
+    s.add_argument("run", help="a run directory (promptbake train --out)")
+    s.add_argument("--out", help="the PNG to write (default RUN/curves.png)")
+
     s = _add_command(sub, "benchmark", "the base-to-novel protocol over methods x datasets x seeds (resumable)")
     s.set_defaults(handler=cmd_benchmark)
     s.add_argument("--methods", required=True, help="comma-separated method names, or 'all' registered methods; a "
@@ -530,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-per-class", type=int, help="evaluate on the first N test images per class (quick checks)")
     s.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="train N cells at once, each in its own process with cpu_count/N torch threads (default 1)")
+    s.add_argument("--plot", action="store_true",
+                   help="also draw OUT/b2n.png and OUT/vs_zeroshot.png from the finished cells (needs matplotlib)")
     s.add_argument("--collect", action="store_true",
                    help="train nothing: print the table of the cells finished so far (e.g. a running benchmark's progress)")
     s.add_argument("--no-progress", action="store_true")
