@@ -289,3 +289,16 @@ def test_version_and_log_levels(capsys):
     finally:
         for n, level in saved.items():
             logging.getLogger(n).setLevel(level)
+
+
+def test_loading_a_weights_file_drops_only_open_clips_random_init_warning(caplog):
+    import logging
+
+    from training.backbones import _no_random_init_warning
+
+    with caplog.at_level(logging.WARNING), _no_random_init_warning():
+        logging.warning("No pretrained weights loaded for model 'ViT-B-32'. Model initialized randomly.")
+        logging.warning("something else")
+    logging.warning("after: Model initialized randomly.")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["something else", "after: Model initialized randomly."]

@@ -15,11 +15,12 @@ tokenizer, so nothing downstream guesses them.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import open_clip
 import torch
@@ -182,6 +183,23 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _no_random_init_warning() -> Iterator[None]:
+    """open_clip warns "Model initialized randomly" (on the root logger) when it builds a model without
+    weights, which is how a weights file is loaded here: silence that one message while it builds."""
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
 def _open_clip_backbone(spec: str, model_name: str, source: str) -> Backbone:
     known = open_clip.list_models()
     if model_name not in known:
@@ -193,7 +211,8 @@ def _open_clip_backbone(spec: str, model_name: str, source: str) -> Backbone:
         path = Path(source).expanduser()
         if not path.is_file():
             raise BackboneError(f"weights file not found: {path} (backbone spec {spec!r}; {_alternatives()})")
-        model = open_clip.create_model(model_name, pretrained=None)
+        with _no_random_init_warning():  # the file's weights are loaded right after
+            model = open_clip.create_model(model_name, pretrained=None)
         state = _load_state_dict(path)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
