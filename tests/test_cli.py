@@ -302,3 +302,10 @@ def test_loading_a_weights_file_drops_only_open_clips_random_init_warning(caplog
     logging.warning("after: Model initialized randomly.")
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["something else", "after: Model initialized randomly."]
+
+
+@pytest.mark.parametrize("method, shown", [("coop", "--epochs 200, --batch-size 32, --lr 0.002"),
+                                           ("twosfs", "epochs follow from the data")])
+def test_a_methods_help_shows_the_training_options_it_takes(method, shown, capsys):
+    assert main(["train", "--method", method, "--help"]) == 0
+    assert shown in capsys.readouterr().out

@@ -144,6 +144,11 @@ def _print_method_help(name: str) -> None:
     _add_dataclass_options(p, spec.config_cls)
     print((spec.config_cls.__doc__ or "").strip())
     p.print_help()
+    reference = spec.method_cls.train_defaults_for(spec.config_cls())
+    shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in reference.items())
+    print(f"\ntraining options it takes when not given (the reference's): {shown or 'the TrainConfig defaults'}"
+          + ("; epochs follow from the data (reference_epochs)" if spec.method_cls.reference_epochs(
+              spec.config_cls(), 16 * 100, 16, int(reference.get("batch_size", 32))) is not None else ""))
 
 
 class _TrainHelp(argparse.Action):
