@@ -257,6 +257,18 @@ def test_console_script_runs():
     assert "coop" in out.stdout
 
 
+def test_the_catalog_is_the_registry_and_listing_imports_no_torch():
+    from training.catalog import build_catalog, dumps, load_catalog
+
+    assert dumps(load_catalog()) == dumps(build_catalog()), (
+        "training/catalog.json differs from the method and backbone registries: run `python -m training.catalog`")
+    code = ("import sys; from training.cli import main; main(['methods']); main(['backbones']); main(['datasets']); "
+            "sys.exit(3 if 'torch' in sys.modules or 'open_clip' in sys.modules else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"a listing imported torch or open_clip: {out.stderr[-500:]}"
+    assert "tac" in out.stdout and "emoji-vit-s" in out.stdout
+
+
 def test_bench_train_cost_measures_each_method_in_its_own_process(colour_root, capsys):
     from training.cli import main
 

@@ -85,12 +85,9 @@ class _Parser(argparse.ArgumentParser):
 # -- commands ---------------------------------------------------------------------------------
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from training.methods import list_methods
+    from training.catalog import load_catalog  # the registry's rows without importing torch
 
-    rows = []
-    for spec in list_methods():
-        caps = spec.method_cls.capabilities_for(spec.config_cls())
-        rows.append({"name": spec.name, "description": spec.description, "capabilities": caps.to_dict()})
+    rows = load_catalog()["methods"]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -111,10 +108,10 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_backbones(args: argparse.Namespace) -> int:
-    from training.backbones import list_backbones
+    from training.catalog import load_catalog  # the registry's rows without importing torch
 
-    for name, desc in list_backbones():
-        print(f"{name:<16} {desc}")
+    for row in load_catalog()["backbones"]:
+        print(f"{row['name']:<16} {row['description']}")
     print(f"{'MODEL:TAG':<16} an open_clip model with a pretrained tag, e.g. ViT-B-16:openai (needs internet)")
     print(f"{'MODEL:PATH':<16} an open_clip model with local weights (.safetensors, or .pt/.bin read with weights_only=True)")
     return 0
