@@ -5,6 +5,10 @@ Spec forms:
                              open_clip downloads the weights, so this needs internet or a warm cache.
     ``MODEL:/path/weights``  an open_clip architecture with a local ``.safetensors`` file, or a
                              ``.pt``/``.bin``/``.pth`` state dict read with ``weights_only=True``.
+    ``hf-hub:ORG/REPO``      an open_clip model published on the Hugging Face Hub (its
+                             ``open_clip_config.json`` and weights), read from the local Hugging
+                             Face cache when it holds them (offline: ``HF_HUB_OFFLINE=1``).
+    ``local-dir:/path``      the same files in a local directory (open_clip's ``local-dir:``).
     ``NAME``                 a project backbone registered with :func:`register_backbone`
                              (``test-tiny``: a tiny random ViT CLIP for tests) or an alias of one
                              (``emoji-vit-s`` = the latest ``emoji-vit-s-vN``); runs record the
@@ -159,7 +163,8 @@ def _alternatives() -> str:
     named = ", ".join(name for name, _ in list_backbones())
     return (
         f"named backbones: {named}; or MODEL:TAG for an open_clip model with a pretrained tag "
-        f"(needs internet), e.g. ViT-B-16:openai; or MODEL:/path/to/weights.safetensors"
+        f"(needs internet), e.g. ViT-B-16:openai; or MODEL:/path/to/weights.safetensors; or hf-hub:ORG/REPO "
+        f"(from the local Hugging Face cache) or local-dir:/path (open_clip_config.json + weights)"
     )
 
 
@@ -237,11 +242,34 @@ def _open_clip_backbone(spec: str, model_name: str, source: str) -> Backbone:
     return Backbone(spec, _freeze(model), tokenizer, pre)
 
 
+SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip's: config and weights come from the repository / directory
+
+
+def _schema_backbone(spec: str) -> Backbone:
+    """``hf-hub:ORG/REPO`` or ``local-dir:/path``: open_clip reads the model's config and weights there."""
+    if spec.startswith("local-dir:") and not (Path(spec.removeprefix("local-dir:")).expanduser() / "open_clip_config.json").is_file():
+        raise BackboneError(f"{spec}: no open_clip_config.json in that directory (a local-dir: backbone holds "
+                            "open_clip_config.json and open_clip_model.safetensors)")
+    try:
+        model = open_clip.create_model(spec, require_pretrained=True)
+        tokenizer = open_clip.get_tokenizer(spec)
+    except Exception as e:  # not in the cache while offline, a broken config, weights that do not fit
+        where = ("the local Hugging Face cache (HF_HUB_CACHE, default ~/.cache/huggingface/hub) must hold it "
+                 "when this machine is offline; set HF_HUB_OFFLINE=1 to read only the cache"
+                 if spec.startswith("hf-hub:") else "check the directory's config and weights")
+        raise BackboneError(f"could not load {spec} ({e.__class__.__name__}: {str(e)[:300]}); {where}") from e
+    model = model.float()
+    pre = PreprocessConfig.from_open_clip(open_clip.get_model_preprocess_cfg(model))
+    return Backbone(spec, _freeze(model), tokenizer, pre)
+
+
 def create_backbone(spec: str) -> Backbone:
     """Resolve a backbone spec (see module docstring) to a frozen :class:`Backbone` on CPU."""
     spec = resolve_backbone_spec(spec)
     if spec in _PROJECT_BACKBONES:
         return _PROJECT_BACKBONES[spec][0]()
+    if spec.startswith(SCHEMAS):
+        return _schema_backbone(spec)
     if ":" not in spec:
         close = difflib.get_close_matches(spec, [*_PROJECT_BACKBONES, *_ALIASES], n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -114,6 +114,8 @@ def cmd_backbones(args: argparse.Namespace) -> int:
         print(f"{row['name']:<16} {row['description']}")
     print(f"{'MODEL:TAG':<16} an open_clip model with a pretrained tag, e.g. ViT-B-16:openai (needs internet)")
     print(f"{'MODEL:PATH':<16} an open_clip model with local weights (.safetensors, or .pt/.bin read with weights_only=True)")
+    print(f"{'hf-hub:ORG/REPO':<16} an open_clip model from the Hugging Face Hub, read from the local cache (HF_HUB_OFFLINE=1)")
+    print(f"{'local-dir:PATH':<16} a directory with open_clip_config.json and the model's weights")
     return 0
 
 
