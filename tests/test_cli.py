@@ -15,7 +15,7 @@ from training.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = {"methods", "datasets", "backbones", "train", "eval", "quickstart", "benchmark", "pretrain", "bench", "atprompt-search",
-            "export", "verify", "predict", "serve"}
+            "export", "verify", "predict", "serve", "plot"}
 
 
 def _choices(help_text: str) -> set[str]:

@@ -285,3 +285,12 @@ def test_the_service_refuses_an_artifact_with_another_digest_and_reports_its_own
     assert svc.artifact.digest == digest
     with pytest.raises(ArtifactError, match="is not the expected"):
         PromptbakeService.inner(ServiceConfig(artifact=str(art), artifact_digest="sha256:" + "0" * 64))
+
+
+def test_tensors_sharing_memory_are_saved_as_copies(tmp_path):
+    """safetensors refuses shared memory; several parameters built on one tensor must still checkpoint."""
+    base = torch.arange(6.0)
+    tensors = {"a": base, "b": base, "c": base[:3]}
+    atomic_save_tensors(tmp_path / "t.safetensors", tensors)
+    loaded, _ = load_tensors(tmp_path / "t.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())

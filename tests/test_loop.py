@@ -11,7 +11,7 @@ from training.data import SampleDataset, build_train_transform, load_dataset, sa
 from training.loop import TrainConfig, learning_rate, train
 from training.methods import Capabilities, create_method, get_method
 from training.methods.coop import CoOp
-from training.runs import CHECKPOINT_FILE, LEARNED_FILE, LOG_FILE, RunDir
+from training.runs import CHECKPOINT_FILE, LEARNED_FILE, LOG_FILE, RunDir, load_tensors
 
 
 def test_schedule_is_constant_warmup_then_cosine():
@@ -251,3 +251,25 @@ def test_best_val_selection_keeps_the_best_epoch_and_survives_a_resume(tiny_back
         train(m2, ds, tokens, cfg, RunDir(tmp_path / "other"), seed=1, progress=False)
     with pytest.raises(ValueError, match="select"):
         TrainConfig(select="best_test")  # type: ignore[arg-type]
+
+
+def test_best_val_selection_leaves_an_averaging_methods_training_alone(tiny_backbone, base_split, tmp_path):
+    """PromptSRC averages its epoch ends; choosing the best epoch must neither load that partial
+    average into the method mid-run nor keep it: the run trains as with --select last."""
+    runs = {}
+    for select in ("last", "best_val"):
+        torch.manual_seed(0)
+        m = create_method("promptsrc", tiny_backbone, {"gpa_mean": 2.0}, base_split.classnames)
+        ds = SampleDataset(sample_few_shot(base_split.train, 2, 1), build_train_transform(tiny_backbone.preprocess))
+        seen = []
+        cfg = TrainConfig(epochs=3, batch_size=4, select=select)
+        train(m, ds, m.tokenize(base_split.classnames), cfg, RunDir(tmp_path / select), seed=1, progress=False,
+              validate=(lambda method: seen.append({k: v.clone() for k, v in method.learned_state().items()}) or 50.0)
+              if select == "best_val" else None)
+        runs[select] = (load_tensors(tmp_path / select / CHECKPOINT_FILE)[0], seen)
+    last, (best_val, seen) = runs["last"][0], runs["best_val"]
+    for k, v in last.items():
+        if k.startswith("learned/"):
+            torch.testing.assert_close(best_val[k], v)  # the same trajectory to the last epoch
+    learned, _ = load_tensors(tmp_path / "best_val" / LEARNED_FILE)
+    assert all(torch.equal(learned[k], seen[0][k]) for k in seen[0])  # epoch 1 (ties keep the first), as measured

@@ -271,7 +271,9 @@ def train(
             with torch.no_grad():
                 record["val_acc"] = float(validate(method))
             if best is None or record["val_acc"] > best[1]:
-                best = ({k: v.detach().clone() for k, v in method.final_learned_state().items()}, record["val_acc"], epoch + 1)
+                # the tensors validate() just measured; final_learned_state() would load a partial epoch
+                # average (PromptSRC, TAC) into the method mid-run
+                best = ({k: v.detach().clone() for k, v in method.learned_state().items()}, record["val_acc"], epoch + 1)
             logger.info("epoch %d/%d val acc %.2f%% (best %.2f%%, epoch %d)", epoch + 1, cfg.epochs, record["val_acc"],
                         best[1], best[2])
         _save_checkpoint(run, method, optimizer, scaler, epoch + 1, current, best)

@@ -58,8 +58,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def _own_storage(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU tensors ready for safetensors, which refuses tensors that share memory: those (HiCroPL's
-    coded per-layer prompts, one storage as in its reference) are written as copies."""
+    """CPU tensors ready for safetensors, which refuses tensors that share memory (tied parameters,
+    several parameters built on one tensor): each after the first of a storage is written as a copy."""
     out, seen = {}, set()
     for k, v in tensors.items():
         v = v.detach().contiguous().cpu()
