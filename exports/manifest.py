@@ -96,8 +96,10 @@ class GraphInfo(_Strict):
     input_name: str
     outputs: Annotated[list[str], Field(min_length=1)]
     image_input_name: str | None = None
-    extra_image_inputs: list[str] = []
-    whole_class_list: bool = False
+    # left out of the JSON (and so of the digest) at their defaults: a field added to the schema must
+    # not change the digest of artifacts written before it, nor put keys in front of older runtimes
+    extra_image_inputs: list[str] = Field(default=[], exclude_if=lambda v: not v)
+    whole_class_list: bool = Field(default=False, exclude_if=lambda v: not v)
 
     @property
     def output_name(self) -> str:

@@ -294,3 +294,24 @@ def test_tensors_sharing_memory_are_saved_as_copies(tmp_path):
     atomic_save_tensors(tmp_path / "t.safetensors", tensors)
     loaded, _ = load_tensors(tmp_path / "t.safetensors")
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("name", ["coop", "surpl", "cpr"])
+def test_optional_graph_fields_stay_out_of_the_manifest_and_its_digest_at_their_defaults(name, exported):
+    """A field added to the schema must not change the digest of artifacts written before it: at its
+    default it is not written, and the digest is the hash of the manifest file's canonical JSON."""
+    import hashlib
+    import json
+
+    from exports.manifest import MANIFEST_FILENAME, artifact_digest, load_artifact
+
+    _, art = exported(name)
+    raw = json.loads((art / MANIFEST_FILENAME).read_text())
+    graphs = raw["graphs"]
+    for graph in graphs.values():
+        if graph is None:
+            continue
+        assert graph.get("extra_image_inputs", ["x"]) != [] and graph.get("whole_class_list", True) is not False
+    assert ("whole_class_list" in (graphs.get("score") or {})) == (name == "cpr")
+    canonical = json.dumps(raw, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert artifact_digest(load_artifact(art)) == "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
