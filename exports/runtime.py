@@ -416,7 +416,8 @@ class Predictor:
     def _scored_logits(self, image_outputs: np.ndarray | Mapping[str, np.ndarray], names: Sequence[str],
                        descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
         """A scored artifact: the names' class outputs from the per-name cache, then the score graph on
-        every (image, name) pair, at most ``_MAX_PROMPTS`` pairs per run."""
+        every (image, name) pair, at most ``_MAX_PROMPTS`` pairs per run (with ``whole_class_list``:
+        all the names and at least one image per run, so more pairs when there are more names)."""
         if not isinstance(image_outputs, Mapping):
             raise ValueError(f"method {self.manifest.method!r}: its score graph reads every image output; "
                              "pass image_outputs(), not the embeddings alone")

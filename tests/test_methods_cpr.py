@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from training.data.transforms import build_train_transform
+from training.data.transforms import build_eval_transform, build_train_transform
 from training.methods import create_method
 from training.prompts.knowledge import frozen_text_features
 
@@ -80,15 +80,24 @@ def test_a_class_logit_depends_on_the_other_names_of_the_request(tiny_backbone):
     assert m.graph_signature().whole_class_list
 
 
-def test_visual_prototypes_are_class_means_over_augmented_passes_and_survive_a_resume(tiny_backbone):
+def test_visual_prototypes_are_class_means_of_the_cache_keys_and_survive_a_resume(tiny_backbone):
     m, data = _started(tiny_backbone, prototype_views=3)
     assert m.visual_prototypes.shape == (3, m.backbone.embed_dim)
-    # each prototype is a mean of unit vectors (not re-normalised): shorter than 1, pointing at its class's images
+    # each prototype is a mean of unit keys (not re-normalised): shorter than 1
     norms = m.visual_prototypes.norm(dim=-1)
     assert bool(((norms > 0.5) & (norms <= 1.0 + 1e-6)).all())
+    # with a fixed transform a key is the image's normalised feature, and a prototype its class's mean of them
+    exact = _make(tiny_backbone, prototype_views=3)
+    fixed = _Images(build_eval_transform(exact.backbone.preprocess), [0, 1, 2, 0, 1, 2])
+    exact.on_train_start(fixed)
     with torch.no_grad():
-        plain = torch.stack([F.normalize(m.clip.visual(data[i][0].unsqueeze(0)), dim=-1)[0] for i in range(len(data))])
-    assert F.cosine_similarity(m.visual_prototypes[0], plain[[0, 3]].mean(0), dim=0) > 0.9
+        plain = F.normalize(exact.clip.visual(torch.stack([fixed[i][0] for i in range(6)])), dim=-1)
+    torch.testing.assert_close(exact.visual_prototypes, (plain[:3] + plain[3:]) / 2)
+    # the reference's order: a slot averages the i-th image of every pass's shuffle, so classes mix
+    torch.manual_seed(0)
+    mixed = _make(tiny_backbone, prototype_views=3, reference_cache_order=True)
+    mixed.on_train_start(fixed)
+    assert not torch.allclose(mixed.visual_prototypes, exact.visual_prototypes)
     state, learned = m.training_state(), {k: v.clone() for k, v in m.learned_state().items()}
     fresh = _make(tiny_backbone)
     fresh.load_learned_state(learned)

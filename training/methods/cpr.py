@@ -14,9 +14,15 @@ normalised image feature (the image graph is CLIP's own):
     w = attend(x, P_vis) + attend(x, T)        E[b, c] = norm(T_c + w_b)        logit[b, c] = s E[b, c] . x_b
 
 with ``s`` the backbone's logit scale (CLIP's 100, the reference's constant). ``P_vis`` [n_base, D],
-the visual prototypes, is the per-class mean of the normalised frozen features of the few-shot
-training images, each averaged over ``prototype_views`` (10) augmented passes (not re-normalised):
-computed once at the start of training, learned state that never trains.
+the visual prototypes, is built as the reference's Tip-Adapter cache (``build_cache_model``): each
+few-shot training image's frozen feature averaged over ``prototype_views`` (10) augmented passes,
+then normalised (a cache key), and the per-class mean of the keys (not re-normalised). Computed
+once at the start of training; learned state that never trains.
+
+``reference_cache_order``: the reference fills that cache from its shuffled training loader, so
+cache slot i averages the i-th image of each pass's own shuffle and takes its label from the first
+pass: the keys mix images of different classes and the prototypes come out close to class-agnostic.
+False (default) averages each image's own passes; True reproduces the reference.
 
 Because ``attend(x, T)`` is a softmax over every class of the request, a class's logit depends on the
 other names sent with it: the artifact's score graph runs on a request's whole class list
@@ -65,6 +71,7 @@ from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, check_template, cla
 class CPRConfig(ContextConfig):
     """Args (and the context's, :class:`~training.prompts.context.ContextConfig`; 16 random tokens here):
     prototype_views: augmented passes averaged per training image for the visual prototypes (10).
+    reference_cache_order: fill the prototype cache as the reference's shuffled loader does.
     cupl_template: the hand-written prompt that joins the descriptions in the CuPL prototypes.
     weight: of 1 - cos(E, T_cupl) (8).
     """
@@ -72,6 +79,7 @@ class CPRConfig(ContextConfig):
     n_ctx: int | None = 16
     ctx_init: str = ""
     prototype_views: int = 10
+    reference_cache_order: bool = False
     cupl_template: str = HANDCRAFTED_TEMPLATE
     weight: float = 8.0
 
@@ -148,18 +156,27 @@ class CPR(ContextPromptMethod):
         self._cupl = self.cupl_prototypes(device)
         if bool(self.prototypes_ready):  # resumed: they came with the checkpoint
             return
-        sums = torch.zeros_like(self.visual_prototypes)
-        counts = torch.zeros(len(self.train_classnames), device=device)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=64, shuffle=False)
+        n = len(train_set)
+        keys = torch.zeros(n, self.visual_prototypes.shape[1], device=device)
+        labels = torch.zeros(n, dtype=torch.long, device=device)
         was_training = self.training
         self.eval()
         with torch.no_grad():
-            for _ in range(self.config.prototype_views):  # the training augmentation, drawn anew each pass
+            for p in range(self.config.prototype_views):  # the training augmentation, drawn anew each pass
+                # slot i holds image order[i]: itself, or the i-th of this pass's shuffle (the reference)
+                order = torch.randperm(n) if self.config.reference_cache_order else torch.arange(n)
+                loader = torch.utils.data.DataLoader(train_set, batch_size=64, sampler=order.tolist())
+                start = 0
                 for x, y in loader:
-                    y = y.to(device)
-                    sums.index_add_(0, y, F.normalize(self.clip.visual(x.to(device)).float(), dim=-1))
-                    counts.index_add_(0, y, torch.ones_like(y, dtype=counts.dtype))
-            self.visual_prototypes.copy_(sums / counts.clamp_min(1).unsqueeze(1))
+                    slots = slice(start, start + len(y))
+                    keys[slots] += self.clip.visual(x.to(device)).float()
+                    if p == 0:
+                        labels[slots] = y.to(device)
+                    start += len(y)
+            keys = F.normalize(keys / self.config.prototype_views, dim=-1)
+            sums = torch.zeros_like(self.visual_prototypes).index_add_(0, labels, keys)
+            counts = torch.bincount(labels, minlength=len(self.train_classnames)).clamp_min(1).unsqueeze(1)
+            self.visual_prototypes.copy_(sums / counts)
             self.prototypes_ready.fill_(True)
         self.train(was_training)
 

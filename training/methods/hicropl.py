@@ -84,10 +84,17 @@ from torch import nn
 
 from training.backbones import Backbone
 from training.protocol import Capabilities, MethodConfig, register_method
-from training.prompts.deep import DeepPromptMethod, check_vision_tower, effective_depth, init_text_context, normal_prompts
-from training.prompts.context import register_text_prefix
+from training.prompts.context import place_context, register_text_prefix
+from training.prompts.deep import (
+    DeepPromptMethod,
+    check_vision_tower,
+    effective_depth,
+    encode_text_deep,
+    init_text_context,
+    normal_prompts,
+)
 from training.prompts.knowledge import cached_frozen_text_features, frozen_text_features
-from training.prompts.text import description_rows
+from training.prompts.text import description_rows, eot_positions
 
 MAPPINGS = ("differentiable", "coded")
 
@@ -277,6 +284,13 @@ class HiCroPL(DeepPromptMethod):
         if self.config.mapping == "differentiable":
             vision = list(self._map_text_to_vision(text, vision).unbind(0)) + vision[self.cross_vision:]
         return vision[0], vision[1:]
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[C, L] -> [C, D] prompted text features, the prompts mapped once (the body's path maps twice)."""
+        ctx, deep = self.text_prompts()
+        eot = eot_positions(tokens, self.backbone.eot_token_id)
+        emb = place_context(self.clip.token_embedding(tokens), tokens, eot, ctx.unsqueeze(0).expand(tokens.shape[0], -1, -1))
+        return encode_text_deep(self.clip, emb, eot, deep, start=1)
 
     # -- text: the prompted class feature fused with the description embedding
     def _descriptions(self, rows: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,7 @@ def class_text_means(method: PromptMethod, texts: Sequence[Sequence[str]], devic
                      normalize_each: bool) -> torch.Tensor:
     """[C, D]: per class, the frozen CLIP's text features of its sentences ``texts[c]`` averaged, then
     normalised (no grad, fp32); ``normalize_each`` normalises every sentence's feature before the mean
-    (CPR's CuPL prototypes, HiCroPL's description embedding) or not (TAC's, the mean of raw features)."""
+    (CPR's CuPL prototypes) or not (TAC's description teacher, the mean of raw features)."""
     if any(not t for t in texts):
         raise ValueError("every class needs at least one sentence")
     owner = torch.tensor([c for c, sentences in enumerate(texts) for _ in sentences], device=device)
