@@ -316,8 +316,51 @@ def test_loading_a_weights_file_drops_only_open_clips_random_init_warning(caplog
     assert messages == ["something else", "after: Model initialized randomly."]
 
 
-@pytest.mark.parametrize("method, shown", [("coop", "--epochs 200, --batch-size 32, --lr 0.002"),
+@pytest.mark.parametrize("method, shown", [("coop", "epochs=200, batch_size=32, lr=0.002"),
                                            ("twosfs", "epochs follow from the data")])
 def test_a_methods_help_shows_the_training_options_it_takes(method, shown, capsys):
     assert main(["train", "--method", method, "--help"]) == 0
     assert shown in capsys.readouterr().out
+
+
+def test_config_files_and_run_json_give_options_that_the_line_overrides(colour_spec, tmp_path, capsys):
+    import yaml
+
+    # a YAML file with train and method options; --seed and --epochs on the line win
+    cfg = tmp_path / "coop.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "coop", "backbone": "test-tiny", "dataset": colour_spec, "shots": 2,
+                                   "seed": 7, "epochs": 5, "batch_size": 4, "n_ctx": 3, "ctx_init": "",
+                                   "class_specific": False, "adam_betas": [0.8, 0.9]}))
+    first = tmp_path / "first"
+    assert main(["train", "--config", str(cfg), "--seed", "1", "--epochs", "1", "--out", str(first), "--no-progress"]) == 0
+    info = json.loads((first / "run.json").read_text())
+    assert (info["seed"], info["shots"], info["train"]["epochs"], info["train"]["adam_betas"]) == (1, 2, 1, [0.8, 0.9])
+    assert info["method_config"]["n_ctx"] == 3 and info["method_config"]["ctx_init"] == ""
+    # a run's run.json is a config: the same job with another seed
+    second = tmp_path / "second"
+    assert main(["train", f"--config={first / 'run.json'}", "--seed", "2", "--out", str(second), "--no-progress"]) == 0
+    again = json.loads((second / "run.json").read_text())
+    assert again["seed"] == 2 and {k: again[k] for k in ("method_config", "train", "shots", "dataset")} == \
+        {k: info[k] for k in ("method_config", "train", "shots", "dataset")}
+    capsys.readouterr()
+    for argv, message in ((["train", "--config", str(tmp_path / "none.json")], "--config"),
+                          (["eval", "--config", str(cfg), "--run", "x"], "option of train and benchmark")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    assert main(["train", "--config", str(bad)]) == 2 and "mapping" in capsys.readouterr().err
+
+
+def test_benchmark_config_lists_become_the_comma_separated_options(tmp_path):
+    from training.cli import build_parser, expand_config
+
+    cfg = tmp_path / "grid.json"
+    cfg.write_text(json.dumps({"methods": ["zeroshot", "coop"], "datasets": ["emoji-nature"], "seeds": [1, 2],
+                               "out": "runs/x", "parallel": 2, "collect": False, "plot": True}))
+    argv = expand_config(build_parser(), ["-v", "benchmark", "--config", str(cfg), "--seeds", "3"])
+    assert argv == ["-v", "benchmark", "--methods", "zeroshot,coop", "--datasets", "emoji-nature", "--seeds", "1,2",
+                    "--out", "runs/x", "--parallel", "2", "--plot", "--seeds", "3"]
+    args, _ = build_parser().parse_known_args(argv)
+    assert (args.seeds, args.methods, args.collect, args.plot) == ("3", "zeroshot,coop", False, True)

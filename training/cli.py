@@ -144,7 +144,7 @@ def _print_method_help(name: str) -> None:
     print((spec.config_cls.__doc__ or "").strip())
     p.print_help()
     reference = spec.method_cls.train_defaults_for(spec.config_cls())
-    shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in reference.items())
+    shown = ", ".join(f"{k}={v}" for k, v in reference.items())
     print(f"\ntraining options it takes when not given (the reference's): {shown or 'the TrainConfig defaults'}"
           + ("; epochs follow from the data (reference_epochs)" if spec.method_cls.reference_epochs(
               spec.config_cls(), 16 * 100, 16, int(reference.get("batch_size", 32))) is not None else ""))
@@ -474,7 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(handler=cmd_train, takes_extra=True)  # the extra arguments are the method's options
     s.add_argument("--method", required=True)
-    s.add_argument("--backbone", required=True, help="test-tiny | MODEL:TAG | MODEL:/path/weights")
+    s.add_argument("--config", metavar="FILE", help="options from a JSON or YAML file (a run's run.json works: "
+                   "the same job again, e.g. with another --seed or --out); options on the line win")
+    s.add_argument("--backbone", required=True, help="test-tiny | MODEL:TAG | MODEL:/path/weights | hf-hub:ORG/REPO | local-dir:PATH")
     s.add_argument("--dataset", required=True, help="coop:NAME:ROOT | folder:ROOT | a benchmark name")
     s.add_argument("--shots", type=int, default=16, help="images per base class (default 16)")
     s.add_argument("--seed", type=int, default=1)
@@ -536,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _add_command(sub, "benchmark", "the base-to-novel protocol over methods x datasets x seeds (resumable)")
     s.set_defaults(handler=cmd_benchmark)
+    s.add_argument("--config", metavar="FILE", help="options from a JSON or YAML file; options on the line win")
     s.add_argument("--methods", required=True, help="comma-separated method names, or 'all' registered methods; a "
                    "method with options is a row of its own: atprompt[host=maple;attributes=animal,food]")
     s.add_argument("--datasets", required=True, help="comma-separated dataset specs, or 'all' benchmark datasets")
@@ -568,11 +571,98 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+CONFIG_COMMANDS = ("train", "benchmark")
+# what a run.json records besides the options that made it
+_RECORD_ONLY = ("base_classnames", "capabilities", "format_version")
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """A JSON or YAML mapping of option names to values; a run's ``run.json`` is one (its
+    ``method_config`` and ``train`` sections are flattened, what it only records is left out)."""
+    text = _read_text(path, "--config")
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        raise ValueError(f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'} ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("method_config", "train") and isinstance(value, dict):
+            flat.update(value)
+        elif key == "descriptions" and (value is None or isinstance(value, dict)):  # run.json's provenance record
+            if value and value.get("kind") == "file":
+                flat["descriptions"] = value["source"]
+        elif key not in _RECORD_ONLY:
+            flat[key] = value
+    return flat
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: {e.strerror or e}") from None
+
+
+def _config_flags(options: dict[str, Any], known: dict[str, argparse.Action]) -> list[str]:
+    """Option values -> the flags a user would type (method options too: they are parsed later)."""
+    flags: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            negative = "--no-" + key.replace("_", "-")
+            if value:
+                flags.append(flag)
+            elif flag not in known or negative in known:  # BooleanOptionalAction (method options are)
+                flags.append(negative)
+        elif isinstance(value, (list, tuple)):  # several values, or one comma-separated (--methods, --seeds)
+            single = flag in known and known[flag].nargs in (None, "?")
+            flags += [flag, ",".join(map(str, value))] if single else [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def expand_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """``--config FILE`` of train / benchmark replaced by the file's options, placed right after the
+    command so that options typed on the line win."""
+    argv = list(argv)
+    idx = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    if idx is None:
+        return argv
+    if argv[idx].startswith("--config="):
+        path, rest = argv[idx].split("=", 1)[1], argv[idx + 1:]
+    elif idx + 1 < len(argv):
+        path, rest = argv[idx + 1], argv[idx + 2:]
+    else:
+        raise ValueError("--config needs a file (JSON or YAML; a run's run.json works)")
+    argv = argv[:idx] + rest
+    command = next((a for a in argv if a in CONFIG_COMMANDS), None)
+    if command is None:
+        raise ValueError(f"--config is an option of {' and '.join(CONFIG_COMMANDS)}")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = _config_flags(load_config_file(path), dict(sub._option_string_actions))
+    at = argv.index(command) + 1
+    return argv[:at] + flags + argv[at:]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         try:
-            args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+            argv = expand_config(parser, sys.argv[1:] if argv is None else argv)
+            args, extra = parser.parse_known_args(argv)
         except SystemExit as e:  # --help, or a usage error already printed (one line, _Parser.error)
             return int(e.code or 0)
         if extra and not args.takes_extra:
