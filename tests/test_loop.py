@@ -273,3 +273,24 @@ def test_best_val_selection_leaves_an_averaging_methods_training_alone(tiny_back
             torch.testing.assert_close(best_val[k], v)  # the same trajectory to the last epoch
     learned, _ = load_tensors(tmp_path / "best_val" / LEARNED_FILE)
     assert all(torch.equal(learned[k], seen[0][k]) for k in seen[0])  # epoch 1 (ties keep the first), as measured
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"epochs": "2"}, "epochs must be int, got '2'"),
+    ({"lr": True}, "lr must be float"),
+    ({"optimizer": "adam"}, "optimizer must be one of 'sgd', 'adamw'"),
+    ({"adam_betas": (0.9,)}, "adam_betas must be a list of 2 float"),
+])
+def test_options_of_the_wrong_type_are_named_not_a_type_error(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**options)
+
+
+def test_method_options_of_the_wrong_type_are_named():
+    with pytest.raises(ValueError, match="n_ctx must be int or None, got '4'"):
+        get_method("coop").config_cls.from_dict({"n_ctx": "4"})
+    with pytest.raises(ValueError, match="top_k must be a list of int"):
+        get_method("surpl").config_cls.from_dict({"top_k": "10"})
+    assert get_method("atprompt").config_cls.from_dict({"attributes": ["a", "b"]}).attributes == ("a", "b")
+    assert get_method("atprompt").config_cls.from_dict({"attributes": "a,b"}).attributes == ("a", "b")
+    assert TrainConfig(lr=1).lr == 1  # an int is a fine float

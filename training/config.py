@@ -8,8 +8,64 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_args, get_origin, get_type_hints
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the annotation ``tp`` (the forms configs use; others are not checked)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        if isinstance(value, str) and args == (str, Ellipsis):
+            return True  # a comma-separated list the config splits ("--attributes color,shape")
+        if not isinstance(value, (tuple, list)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_matches(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_matches(v, a) for v, a in zip(value, args))
+    return True
+
+
+def _describe(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if tp is type(None):
+        return "None"
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0])}"
+        return f"a list of {len(args)} {' and '.join(sorted({_describe(a) for a in args}))}"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def check_types(cls: type, values: Mapping[str, Any]) -> None:
+    """Raise a ValueError naming the option when a value does not fit its field's annotation in the
+    dataclass ``cls`` (a string epochs from a notebook would otherwise fail later as a TypeError)."""
+    hints = get_type_hints(cls)
+    for name, value in values.items():
+        if name in hints and not _matches(value, hints[name]):
+            raise ValueError(f"{cls.__name__}: {name} must be {_describe(hints[name])}, got {value!r} ({type(value).__name__})")
 
 
 @dataclass(frozen=True)
@@ -54,6 +110,7 @@ class TrainConfig:
     select: Literal["last", "best_val"] = "last"
 
     def __post_init__(self) -> None:
+        check_types(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))  # a list from the CLI or run.json
         for name in ("lr", "weight_decay", "momentum", "warmup_lr", "min_crop_scale", "adam_betas", "adam_eps"):
             values = getattr(self, name)

@@ -18,6 +18,7 @@ from torch import nn
 
 from exports.prompts import DESCRIPTION_TEMPLATE, prompt_rows
 from training.backbones import Backbone
+from training.config import check_types
 from training.prompts.text import trim_tokens
 
 
@@ -146,6 +147,7 @@ class MethodConfig:
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        check_types(cls, kwargs)
         return cls(**kwargs)
 
 
