@@ -4,7 +4,8 @@ One run measures, on this machine:
 
 * the single-precision matmul rate (torch ``mm``, fp32, TF32 off), the yardstick for "fraction of
   peak": images/s x GFLOP per image / matmul GFLOP/s. GFLOP per image is counted by torch's
-  ``FlopCounterMode`` on the backbone's image tower (35.1 for ViT-B-16 at 224 px);
+  ``FlopCounterMode`` on the backbone's image tower with the attention fast path off, which the
+  counter cannot see (35.1 for ViT-B-16 at 224 px; :mod:`training.bench.flops`);
 * the backbone's image tower in open_clip torch eager, in-process (the baseline), and the
   artifact's image graph in onnxruntime in-process, at batch 1 and ``max_batch_size``;
 * a real ``bentoml serve`` of the artifact on 127.0.0.1: one client sending one image at a time
@@ -87,19 +88,16 @@ def _rate(fn, images_per_call: int, seconds: float) -> float:
 def bench_in_process(artifact: str | os.PathLike[str], batch: int, device: str, seconds: float) -> dict[str, Any]:
     """open_clip torch eager vs onnxruntime, image tower only, batch 1 and ``batch``."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
     from exports.manifest import load_artifact
     from exports.runtime import Predictor
     from training.backbones import create_backbone, recorded_backbone_spec
+    from training.bench.flops import image_gflop
 
     manifest = load_artifact(artifact)
     bb = create_backbone(recorded_backbone_spec(manifest.backbone))
     model = bb.model.to(device)
     s = manifest.preprocess.image_size
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.encode_image(torch.zeros(1, 3, s, s, device=device))
-    gflop = counter.get_total_flops() / 1e9
+    gflop = image_gflop(model, s, device)  # attention included (training.bench.flops)
     predictor = Predictor(artifact, device=device, batch_size=batch)
     rows = {}
     for n in (1, batch):
