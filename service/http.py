@@ -6,7 +6,8 @@ What it does, per HTTP request:
 * the request body is counted while it streams in; over ``max_request_bytes`` is 413 before the
   rest is read (a declared ``Content-Length`` over the limit is refused without reading at all).
 * the API routes accept ``application/json`` and, for images, ``multipart/form-data``; the
-  multipart form (files ``images``, fields ``class_names`` as a JSON list, ``top_k``, ``mode`` and
+  multipart form (files ``images``, fields ``class_names`` as a JSON list or repeated once per name,
+  ``top_k``, ``mode`` and
   ``descriptions`` as a JSON object) is
   parsed here with bounded part counts and turned into the JSON form the typed API takes, so
   BentoML's own file handling (which would fetch a URL sent in place of a file) never sees it.
@@ -266,7 +267,8 @@ async def _multipart_to_json(scope: dict[str, Any], body: bytes, path: str, cfg:
     scope = {k: v for k, v in scope.items() if k != "app"}  # so starlette raises MultiPartException, not HTTPException
     request = Request(scope, _replay(body))
     try:
-        form = await request.form(max_files=cfg.max_images, max_fields=len(_MULTIPART_FIELDS[path]) + 1,
+        # class_names may come as one field per name (what httpx and requests send for a list)
+        form = await request.form(max_files=cfg.max_images, max_fields=len(_MULTIPART_FIELDS[path]) + cfg.max_class_names + 1,
                                   max_part_size=cfg.max_request_bytes)
     except MultiPartException as e:
         kind = "too_many_images" if "files" in e.message.lower() else "multipart"
@@ -283,8 +285,12 @@ async def _multipart_to_json(scope: dict[str, Any], body: bytes, path: str, cfg:
         if "mode" in form:
             mode = form["mode"]
             payload["mode"] = (await mode.read()).decode("utf-8", "replace") if isinstance(mode, UploadFile) else mode
+        names = [(await v.read()).decode("utf-8", "replace") if isinstance(v, UploadFile) else v
+                 for v in form.getlist("class_names")]
+        if len(names) > 1 or (names and not names[0].lstrip().startswith("[")):
+            payload["class_names"] = names  # repeated fields, or a single plain name: one name each
         for field in ("class_names", "top_k", "descriptions"):
-            if field in form:
+            if field in form and field not in payload:
                 value = form[field]
                 if isinstance(value, UploadFile):
                     value = (await value.read()).decode("utf-8", "replace")

@@ -324,6 +324,17 @@ def test_asgi_json_and_multipart_agree_with_the_predictor(client, artifact, test
                     data={"class_names": json.dumps(NAMES), "top_k": "3"})
     assert m.status_code == 200, m.text
     assert m.json() == j.json()
+    # class_names as repeated form fields, what httpx / requests send for data={"class_names": [...]}
+    r = client.post("/classify", files=[("images", (p.name, p.read_bytes(), "image/png")) for p in paths],
+                    data={"class_names": NAMES, "top_k": "3"})
+    assert r.status_code == 200, r.text
+    assert r.json() == j.json()
+    one = client.post("/classify", files=[("images", (paths[0].name, paths[0].read_bytes(), "image/png"))],
+                      data={"class_names": NAMES[0], "top_k": "1"})  # a single plain name is one name
+    assert one.status_code == 200 and one.json()["predictions"][0]["label"] == NAMES[0]
+    bad = client.post("/classify", files=[("images", (paths[0].name, paths[0].read_bytes(), "image/png"))],
+                      data={"class_names": '["red", '})
+    assert bad.status_code == 400 and bad.json()["error"]["kind"] == "class_names_json"
     _assert_same_predictions(j.json()["predictions"], _reference(artifact, paths))
     assert j.json()["artifact"]["method"] == "coop"
 
