@@ -287,8 +287,8 @@ async def _multipart_to_json(scope: dict[str, Any], body: bytes, path: str, cfg:
             payload["mode"] = (await mode.read()).decode("utf-8", "replace") if isinstance(mode, UploadFile) else mode
         names = [(await v.read()).decode("utf-8", "replace") if isinstance(v, UploadFile) else v
                  for v in form.getlist("class_names")]
-        if len(names) > 1 or (names and not names[0].lstrip().startswith("[")):
-            payload["class_names"] = names  # repeated fields, or a single plain name: one name each
+        if len(names) > 1:  # repeated fields: one name each (a single field stays a JSON list: "red, green" is a 400)
+            payload["class_names"] = names
         for field in ("class_names", "top_k", "descriptions"):
             if field in form and field not in payload:
                 value = form[field]
