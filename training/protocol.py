@@ -238,6 +238,15 @@ class PromptMethod(nn.Module):
         keep = set(self.train_classnames)
         self.descriptions = {k: list(v) for k, v in descriptions.items() if k in keep}
 
+    def every_training_description(self, purpose: str) -> list[list[str]]:
+        """Each training class's descriptions, in training-class order, for a method that needs all of
+        them (``purpose``: TAC clusters them, CPR builds its text prototypes); a class without any is
+        a ValueError naming it."""
+        missing = [c for c in self.train_classnames if not self.descriptions.get(c)]
+        if missing:
+            raise ValueError(f"{self.name} {purpose}; no descriptions for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        return [self.descriptions[c] for c in self.train_classnames]
+
     def training_texts(self) -> torch.utils.data.Dataset:
         """For ``training_data == "texts"``: a dataset of ``(inputs, targets)`` tensor pairs the loop
         batches and hands to :meth:`backward_step` in place of images and labels."""

@@ -147,9 +147,6 @@ class CPR(ContextPromptMethod):
     def logits_from_features(self, image_features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.logits_from_outputs({IMAGE_EMBEDDINGS: F.normalize(image_features, dim=-1)}, tokens)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.logits_from_outputs(self.image_outputs(images), tokens)
-
     # -- the prototypes
     def on_train_start(self, train_set: Any) -> None:
         device = self.visual_prototypes.device
@@ -183,11 +180,8 @@ class CPR(ContextPromptMethod):
     def cupl_prototypes(self, device: torch.device) -> torch.Tensor:
         """[C, D]: per training class the re-normalised mean of the normalised frozen embeddings of the
         hand-written prompt and every description."""
-        missing = [c for c in self.train_classnames if not self.descriptions.get(c)]
-        if missing:
-            raise ValueError(f"{self.name} builds its text prototypes from descriptions; none for {missing[:5]}"
-                             f"{' ...' if len(missing) > 5 else ''}")
-        texts = [[self.config.cupl_template.format(c), *self.descriptions[c]] for c in self.train_classnames]
+        described = self.every_training_description("builds its text prototypes from descriptions")
+        texts = [[self.config.cupl_template.format(c), *d] for c, d in zip(self.train_classnames, described)]
         return class_text_means(self, texts, device, normalize_each=True)
 
     # -- training

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from training.protocol import Capabilities, MethodConfig, PromptMethod, register_method
 from training.prompts.knowledge import check_template
-from training.prompts.text import description_rows, encode_text_embeddings, eot_positions
+from training.prompts.text import encode_text_embeddings, eot_positions, mean_over_rows
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,4 @@ class CuPL(PromptMethod):
         """[S, C, L] prompt rows (padding rows empty) -> [C, D]: the re-normalised mean over each class's rows."""
         S, C, L = tokens.shape
         feats = F.normalize(self.encode_text(tokens.reshape(S * C, L)), dim=-1).reshape(S, C, -1)
-        weights = description_rows(tokens, self.backbone.eot_token_id).to(feats.dtype)  # [S, C]
-        mean = (feats * weights.unsqueeze(-1)).sum(0) / weights.sum(0).clamp_min(1.0).unsqueeze(-1)
-        return F.normalize(mean, dim=-1)
+        return mean_over_rows(feats, tokens, self.backbone.eot_token_id)

@@ -94,7 +94,7 @@ from training.prompts.deep import (
     normal_prompts,
 )
 from training.prompts.knowledge import cached_frozen_text_features, frozen_text_features
-from training.prompts.text import description_rows, eot_positions
+from training.prompts.text import eot_positions, mean_over_rows
 
 MAPPINGS = ("differentiable", "coded")
 
@@ -299,8 +299,7 @@ class HiCroPL(DeepPromptMethod):
         S, C, L = rows.shape
         flat = rows.reshape(S * C, L)
         feats = (cached_frozen_text_features(self, flat) if self.training else frozen_text_features(self, flat)).view(S, C, -1)
-        weights = description_rows(rows, self.backbone.eot_token_id).to(feats.dtype)  # [S, C]
-        return F.normalize((feats * weights.unsqueeze(-1)).sum(0) / weights.sum(0).clamp_min(1.0).unsqueeze(-1), dim=-1)
+        return mean_over_rows(feats, rows, self.backbone.eot_token_id)
 
     def _text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tokens.dim() != 3 or tokens.shape[0] < 2:

@@ -54,7 +54,7 @@ from training.backbones import Backbone
 from training.protocol import Capabilities, MethodConfig, PromptMethod, register_method
 from training.prompts.adapters import wrap_modules
 from training.prompts.deep import check_vision_tower, tower_block
-from training.prompts.text import description_rows, encode_text_embeddings, eot_positions
+from training.prompts.text import description_rows, encode_text_embeddings, eot_positions, mean_over_rows
 
 
 @dataclass(frozen=True)
@@ -207,9 +207,7 @@ class LwEIB(PromptMethod):
         normalised features of each class's descriptions."""
         S, C, L = tokens.shape
         feats = F.normalize(self.encode_text(tokens.reshape(S * C, L)), dim=-1).reshape(S, C, -1)
-        weights = description_rows(tokens, self.backbone.eot_token_id).to(feats.dtype)  # [S, C]
-        mean = (feats * weights.unsqueeze(-1)).sum(0) / weights.sum(0).clamp_min(1.0).unsqueeze(-1)
-        return F.normalize(mean, dim=-1)
+        return mean_over_rows(feats, tokens, self.backbone.eot_token_id)
 
     # -- training
     def step_classes(self, labels: torch.Tensor, n_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -201,6 +201,4 @@ class PromptSRC(DeepPromptMethod):
 
     def final_learned_state(self) -> dict[str, torch.Tensor]:
         """The Gaussian-weighted aggregate (loaded into the method too, as the reference does)."""
-        if self._gpa.sum:
-            self.load_learned_state(self._gpa.average(self.learned_state()))
-        return self.learned_state()
+        return self._gpa.apply(self)

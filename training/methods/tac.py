@@ -65,7 +65,7 @@ from training.data.transforms import MultiView, build_resize_transform
 from training.protocol import Capabilities, MethodConfig, register_method
 from training.prompts.aggregate import SnapshotAverage
 from training.prompts.clustering import cosine_kmeans
-from training.prompts.context import PLACEHOLDER, register_text_prefix
+from training.prompts.context import PLACEHOLDER, init_context, register_text_prefix
 from training.prompts.deep import (
     DeepPromptMethod,
     check_vision_tower,
@@ -136,28 +136,23 @@ class TAC(DeepPromptMethod):
 
     def __init__(self, backbone: Backbone, config: TACConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)
-        visual = check_vision_tower(self.clip.visual)
+        check_vision_tower(self.clip.visual)
         k = min(config.n_clusters, len(self.train_classnames))
         clip = self.clip
-        text_width, vision_width = clip.token_embedding.weight.shape[1], visual.class_embedding.shape[0]
-        if config.ctx_init.strip():
+        if config.ctx_init.strip():  # positions 1..n of the tokenised phrase, its end of text included
             ids = backbone.tokenizer([config.ctx_init.replace("_", " ").strip()])[0, 1 : 1 + config.n_ctx_text]
             ctx = clip.token_embedding(ids).detach().clone()
         else:
-            ctx = torch.empty(config.n_ctx_text, text_width)
-            nn.init.normal_(ctx, std=config.init_std)
+            ctx = init_context(backbone, config.n_ctx_text, "", config.init_std)
         self.ctx = nn.Parameter(ctx)
+        text_width = ctx.shape[1]
         register_text_prefix(self, text_width)
         self._template = " ".join([PLACEHOLDER] * (k + config.n_ctx_text)) + " " + config.prompt_text
         depth_t = effective_depth(config.prompt_depth_text, len(clip.transformer.resblocks), "text prompt")
-        depth_v = effective_depth(config.prompt_depth_vision, len(visual.transformer.resblocks), "vision prompt")
         self.deep_text = normal_prompts(depth_t - 1, config.n_ctx_text, text_width, config.init_std)
-        vision_ctx = torch.empty(config.n_ctx_vision, vision_width)
-        nn.init.normal_(vision_ctx, std=config.init_std)
-        self.vision_ctx = nn.Parameter(vision_ctx)
-        self.deep_vision = normal_prompts(depth_v - 1, config.n_ctx_vision, vision_width, config.init_std)
+        self._init_vision_prompts(config.n_ctx_vision, config.prompt_depth_vision, config.init_std)
         self.project_text = nn.Linear(backbone.embed_dim, text_width)
-        self.project_vision = nn.Linear(backbone.embed_dim, vision_width)
+        self.project_vision = nn.Linear(backbone.embed_dim, self.vision_ctx.shape[1])
         self.dropout = nn.Dropout(config.dropout)
         self.declare_learned()
         self.register_learned_buffer("centres", torch.zeros(k, backbone.embed_dim))
@@ -195,11 +190,8 @@ class TAC(DeepPromptMethod):
     def description_embeddings(self, device: torch.device) -> torch.Tensor:
         """[C, D]: per training class, the frozen CLIP's text features of its descriptions averaged
         unnormalised, then normalised (the reference's teacher and k-means input)."""
-        missing = [c for c in self.train_classnames if not self.descriptions.get(c)]
-        if missing:
-            raise ValueError(f"{self.name} clusters the training classes' descriptions; none for {missing[:5]}"
-                             f"{' ...' if len(missing) > 5 else ''}")
-        return class_text_means(self, [self.descriptions[c] for c in self.train_classnames], device, normalize_each=False)
+        texts = self.every_training_description("clusters the training classes' descriptions")
+        return class_text_means(self, texts, device, normalize_each=False)
 
     def on_train_start(self, train_set: Any) -> None:
         device = self.centres.device
@@ -263,6 +255,4 @@ class TAC(DeepPromptMethod):
 
     def final_learned_state(self) -> dict[str, torch.Tensor]:
         """The uniform epoch average (loaded into the method too, as the reference does)."""
-        if self._average.sum:
-            self.load_learned_state(self._average.average(self.learned_state()))
-        return self.learned_state()
+        return self._average.apply(self)

@@ -6,7 +6,7 @@ reaches the same average as an uninterrupted one (the TAC reference's does not).
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -50,3 +50,10 @@ class SnapshotAverage:
         """``learned`` with the averaged tensors in place of their current values (unchanged when
         nothing was added)."""
         return {k: self.sum.get(k, v) for k, v in learned.items()}
+
+    def apply(self, method: Any) -> dict[str, torch.Tensor]:
+        """A finished run's ``final_learned_state``: the average loaded into ``method`` (as the
+        references do) when anything was added, then its learned state."""
+        if self.sum:
+            method.load_learned_state(self.average(method.learned_state()))
+        return method.learned_state()

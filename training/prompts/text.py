@@ -55,3 +55,11 @@ def description_rows(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
     """[S, C, L] prompt rows -> [S, C] bool: the real ones (a padding row is the empty prompt, its
     end-of-text token right after the start; see ``exports.prompts``)."""
     return tokens[..., 1] != eot_token_id
+
+
+def mean_over_rows(feats: torch.Tensor, tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
+    """Normalised features [S, C, D] of the prompt rows ``tokens`` [S, C, L] -> [C, D]: the
+    re-normalised mean over each class's real rows (padding rows left out; CuPL, LwEIB, HiCroPL)."""
+    weights = description_rows(tokens, eot_token_id).to(feats.dtype)  # [S, C]
+    mean = (feats * weights.unsqueeze(-1)).sum(0) / weights.sum(0).clamp_min(1.0).unsqueeze(-1)
+    return torch.nn.functional.normalize(mean, dim=-1)
