@@ -236,10 +236,12 @@ def _open_clip_backbone(spec: str, model_name: str, source: str) -> Backbone:
                 f"could not load {model_name} weights {source!r} ({e.__class__.__name__}: {e}). "
                 f"This machine may be offline. Alternatives: {_alternatives()}"
             ) from e
-    model = model.float()
-    pre = PreprocessConfig.from_open_clip(open_clip.get_model_preprocess_cfg(model))
-    tokenizer = open_clip.get_tokenizer(model_name)
-    return Backbone(spec, _freeze(model), tokenizer, pre)
+    return _open_clip_wrapped(spec, model, open_clip.get_tokenizer(model_name))
+
+
+def _open_clip_wrapped(spec: str, model: CLIP, tokenizer: Callable) -> Backbone:
+    """An open_clip model as a frozen fp32 :class:`Backbone` with the preprocessing its config names."""
+    return _open_clip_wrapped(spec, model, tokenizer)
 
 
 SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip's: config and weights come from the repository / directory

@@ -36,7 +36,7 @@ def dumps(catalog: dict[str, Any]) -> str:
 def main() -> int:
     from training.runs import atomic_write_bytes
 
-    atomic_write_bytes(CATALOG_FILE, dumps(build_catalog()).encode())
+    atomic_write_bytes(CATALOG_FILE, dumps(build_catalog()).encode(), mode=0o644)  # package data
     print(f"wrote {CATALOG_FILE}", file=sys.stderr)
     return 0
 
