@@ -192,6 +192,73 @@ def test_stages_train_their_own_tensors_and_resume_inside_a_stage(tiny_backbone,
         assert torch.equal(full[k], resumed[k]), k
 
 
+class _Alternating(_TwoStage):
+    """TAP-like: context and temperature alternate (2, 1, 2, 1 epochs), each its own track."""
+
+    def stages(self):
+        from training.protocol import Stage
+
+        return (Stage("context", 2 / 6, track="c"), Stage("temperature", 1 / 6, track="t"),
+                Stage("context", 2 / 6, track="c"), Stage("temperature", 1 / 6, track="t"))
+
+
+def _alternating(backbone, base, init_seed=0):
+    torch.manual_seed(init_seed)
+    m = _Alternating(backbone, get_method("coop").config_cls(ctx_init="", n_ctx=4), base.classnames)
+    ds = SampleDataset(sample_few_shot(base.train, 4, 1), build_train_transform(backbone.preprocess))
+    return m, ds, m.tokenize(base.classnames)
+
+
+def test_stages_of_a_track_share_one_optimizer_and_one_schedule(tiny_backbone, base_split, tmp_path):
+    cfg = TrainConfig(epochs=6, batch_size=4, lr=0.05, warmup_epochs=1, optimizer="adamw")
+    m, ds, tokens = _alternating(tiny_backbone, base_split)
+    steps = {}  # after each epoch: the checkpoint's Adam step counts, per optimizer key
+
+    def read_checkpoint(epoch):
+        tensors, meta = load_tensors(tmp_path / "full" / CHECKPOINT_FILE)
+        steps[epoch] = {k.removesuffix("/0/step"): int(v) for k, v in tensors.items() if k.endswith("/0/step")}
+
+    full = train(m, ds, tokens, cfg, RunDir(tmp_path / "full"), seed=1, progress=False, on_epoch_end=read_checkpoint)
+    log = [json.loads(line) for line in (tmp_path / "full" / LOG_FILE).read_text().splitlines()]
+    assert [r["stage"] for r in log] == ["context"] * 2 + ["temperature"] + ["context"] * 2 + ["temperature"]
+    # each track: warm-up at its first epoch, then one cosine over its own epochs (context 4, temperature 2)
+    c = TrainConfig(epochs=4, lr=0.05, warmup_epochs=1)
+    t = TrainConfig(epochs=2, lr=0.05, warmup_epochs=1)
+    want = [learning_rate(c, 0), learning_rate(c, 1), learning_rate(t, 0), learning_rate(c, 2), learning_rate(c, 3),
+            learning_rate(t, 1)]
+    assert [r["lr"] for r in log] == [pytest.approx(v) for v in want]
+    # one AdamW per track, its state carried over the other track's phases and checkpointed beside it
+    # (the running stage's under optim/, the other's under optim@TRACK/); a finished track's is dropped
+    n = len(ds) // 4
+    assert steps[2] == {"optim": 2 * n}
+    assert steps[3] == {"optim": n, "optim@c": 2 * n}
+    assert steps[5] == {"optim": 4 * n, "optim@t": n}
+    assert steps[6] == {"optim": 2 * n}
+
+    # killed in the second context phase (epoch 5), resumed by a fresh process: same tensors
+    m2, ds2, _ = _alternating(tiny_backbone, base_split)
+    with pytest.raises(_Boom):
+        train(m2, _KillAt(ds2, 4 * len(ds2) + 2), tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
+    m3, ds3, _ = _alternating(tiny_backbone, base_split, init_seed=7)
+    resumed = train(m3, ds3, tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+
+
+def test_a_track_trains_the_same_tensors_in_every_stage(tiny_backbone, base_split, tmp_path):
+    class _Wrong(_Alternating):
+        def begin_stage(self, stage):
+            super().begin_stage(stage)
+            self.temp.requires_grad_(stage.name == "temperature" or self.snapshots != [])
+
+    torch.manual_seed(0)
+    m = _Wrong(tiny_backbone, get_method("coop").config_cls(ctx_init="", n_ctx=4), base_split.classnames)
+    ds = SampleDataset(sample_few_shot(base_split.train, 4, 1), build_train_transform(tiny_backbone.preprocess))
+    with pytest.raises(ValueError, match="track 'c' must train the same tensors"):
+        train(m, ds, m.tokenize(base_split.classnames), TrainConfig(epochs=6, batch_size=4), RunDir(tmp_path), seed=1,
+              progress=False)
+
+
 def test_stage_plans_are_checked():
     from training.loop import stage_plan
     from training.protocol import Stage
@@ -204,6 +271,16 @@ def test_stage_plans_are_checked():
         stage_plan(1, (Stage("a", 0.5), Stage("b", 0.5)))
     with pytest.raises(ValueError, match="share must be"):
         Stage("c", 0.0)
+    with pytest.raises(ValueError, match="track name"):
+        Stage("c", 0.5, track="a/b")
+    plan = stage_plan(12, (Stage("v", 5 / 12, track="v"), Stage("t", 1 / 12, track="t"),
+                           Stage("v", 5 / 12, track="v"), Stage("t", 1 / 12, track="t")))
+    assert [(p.track, p.first, p.epochs, p.track_first, p.track_epochs) for p in plan] == [
+        ("v", 0, 5, 0, 10), ("t", 5, 1, 0, 2), ("v", 6, 5, 5, 10), ("t", 11, 1, 1, 2)]
+    from training.protocol import track_epoch
+
+    assert track_epoch(plan, 7)[0] is plan[2] and track_epoch(plan, 7)[1] == 6
+    assert [p.track for p in stage_plan(2, (Stage("a", 0.5), Stage("b", 0.5)))] == ["#0", "#1"]
 
 
 def test_without_warm_up_the_schedule_is_the_plain_cosine():

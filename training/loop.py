@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from training.config import TrainConfig  # re-exported; it lives torch-free so the CLI can build its parser
 from training.data import SampleDataset
-from training.protocol import PromptMethod, Stage
+from training.protocol import PromptMethod, stage_plan, track_epoch  # noqa: F401 (stage_plan re-exported)
 from training.runs import CHECKPOINT_FILE, LEARNED_FILE, RunDir, RunError, atomic_save_tensors, load_tensors
 
 logger = logging.getLogger(__name__)
@@ -61,26 +61,6 @@ def _make_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimiz
                              eps=cfg.adam_eps)
 
 
-def stage_plan(epochs: int, stages: Sequence[Stage]) -> list[tuple[Stage, int, int]]:
-    """``(stage, first epoch, epochs)`` per stage: shares of ``epochs`` rounded, the last stage the rest.
-
-    Raises:
-        ValueError: no stage, shares that do not sum to 1, or a stage left with no epoch.
-    """
-    if not stages:
-        raise ValueError("a method needs at least one training stage")
-    if abs(sum(st.share for st in stages) - 1.0) > 1e-6:
-        raise ValueError(f"stage shares must sum to 1, got {[st.share for st in stages]}")
-    plan, start = [], 0
-    for i, st in enumerate(stages):
-        n = epochs - start if i == len(stages) - 1 else round(epochs * st.share)
-        if n < 1 and epochs > 0:
-            raise ValueError(f"stage {st.name!r} gets no epoch of {epochs}; train for more epochs")
-        plan.append((st, start, n))
-        start += n
-    return plan
-
-
 def _stage_optimizer(method: PromptMethod, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in method.parameters() if p.requires_grad]
     groups = method.param_groups()
@@ -103,13 +83,18 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]) -> None:
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], prefix: str = "optim/") -> None:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
-        if name.startswith("optim/"):
-            _, idx, key = name.split("/", 2)
+        if name.startswith(prefix):
+            idx, key = name[len(prefix):].split("/", 1)
             state.setdefault(int(idx), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def _other_track_prefix(track: str) -> str:
+    """Checkpoint key prefix of a track's optimizer while another track trains (the running one keeps ``optim/``)."""
+    return f"optim@{track}/"
 
 
 class _FeatureCache:
@@ -163,7 +148,7 @@ def train(
     method.to(device)
     tokens = tokens.to(device)
     plan = stage_plan(cfg.epochs, method.stages())
-    method.begin_stage(plan[0][0])
+    method.begin_stage(plan[0].stage)
     params = [p for p in method.parameters() if p.requires_grad]
     if not params or cfg.epochs == 0:
         if params and cfg.epochs == 0:
@@ -182,7 +167,7 @@ def train(
         method.load_learned_state({k.removeprefix("learned/"): v for k, v in tensors.items() if k.startswith("learned/")})
         method.load_training_state({k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")})
         start_epoch = int(meta["epoch"])
-        checkpoint = (tensors, int(meta.get("stage", 0)))  # the optimizer state belongs to that stage
+        checkpoint = (tensors, int(meta.get("stage", 0)))  # optim/: that stage's optimizer; optim@T/: track T's
         if meta.get("scaler"):
             scaler.load_state_dict(json.loads(meta["scaler"]))
         logger.info("resuming %s from epoch %d/%d", run.path, start_epoch, cfg.epochs)
@@ -200,23 +185,37 @@ def train(
         logger.info("cached %d views of %d images in %.1fs", cfg.feature_cache_views, len(train_set), time.perf_counter() - t0)
 
     method.on_train_start(data)
-    current, optimizer, stage_cfg, first = -1, None, cfg, 0
+    # one optimizer per track (a stage that names no track is one); the schedule runs over the track's epochs
+    current, optimizer, stage_cfg, optimizers = -1, None, cfg, {}
+    resumed_stage = checkpoint[1] if checkpoint is not None else -1
     for epoch in range(start_epoch, cfg.epochs):
-        s = next(i for i, (_, start, n) in enumerate(plan) if start <= epoch < start + n)
+        planned, track_index = track_epoch(plan, epoch)
+        s = plan.index(planned)
         if s != current:  # a stage begins (or a run resumes inside it): its trainable tensors, optimizer, schedule
-            stage, first, n = plan[s]
-            method.begin_stage(stage)
-            optimizer = _stage_optimizer(method, cfg)
-            if checkpoint is not None and checkpoint[1] == s:
-                _load_optimizer_tensors(optimizer, checkpoint[0])
-            checkpoint = None
-            stage_cfg = dataclasses.replace(cfg, epochs=n, warmup_epochs=cfg.warmup_epochs if stage.warmup else 0)
+            method.begin_stage(planned.stage)
+            later = {p.track for p in plan[s:]}
+            optimizers = {t: o for t, o in optimizers.items() if t in later}  # a finished track's state is dropped
+            optimizer = optimizers.get(planned.track)
+            if optimizer is None:
+                optimizer = optimizers[planned.track] = _stage_optimizer(method, cfg)
+                if checkpoint is not None and 0 <= resumed_stage < len(plan):
+                    if plan[resumed_stage].track == planned.track:
+                        _load_optimizer_tensors(optimizer, checkpoint[0])
+                    else:
+                        _load_optimizer_tensors(optimizer, checkpoint[0], _other_track_prefix(planned.track))
+            elif {id(p) for g in optimizer.param_groups for p in g["params"]} != {
+                    id(p) for p in method.parameters() if p.requires_grad}:
+                raise ValueError(f"{method.name}: the stages of track {planned.track!r} must train the same tensors")
+            first_stage = next(p for p in plan if p.track == planned.track)
+            stage_cfg = dataclasses.replace(cfg, epochs=planned.track_epochs,
+                                            warmup_epochs=cfg.warmup_epochs if first_stage.stage.warmup else 0)
             if len(plan) > 1:
-                logger.info("stage %d/%d %r: epochs %d-%d", s + 1, len(plan), stage.name, first + 1, first + n)
+                logger.info("stage %d/%d %r: epochs %d-%d", s + 1, len(plan), planned.stage.name, planned.first + 1,
+                            planned.first + planned.epochs)
             current = s
-        lr = learning_rate(stage_cfg, epoch - first)
+        lr = learning_rate(stage_cfg, track_index)
         for group in optimizer.param_groups:
-            group["lr"] = group_lr(stage_cfg, epoch - first, group["lr_scale"])
+            group["lr"] = group_lr(stage_cfg, track_index, group["lr_scale"])
         es = epoch_seed(seed, epoch)
         torch.manual_seed(es)  # augmentations in the main process
         generator = torch.Generator().manual_seed(es)
@@ -264,7 +263,7 @@ def train(
         acc = "" if record["acc"] is None else f" acc {record['acc']:.1f}%"
         logger.info("epoch %d/%d loss %.4f%s lr %.2e (%.1fs)", epoch + 1, cfg.epochs, record["loss"], acc, lr, record["seconds"])
         if len(plan) > 1:
-            record["stage"] = plan[current][0].name
+            record["stage"] = plan[current].stage.name
         method.on_epoch_end(epoch + 1, cfg.epochs)
         if cfg.select == "best_val":
             method.eval()
@@ -276,7 +275,14 @@ def train(
                 best = ({k: v.detach().clone() for k, v in method.learned_state().items()}, record["val_acc"], epoch + 1)
             logger.info("epoch %d/%d val acc %.2f%% (best %.2f%%, epoch %d)", epoch + 1, cfg.epochs, record["val_acc"],
                         best[1], best[2])
-        _save_checkpoint(run, method, optimizer, scaler, epoch + 1, current, best)
+        others = {t: o for t, o in optimizers.items() if o is not optimizer}
+        if checkpoint is not None:  # tracks not started since the resume keep their saved state
+            for t in {p.track for p in plan[current:]} - set(optimizers):
+                prefix = "optim/" if 0 <= resumed_stage < len(plan) and plan[resumed_stage].track == t else _other_track_prefix(t)
+                kept = {k[len(prefix):]: v for k, v in checkpoint[0].items() if k.startswith(prefix)}
+                if kept:
+                    others[t] = kept
+        _save_checkpoint(run, method, optimizer, scaler, epoch + 1, current, best, others)
         run.append_log(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
@@ -291,10 +297,16 @@ def train(
 
 
 def _save_checkpoint(run: RunDir, method: PromptMethod, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                     epoch: int, stage: int = 0, best: tuple[dict[str, torch.Tensor], float, int] | None = None) -> None:
+                     epoch: int, stage: int = 0, best: tuple[dict[str, torch.Tensor], float, int] | None = None,
+                     other_tracks: Mapping[str, torch.optim.Optimizer | Mapping[str, torch.Tensor]] | None = None) -> None:
+    """``other_tracks``: the optimizers of tracks other than the running stage's (or their saved
+    tensors, for a track not resumed yet), kept under ``optim@TRACK/``."""
     tensors = {f"learned/{k}": v for k, v in method.learned_state().items()}
     tensors.update({f"state/{k}": v for k, v in method.training_state().items()})
     tensors.update(_optimizer_tensors(optimizer))
+    for track, other in (other_tracks or {}).items():
+        saved = other if isinstance(other, Mapping) else {k.removeprefix("optim/"): v for k, v in _optimizer_tensors(other).items()}
+        tensors.update({f"{_other_track_prefix(track)}{k}": v for k, v in saved.items()})
     meta = {"epoch": str(epoch), "stage": str(stage)}
     if best is not None:  # best_val selection: the best epoch so far travels with the checkpoint
         tensors.update({f"best/{k}": v for k, v in best[0].items()})

@@ -62,10 +62,77 @@ class Stage:
     name: str = "train"
     share: float = 1.0
     warmup: bool = True
+    track: str = ""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.share <= 1.0:
             raise ValueError(f"stage {self.name!r}: share must be in (0, 1], got {self.share}")
+        if "/" in self.track or "@" in self.track:
+            raise ValueError(f"stage {self.name!r}: a track name holds no '/' or '@', got {self.track!r}")
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """A stage placed on the epochs of a run (:func:`stage_plan`).
+
+    Attributes:
+        stage: the stage.
+        first: the run's epoch (0-based) the stage starts at.
+        epochs: how many epochs it runs.
+        track: the key of its optimizer and schedule (the stage's ``track``, or ``#i`` for the i-th
+            stage when it names none: then the stage is a track of its own).
+        track_first: how many epochs of its track ran before the stage starts.
+        track_epochs: the track's epochs in the whole run (the length of its cosine schedule).
+    """
+
+    stage: Stage
+    first: int
+    epochs: int
+    track: str
+    track_first: int
+    track_epochs: int
+
+    def __iter__(self):  # (stage, first, epochs), the plan's earlier tuple form
+        return iter((self.stage, self.first, self.epochs))
+
+
+def stage_plan(epochs: int, stages: Sequence[Stage]) -> list[PlannedStage]:
+    """The stages placed on ``epochs``: shares rounded, the last stage the rest.
+
+    Stages that name the same ``track`` (TAP's alternating vision and text phases) share one optimizer
+    and one schedule, counted over the track's epochs across the run; a stage naming none is a track
+    of its own (a fresh optimizer and schedule, the default).
+
+    Raises:
+        ValueError: no stage, shares that do not sum to 1, or a stage left with no epoch.
+    """
+    if not stages:
+        raise ValueError("a method needs at least one training stage")
+    if abs(sum(st.share for st in stages) - 1.0) > 1e-6:
+        raise ValueError(f"stage shares must sum to 1, got {[st.share for st in stages]}")
+    spans, start = [], 0
+    for i, st in enumerate(stages):
+        n = epochs - start if i == len(stages) - 1 else round(epochs * st.share)
+        if n < 1 and epochs > 0:
+            raise ValueError(f"stage {st.name!r} gets no epoch of {epochs}; train for more epochs")
+        spans.append((st, start, n, st.track or f"#{i}"))
+        start += n
+    total: dict[str, int] = {}
+    for _, _, n, track in spans:
+        total[track] = total.get(track, 0) + n
+    plan, done = [], {}
+    for st, first, n, track in spans:
+        plan.append(PlannedStage(st, first, n, track, done.get(track, 0), total[track]))
+        done[track] = done.get(track, 0) + n
+    return plan
+
+
+def track_epoch(plan: Sequence[PlannedStage], epoch: int) -> tuple[PlannedStage, int]:
+    """The planned stage the run's ``epoch`` (0-based) belongs to, and the epoch's index in its track."""
+    for p in plan:
+        if p.first <= epoch < p.first + p.epochs:
+            return p, p.track_first + epoch - p.first
+    raise ValueError(f"epoch {epoch} is outside the plan of {sum(p.epochs for p in plan)} epochs")
 
 
 IMAGE_EMBEDDINGS = "image_embeddings"
@@ -475,8 +542,9 @@ class PromptMethod(nn.Module):
 
     def stages(self) -> tuple[Stage, ...]:
         """The training recipe's stages, in order (default: one). Each gets its share of the epochs,
-        its own optimizer and schedule; :meth:`begin_stage` switches what trains. Checkpoints record
-        the stage, and a killed run resumes inside it."""
+        its own optimizer and schedule, or its track's when stages share a ``track`` (:func:`stage_plan`);
+        :meth:`begin_stage` switches what trains. Checkpoints record the stage and every track's
+        optimizer state, and a killed run resumes inside it."""
         return (Stage(),)
 
     def begin_stage(self, stage: Stage) -> None:
