@@ -50,9 +50,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ValueError("--class-names must be a JSON list of strings")
     descriptions = None
     if args.descriptions:
-        from training.data.descriptions import load_descriptions  # torch-free
+        from training.data.descriptions import load_any_descriptions  # torch-free
 
-        descriptions = load_descriptions(args.descriptions)
+        descriptions = load_any_descriptions(args.descriptions)
     predictor = Predictor(args.artifact, device=args.device)
     predictions = predictor.classify(_read_images(args.images), names, top_k=args.top_k, mode=args.mode,
                                      descriptions=descriptions)
@@ -74,7 +74,7 @@ def add_commands(sub: argparse._SubParsersAction, add_command: Callable[..., arg
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--mode", choices=["auto", "base", "novel"], default="auto",
                    help="heads of methods with a base/novel switch: auto (trained names base, others novel), or one for all")
-    s.add_argument("--descriptions", metavar="FILE", help="class descriptions (CuPL JSON) for methods that embed classes "
+    s.add_argument("--descriptions", metavar="FILE", help="class descriptions (CuPL JSON, or attribute trees for TAP) for methods that embed classes "
                    "from them; the artifact ships those of its known classes")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("images", nargs="+", metavar="IMAGE")

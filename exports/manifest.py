@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from exports.preprocess import PreprocessConfig
-from exports.prompts import DESCRIPTION_TEMPLATE, check_description_template
+from exports.prompts import DESCRIPTION_TEMPLATE, DescriptionLayout, check_description_template, check_tree
 
 SCHEMA_VERSION = 2
 #: versions :func:`read_manifest` reads; older ones are upgraded in memory (:func:`_upgrade`)
@@ -159,6 +159,18 @@ class Parity(_Strict):
     providers: list[str] = Field(default_factory=lambda: ["CPUExecutionProvider"])
 
 
+class LayoutInfo(_Strict):
+    """:class:`exports.prompts.DescriptionLayout` in the manifest."""
+
+    attributes: list[str]
+    rows: list[int]
+
+    @model_validator(mode="after")
+    def _valid(self) -> "LayoutInfo":
+        DescriptionLayout(tuple(self.attributes), tuple(self.rows))  # its checks, as a validation error
+        return self
+
+
 class Manifest(_Strict):
     """Everything the runtime needs to turn images and class names into predictions.
 
@@ -183,9 +195,12 @@ class Manifest(_Strict):
     prompt_templates: list[str]
     #: descriptions of the classes the run knew, for methods that embed classes from them
     #: (``capabilities.needs_class_descriptions``); requests add their own for other names
-    class_descriptions: dict[str, list[str]] = Field(default_factory=dict)
+    class_descriptions: dict[str, list[str] | dict[str, list[str]]] = Field(default_factory=dict)
     #: how each description becomes a prompt (:func:`exports.prompts.prompt_rows`)
     description_template: str = DESCRIPTION_TEMPLATE
+    #: for a method that reads attribute trees (TAP): its attributes and sentences per attribute
+    #: (:class:`exports.prompts.DescriptionLayout`); descriptions are then trees
+    description_layout: LayoutInfo | None = Field(default=None, exclude_if=lambda v: v is None)
     logit_scale: Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)]  # CLIP clamps its scale at 100
     embed_dim: Annotated[int, Field(ge=1)]
     opset: Annotated[int, Field(ge=7)]
@@ -195,6 +210,12 @@ class Manifest(_Strict):
     heads: list[Head]
     files: dict[str, FileEntry]
     parity: Parity
+
+    @property
+    def layout(self) -> DescriptionLayout | None:
+        """:attr:`description_layout` as the prompt builder takes it."""
+        d = self.description_layout
+        return None if d is None else DescriptionLayout(tuple(d.attributes), tuple(d.rows))
 
     @field_validator("prompt_templates")
     @classmethod
@@ -225,9 +246,20 @@ class Manifest(_Strict):
                              "from their descriptions)")
         if self.class_descriptions and not self.capabilities.needs_class_descriptions:
             raise ValueError("class_descriptions are only shipped for methods that need class descriptions")
-        for name, sentences in self.class_descriptions.items():
+        layout = self.layout
+        if layout is not None and not self.capabilities.needs_class_descriptions:
+            raise ValueError("description_layout is only for methods that need class descriptions")
+        for name, value in self.class_descriptions.items():
+            if layout is not None:
+                check_tree(name, value, layout)
+                sentences = [d for v in value.values() for d in v]
+            elif isinstance(value, dict):
+                raise ValueError(f"class_descriptions[{name!r}] is an attribute tree, but the manifest has no "
+                                 "description_layout")
+            else:
+                sentences = value
             if not sentences or not all(isinstance(d, str) and d.strip() for d in sentences):
-                raise ValueError(f"class_descriptions[{name!r}] must be a non-empty list of non-empty strings")
+                raise ValueError(f"class_descriptions[{name!r}] must hold non-empty strings")
         conditioned = self.capabilities.text_depends_on_image
         scored = self.graphs.score is not None
         if self.graphs.image.whole_class_list or self.graphs.text.whole_class_list:

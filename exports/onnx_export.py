@@ -72,6 +72,7 @@ from exports.manifest import (
     GraphInfo,
     Graphs,
     Head,
+    LayoutInfo,
     Manifest,
     Parity,
     Precision,
@@ -80,7 +81,7 @@ from exports.manifest import (
     load_artifact,
 )
 from exports.preprocess import PreprocessConfig
-from exports.prompts import DESCRIPTION_TEMPLATE, prompt_rows
+from exports.prompts import DESCRIPTION_TEMPLATE, DescriptionLayout, prompt_rows
 from exports.runtime import create_session
 from exports.scoring import base_mask, head_logits
 from exports.tempdirs import make_owned_dir, remove_stale_dirs
@@ -126,7 +127,8 @@ class ArtifactInfo:
         heads: how the outputs become logits (:class:`exports.manifest.Head` or its fields as a
             dict); empty for image-conditioned methods.
         class_descriptions: for methods that need class descriptions: those the artifact ships
-            (the parity check embeds its classes from them).
+            (the parity check embeds its classes from them); attribute trees with a
+            ``description_layout`` (:class:`exports.prompts.DescriptionLayout`).
         scored: an image-conditioned method with image-independent class outputs (``text_outputs``)
             and a score graph (image outputs, class outputs) -> logits.
         whole_class_list: scored only: the score graph must see every name of a request at once
@@ -149,6 +151,7 @@ class ArtifactInfo:
     scored: bool = False
     whole_class_list: bool = False
     description_template: str = DESCRIPTION_TEMPLATE
+    description_layout: DescriptionLayout | None = None
 
 
 def check_exportable(capabilities: Mapping[str, bool]) -> None:
@@ -539,7 +542,8 @@ def export_artifact(
         templates = list(info.prompt_templates)
         described = bool(info.capabilities["needs_class_descriptions"])
         descriptions = dict(info.class_descriptions) if described else None
-        rows = prompt_rows(templates, names, descriptions, info.description_template)
+        layout = info.description_layout
+        rows = prompt_rows(templates, names, descriptions, info.description_template, layout)
         prompts = [p for row in rows for p in row]
         tokens = tokenizer(prompts)
         expected = np.asarray(reference_tokenize(prompts), dtype=np.int64)
@@ -561,7 +565,9 @@ def export_artifact(
             # traced at 2 classes (and, with descriptions, a row count other than the parity's): sizes stay dynamic
             n_example = 1 if len(rows) - len(templates) != 1 else 2
             example = {"a photo": ["a photo.", "a second one."][:n_example], "two words": ["two words."]} if described else None
-            example_rows = prompt_rows(templates, ["a photo", "two words"], example, info.description_template)
+            if described and layout is not None:  # trees: the rows are the layout's whatever the sentences
+                example = {n: {layout.attributes[0]: v} for n, v in example.items()}
+            example_rows = prompt_rows(templates, ["a photo", "two words"], example, info.description_template, layout)
             example_tokens = torch.from_numpy(tokenizer([p for row in example_rows for p in row]))
             example_tokens = example_tokens.reshape(len(example_rows), 2, context_length)
             example_pixels = torch.from_numpy(pixels[:1]).repeat(2, 1, 1, 1)
@@ -622,8 +628,10 @@ def export_artifact(
             tokenizer=TokenizerInfo(file=VOCAB_FILENAME, context_length=context_length,
                                     sot_token_id=tokenizer.sot_token_id, eot_token_id=tokenizer.eot_token_id),
             prompt_templates=templates,
-            class_descriptions={k: list(v) for k, v in (descriptions or {}).items()},
+            class_descriptions={k: ({a: list(d) for a, d in v.items()} if isinstance(v, Mapping) else list(v))
+                                for k, v in (descriptions or {}).items()},
             description_template=info.description_template,
+            description_layout=None if layout is None else LayoutInfo(**layout.to_dict()),
             logit_scale=float(info.logit_scale),
             embed_dim=int(info.embed_dim),
             opset=opset,

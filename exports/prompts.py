@@ -6,13 +6,22 @@ embeds each class from its own rows instead: the templates filled with the name,
 descriptions; classes with fewer rows are padded with the empty prompt ``""`` (start and end of text
 only), which the method's text graph leaves out (:func:`is_padding_row` on the token ids).
 
+Descriptions come in two kinds: sentences per class (CuPL's ``{name: [sentence, ...]}``), or an
+attribute tree per class (TAP's ``{name: {attribute: [sentence, ...]}}``). A tree method fixes a
+:class:`DescriptionLayout` when it trains (its attributes, and how many sentences of each it reads),
+so every class has the same rows: the templates, then each attribute's block of sentences.
+
 Torch-free: the runtime and the service import it.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Union
 
 PADDING_PROMPT = ""
+#: one class's descriptions: sentences, or an attribute tree ``{attribute: [sentence, ...]}``
+ClassDescriptions = Union[Sequence[str], Mapping[str, Sequence[str]]]
 #: how a description becomes a prompt: the sentence itself (CuPL); a method may put the class name
 #: in (LwEIB: ``"a photo of a {name}, {description}"``)
 DESCRIPTION_TEMPLATE = "{description}"
@@ -38,26 +47,109 @@ class MissingDescriptionError(ValueError):
         self.names = list(names)
 
 
+@dataclass(frozen=True)
+class DescriptionLayout:
+    """How a tree method reads attribute trees: its ``attributes`` in order, and ``rows[a]``, how many
+    sentences of attribute a each class gets (more are cut to the first ``rows[a]``, fewer padded).
+
+    A class with no sentence for an attribute gets :data:`MISSING_ATTRIBUTE` (its name) there, so
+    every attribute block has a prompt to pool.
+    """
+
+    attributes: tuple[str, ...]
+    rows: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.attributes or len(self.attributes) != len(self.rows):
+            raise ValueError(f"a description layout needs one row count per attribute, got {list(self.attributes)} "
+                             f"and {list(self.rows)}")
+        if len(set(self.attributes)) != len(self.attributes) or not all(a.strip() for a in self.attributes):
+            raise ValueError(f"layout attributes must be distinct non-blank names, got {list(self.attributes)}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.rows):
+            raise ValueError(f"layout rows must be integers >= 1, got {list(self.rows)}")
+
+    @property
+    def depth(self) -> int:
+        """Description rows per class (templates excluded)."""
+        return sum(self.rows)
+
+    def to_dict(self) -> dict[str, list]:
+        return {"attributes": list(self.attributes), "rows": list(self.rows)}
+
+
+#: the sentence a class gets for an attribute it has none for: the class name
+MISSING_ATTRIBUTE = "{name}."
+
+
+def check_tree(name: str, tree: object, layout: DescriptionLayout) -> Mapping[str, Sequence[str]]:
+    """A class's attribute tree, checked against ``layout``: an object of attribute -> list of sentences
+    with sentences for at least one of the layout's attributes. Attributes the layout does not read
+    are ignored (a tree file may describe more than a model was trained with).
+
+    Raises:
+        MissingDescriptionError: an empty tree.
+        ValueError: naming the class and what is wrong (a sentence list where a tree is expected, a
+            value that is no list of sentences, none of the layout's attributes).
+    """
+    if not isinstance(tree, Mapping):
+        raise ValueError(f"descriptions of {name!r}: this method reads an attribute tree per class, "
+                         f"{{attribute: [sentence, ...]}} with attributes {list(layout.attributes)}; got a "
+                         f"{type(tree).__name__}")
+    for attribute, sentences in tree.items():
+        if isinstance(sentences, str) or not isinstance(sentences, Sequence) or not all(isinstance(d, str) for d in sentences):
+            raise ValueError(f"descriptions of {name!r}: attribute {attribute!r} must be a list of sentences")
+    if not any(tree.get(a) for a in layout.attributes):
+        if not any(tree.values()):
+            raise MissingDescriptionError([name])
+        raise ValueError(f"descriptions of {name!r}: none of its attributes {sorted(tree)} is one this method reads "
+                         f"({list(layout.attributes)})")
+    return tree
+
+
+def tree_rows(name: str, tree: Mapping[str, Sequence[str]], layout: DescriptionLayout) -> list[str]:
+    """One class's description rows under ``layout`` (before the description template): per attribute,
+    its first ``rows[a]`` sentences padded with :data:`PADDING_PROMPT`, or the name when it has none."""
+    out: list[str] = []
+    for attribute, k in zip(layout.attributes, layout.rows):
+        sentences = [str(d) for d in tree.get(attribute, ())][:k] or [MISSING_ATTRIBUTE.format(name=name)]
+        out += sentences + [PADDING_PROMPT] * (k - len(sentences))
+    return out
+
+
 def prompt_rows(templates: Sequence[str], class_names: Sequence[str],
-                descriptions: Mapping[str, Sequence[str]] | None = None,
-                description_template: str = DESCRIPTION_TEMPLATE) -> list[list[str]]:
+                descriptions: Mapping[str, ClassDescriptions] | None = None,
+                description_template: str = DESCRIPTION_TEMPLATE,
+                layout: DescriptionLayout | None = None) -> list[list[str]]:
     """``rows[s][c]``: the s-th prompt of class c.
 
     Without ``descriptions`` every row is one template filled with every name. With them (a method
     that needs descriptions; every name must have at least one), class c's prompts are the
     templates filled with its name, then its descriptions (each through ``description_template``),
-    padded with :data:`PADDING_PROMPT`.
+    padded with :data:`PADDING_PROMPT`. With a ``layout`` the descriptions are attribute trees and
+    every class has the same rows (:func:`tree_rows`); padding rows stay empty.
 
     Raises:
         MissingDescriptionError: ``descriptions`` lacks some names.
+        ValueError: with a ``layout``, a class whose descriptions are not a tree of its attributes.
     """
     if descriptions is None:
         return [[t.format(n) for n in class_names] for t in templates]
     missing = [n for n in class_names if not descriptions.get(n)]
     if missing:
         raise MissingDescriptionError(missing)
-    per_class = [[t.format(n) for t in templates]
-                 + [description_template.format(name=n, description=str(d)) for d in descriptions[n]] for n in class_names]
+
+    def prompt(n: str, d: str) -> str:
+        return d if d == PADDING_PROMPT else description_template.format(name=n, description=d)
+
+    if layout is None:
+        for n in class_names:
+            if isinstance(descriptions[n], Mapping):
+                raise ValueError(f"descriptions of {n!r}: this method reads sentences per class, [sentence, ...], "
+                                 "not an attribute tree")
+        own = {n: [str(d) for d in descriptions[n]] for n in class_names}
+    else:
+        own = {n: tree_rows(n, check_tree(n, descriptions[n], layout), layout) for n in class_names}
+    per_class = [[t.format(n) for t in templates] + [prompt(n, d) for d in own[n]] for n in class_names]
     depth = max(len(p) for p in per_class)
     return [[p[s] if s < len(p) else PADDING_PROMPT for p in per_class] for s in range(depth)]
 

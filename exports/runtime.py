@@ -30,7 +30,7 @@ from PIL import Image
 from exports import scoring
 from exports.manifest import ArtifactError, Manifest, check_digest, load_artifact
 from exports.preprocess import preprocess_batch
-from exports.prompts import MissingDescriptionError, prompt_rows
+from exports.prompts import ClassDescriptions, MissingDescriptionError, check_tree, prompt_rows
 from exports.text_cache import TextEmbeddingCache, normalize_name
 from exports.tokenizer import Tokenizer
 
@@ -163,9 +163,11 @@ def create_session(path: Path, providers: Sequence[Provider], precision: str = "
     return session
 
 
-def description_key(name: str, descriptions: Sequence[str]) -> str:
-    """The text-cache key of a class embedded from descriptions: its normalised name and a digest of them."""
-    digest = hashlib.sha256(json.dumps(list(descriptions), ensure_ascii=False).encode()).hexdigest()[:32]
+def description_key(name: str, descriptions: ClassDescriptions) -> str:
+    """The text-cache key of a class embedded from descriptions (sentences or an attribute tree): its
+    normalised name and a digest of them."""
+    value = dict(descriptions) if isinstance(descriptions, Mapping) else list(descriptions)
+    digest = hashlib.sha256(json.dumps(value, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:32]
     return f"{normalize_name(name)}\x1f{digest}"
 
 
@@ -300,17 +302,28 @@ class Predictor:
         every name needs some, from the request or shipped in the artifact (``class_descriptions``)."""
         return self.manifest.capabilities.needs_class_descriptions
 
-    def class_descriptions(self, names: Sequence[str], descriptions: Mapping[str, Sequence[str]] | None = None
-                           ) -> dict[str, list[str]] | None:
+    def class_descriptions(self, names: Sequence[str], descriptions: Mapping[str, ClassDescriptions] | None = None
+                           ) -> dict[str, ClassDescriptions] | None:
         """Each name's descriptions, the request's (matched by normalised name) over the artifact's; None
-        for methods that do not use them.
+        for methods that do not use them. An artifact with a ``description_layout`` reads attribute
+        trees ``{attribute: [sentence, ...]}`` (:func:`exports.prompts.check_tree`), others sentences.
 
         Raises:
             exports.prompts.MissingDescriptionError: names with neither.
+            ValueError: descriptions of the wrong kind (a list for a tree method, an unknown attribute).
         """
         if not self.described:
             return None
-        given = {normalize_name(k): list(v) for k, v in (descriptions or {}).items()}
+        layout = self.manifest.layout
+        given: dict[str, ClassDescriptions] = {}
+        for k, v in (descriptions or {}).items():
+            if layout is not None:
+                given[normalize_name(k)] = {a: list(d) for a, d in check_tree(k, v, layout).items()}
+            elif isinstance(v, Mapping):
+                raise ValueError(f"descriptions of {k!r}: this method reads sentences per class, [sentence, ...], "
+                                 "not an attribute tree")
+            else:
+                given[normalize_name(k)] = list(v)
         shipped = {normalize_name(k): v for k, v in self.manifest.class_descriptions.items()}
         out = {n: given.get(normalize_name(n)) or shipped.get(normalize_name(n)) or [] for n in names}
         missing = [n for n, d in out.items() if not d]
@@ -318,14 +331,15 @@ class Predictor:
             raise MissingDescriptionError(missing)
         return out
 
-    def _tokens(self, names: list[str], descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+    def _tokens(self, names: list[str], descriptions: Mapping[str, ClassDescriptions] | None = None) -> np.ndarray:
         """``[T, C, L]`` token ids, template-major as the exporter traced the text graph (``[S, C, L]``
         description rows for methods that embed classes from them; :func:`exports.prompts.prompt_rows`)."""
-        rows = prompt_rows(self.manifest.prompt_templates, names, descriptions, self.manifest.description_template)
+        rows = prompt_rows(self.manifest.prompt_templates, names, descriptions, self.manifest.description_template,
+                           self.manifest.layout)
         L = self.manifest.tokenizer.context_length
         return self.tokenizer([p for row in rows for p in row]).reshape(len(rows), len(names), L)
 
-    def text_outputs(self, class_names: Sequence[str], descriptions: Mapping[str, Sequence[str]] | None = None
+    def text_outputs(self, class_names: Sequence[str], descriptions: Mapping[str, ClassDescriptions] | None = None
                      ) -> dict[str, np.ndarray]:
         """Class names -> every declared class output, L2-normalised ``[C, D]`` float32 (cached per name).
 
@@ -340,12 +354,12 @@ class Predictor:
         """
         return self.counted_text_outputs(class_names, descriptions=descriptions)[0]
 
-    def embed_texts(self, class_names: Sequence[str], descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+    def embed_texts(self, class_names: Sequence[str], descriptions: Mapping[str, ClassDescriptions] | None = None) -> np.ndarray:
         """Class names -> the main (first) class output ``[C, D]`` float32 (see :meth:`text_outputs`)."""
         return self.text_outputs(class_names, descriptions)[self.manifest.graphs.text.outputs[0]]
 
     def counted_text_outputs(self, class_names: Sequence[str], cache: bool = True,
-                             descriptions: Mapping[str, Sequence[str]] | None = None) -> tuple[dict[str, np.ndarray], int, int]:
+                             descriptions: Mapping[str, ClassDescriptions] | None = None) -> tuple[dict[str, np.ndarray], int, int]:
         """:meth:`text_outputs`, and how many names this call found in the cache and how many it computed.
 
         ``cache=False`` runs the text graph and leaves the cache alone (readiness probes).
@@ -355,7 +369,7 @@ class Predictor:
         return self._cached_text_outputs(class_names, cache, descriptions)
 
     def _cached_text_outputs(self, class_names: Sequence[str], cache: bool = True,
-                             descriptions: Mapping[str, Sequence[str]] | None = None) -> tuple[dict[str, np.ndarray], int, int]:
+                             descriptions: Mapping[str, ClassDescriptions] | None = None) -> tuple[dict[str, np.ndarray], int, int]:
         """The text graph's outputs through the per-name cache (class embeddings; a scored artifact's class outputs)."""
         names = scoring.check_class_names(class_names, unique=False)
         per_name = self.class_descriptions(names, descriptions)
@@ -370,7 +384,7 @@ class Predictor:
                 keys, embed=lambda ks: self._stacked_text_outputs([by_key[k] for k in ks], per_name))
         return {name: stacked[:, j] for j, name in enumerate(self.manifest.graphs.text.outputs)}, hits, misses
 
-    def _stacked_text_outputs(self, names: Sequence[str], descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+    def _stacked_text_outputs(self, names: Sequence[str], descriptions: Mapping[str, ClassDescriptions] | None = None) -> np.ndarray:
         """``[C, n_outputs, D]``: the text graph's outputs for ``names``, one row per name (what the cache keeps)."""
         g = self.manifest.graphs.text
         step = self.batch_size * 8  # class names per run
@@ -382,7 +396,7 @@ class Predictor:
         return np.stack([np.concatenate([r[j] for r in runs]) for j in range(len(g.outputs))], axis=1).astype(np.float32, copy=False)
 
     def conditioned_logits(self, image_embeddings: np.ndarray | Mapping[str, np.ndarray], names: Sequence[str],
-                           descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+                           descriptions: Mapping[str, ClassDescriptions] | None = None) -> np.ndarray:
         """Image outputs and names -> ``[B, C]`` float64 logits through the image-conditioned text graph
         (:attr:`conditioned` artifacts only): the text graph runs on every (image, name) pair, at most
         ``_MAX_PROMPTS`` prompts per graph run. ``image_embeddings``: the ``[B, D]`` main output (from
@@ -414,7 +428,7 @@ class Predictor:
         return _pairwise(len(image_embeddings), len(names), run)
 
     def _scored_logits(self, image_outputs: np.ndarray | Mapping[str, np.ndarray], names: Sequence[str],
-                       descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+                       descriptions: Mapping[str, ClassDescriptions] | None = None) -> np.ndarray:
         """A scored artifact: the names' class outputs from the per-name cache, then the score graph on
         every (image, name) pair, at most ``_MAX_PROMPTS`` pairs per run (with ``whole_class_list``:
         all the names and at least one image per run, so more pairs when there are more names)."""
@@ -443,7 +457,7 @@ class Predictor:
         return scoring.head_logits(image_outputs, text_outputs, self.manifest.heads, is_base, self._logit_scale)
 
     def logits(self, images: Sequence[Image.Image], class_names: Sequence[str], mode: str = "auto",
-               descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+               descriptions: Mapping[str, ClassDescriptions] | None = None) -> np.ndarray:
         """``[B, C]`` float64 logits of the images against the names (``logit_scale * cosine`` for one head).
 
         Args:
@@ -461,12 +475,12 @@ class Predictor:
         return self.logits_from_outputs(self.image_outputs(pixels), self.text_outputs(names, descriptions), names, mode)
 
     def scores(self, images: Sequence[Image.Image], class_names: Sequence[str], mode: str = "auto",
-               descriptions: Mapping[str, Sequence[str]] | None = None) -> np.ndarray:
+               descriptions: Mapping[str, ClassDescriptions] | None = None) -> np.ndarray:
         """``[B, C]`` probabilities: softmax over the names of :meth:`logits`."""
         return scoring.softmax(self.logits(images, class_names, mode, descriptions))
 
     def classify(self, images: Sequence[Image.Image], class_names: Sequence[str], top_k: int = 5,
-                 mode: str = "auto", descriptions: Mapping[str, Sequence[str]] | None = None) -> list[dict[str, Any]]:
+                 mode: str = "auto", descriptions: Mapping[str, ClassDescriptions] | None = None) -> list[dict[str, Any]]:
         """One prediction per image: ``{"label", "score", "top": [{"class_name", "score"}, ...]}``.
 
         ``top`` holds the ``top_k`` best names (at most all of them), best first; ``label`` and

@@ -57,6 +57,10 @@ BENTOML_ARTIFACT_SUBDIR = "artifact"  # training.export.save_to_bentoml writes i
 
 # -- response models ---------------------------------------------------------------------------
 
+#: per class name: sentences, or an attribute tree for a method that reads trees (TAP; /info lists its attributes)
+Descriptions = dict[str, list[str] | dict[str, list[str]]]
+
+
 class ArtifactSummary(BaseModel):
     name: str = Field(description="artifact directory name or BentoML model tag")
     method: str
@@ -65,6 +69,9 @@ class ArtifactSummary(BaseModel):
     embed_dim: int
     manifest_sha256: str
     digest: str = Field(description="the artifact's content digest (sha256 of its canonical manifest), as export prints it")
+    description_attributes: list[str] | None = Field(
+        default=None, description="for a method that reads attribute trees: the attributes a class's descriptions "
+        "may have ({name: {attribute: [sentence, ...]}}); null for others")
 
 
 class TopEntry(BaseModel):
@@ -232,6 +239,7 @@ class PromptbakeService:
             name=name, method=m.method, backbone=m.backbone, precision=m.precision, embed_dim=m.embed_dim,
             manifest_sha256=hashlib.sha256((path / MANIFEST_FILENAME).read_bytes()).hexdigest(),
             digest=artifact_digest(m),
+            description_attributes=None if m.layout is None else list(m.layout.attributes),
         )
         self.providers = list(self.predictor.providers)
         self.provider = self.providers[0]
@@ -309,7 +317,7 @@ class PromptbakeService:
             start += rows
         return out
 
-    async def _text_outputs(self, keys: list[str], descriptions: dict[str, list[str]] | None = None) -> dict[str, np.ndarray]:
+    async def _text_outputs(self, keys: list[str], descriptions: Descriptions | None = None) -> dict[str, np.ndarray]:
         """Every declared class output ``{name: [C, D]}`` of normalised names, through the per-name cache."""
         t0 = time.perf_counter()
         out, hits, misses = await anyio.to_thread.run_sync(
@@ -320,7 +328,7 @@ class PromptbakeService:
         return out
 
     async def _conditioned_logits(self, img: dict[str, np.ndarray], keys: list[str],
-                                  descriptions: dict[str, list[str]] | None = None) -> np.ndarray:
+                                  descriptions: Descriptions | None = None) -> np.ndarray:
         t0 = time.perf_counter()
         # the Predictor's image-conditioned path, fed with the batched image embeddings
         logits = await anyio.to_thread.run_sync(self.predictor.conditioned_logits, img, keys, descriptions)
@@ -352,32 +360,37 @@ class PromptbakeService:
         mode: str = Field(default="auto", description="which heads score the names, for methods with a base/novel "
                           "switch: 'auto' (names the method was trained on use its base heads, others its novel "
                           "heads), 'base' or 'novel' (one set for every name); other methods ignore it"),
-        descriptions: dict[str, list[str]] | None = Field(
-            default=None, description="descriptions per class name ({name: [sentence, ...]}), for methods that embed "
-            "classes from them (the artifact ships them for the classes it knows; a name with neither is a 400 "
+        descriptions: Descriptions | None = Field(
+            default=None, description="descriptions per class name ({name: [sentence, ...]}, or {name: {attribute: "
+            "[sentence, ...]}} for methods that read attribute trees), for methods that embed classes from them (the artifact ships them for the classes it knows; a name with neither is a 400 "
             "descriptions_missing); other methods ignore them"),
     ) -> ClassifyResponse:
         """Classify each image among ``class_names``; scores are softmax probabilities over those names."""
         return await self._respond(self._classify(images, class_names, top_k, mode, descriptions))
 
-    def _check_descriptions(self, descriptions: dict[str, list[str]] | None, keys: list[str]) -> dict[str, list[str]] | None:
+    def _check_descriptions(self, descriptions: Descriptions | None, keys: list[str]) -> dict[str, Any] | None:
         """The request's descriptions (bounded), then every name's from the request or the artifact."""
         cfg = self.config
-        for name, sentences in (descriptions or {}).items():
-            if not sentences or len(sentences) > cfg.max_descriptions_per_name:
+        for name, value in (descriptions or {}).items():
+            # sentences, or an attribute tree (bounded on its sentences in all)
+            where = [(f"[{name!r}][{a!r}]", d) for a, v in value.items() for d in v] if isinstance(value, dict) \
+                else [(f"[{name!r}]", d) for d in value]
+            if not where or len(where) > cfg.max_descriptions_per_name:
                 raise bad_request("descriptions", f"descriptions[{name!r}] needs 1 to {cfg.max_descriptions_per_name} "
-                                  f"sentences, got {len(sentences)}", limit=cfg.max_descriptions_per_name)
-            for i, d in enumerate(sentences):
+                                  f"sentences, got {len(where)}", limit=cfg.max_descriptions_per_name)
+            for i, (at, d) in enumerate(where):
                 if not d.strip() or len(d) > cfg.max_description_chars:
-                    raise bad_request("descriptions", f"descriptions[{name!r}][{i}] must be non-blank and at most "
+                    raise bad_request("descriptions", f"descriptions{at}: sentence {i} must be non-blank and at most "
                                       f"{cfg.max_description_chars} characters", limit=cfg.max_description_chars)
         try:
             return self.predictor.class_descriptions(keys, descriptions)
         except MissingDescriptionError as e:
             raise bad_request("descriptions_missing", str(e)) from None
+        except ValueError as e:  # the wrong kind for this artifact (sentences vs attribute trees)
+            raise bad_request("descriptions", str(e)) from None
 
     async def _classify(self, images: list[str], class_names: list[str], top_k: int, mode: str,
-                        descriptions: dict[str, list[str]] | None = None) -> ClassifyResponse:
+                        descriptions: Descriptions | None = None) -> ClassifyResponse:
         if not 1 <= top_k <= self.config.max_top_k:
             raise bad_request("top_k", f"top_k must be between 1 and {self.config.max_top_k}, got {top_k}")
         if mode not in scoring.MODES:
@@ -419,13 +432,13 @@ class PromptbakeService:
     async def embed_text(
         self,
         texts: list[str] = Field(description="class names; each goes through the artifact's prompt templates"),
-        descriptions: dict[str, list[str]] | None = Field(
+        descriptions: Descriptions | None = Field(
             default=None, description="descriptions per name, for methods that embed classes from them (as /classify)"),
     ) -> EmbeddingResponse:
         """L2-normalised class embeddings (templated and averaged as in classification), one row per text."""
         return await self._respond(self._embed_text(texts, descriptions))
 
-    async def _embed_text(self, texts: list[str], descriptions: dict[str, list[str]] | None = None) -> EmbeddingResponse:
+    async def _embed_text(self, texts: list[str], descriptions: Descriptions | None = None) -> EmbeddingResponse:
         if self.predictor.conditioned:
             raise bad_request("text_depends_on_image", f"method {self.artifact.method!r} has no image-independent "
                               "class embeddings (they depend on the image); use /classify")
@@ -458,7 +471,9 @@ class PromptbakeService:
                 s = self.predictor.manifest.preprocess.image_size
                 pixels = np.zeros((1, 3, s, s), np.float32)
                 img = await self.batcher.embed(pixels)  # [1, outputs, D]
-                probe = {"ready": ["ready."]} if self.predictor.described else None
+                layout = self.predictor.manifest.layout
+                probe = None if not self.predictor.described else \
+                    {"ready": ["ready."] if layout is None else {layout.attributes[0]: ["ready."]}}
                 if self.predictor.conditioned:
                     txt = await self._conditioned_logits(self._split_image_outputs(img), ["ready"], probe)
                 else:

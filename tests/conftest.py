@@ -31,10 +31,39 @@ def colour_descriptions() -> dict[str, list[str]]:
             for name, (r, g, b) in COLOURS.items()}
 
 
-def descriptions_for(names) -> dict[str, list[str]]:
-    """Descriptions of any class names for tests, generated from the names (the colours' from their RGB values)."""
+def colour_attributes() -> dict[str, dict[str, list[str]]]:
+    """Attribute trees of the colour classes (TAP's format), generated from the dataset's own RGB values."""
+    return {name: {"channels": [f"{name}, red {r}, green {g}, blue {b}."], "value": [f"{name}, the colour {r} {g} {b}."]}
+            for name, (r, g, b) in COLOURS.items()}
+
+
+def descriptions_for(names, kind: str = "sentences") -> dict:
+    """Descriptions of any class names for tests, generated from the names (the colours' from their RGB
+    values): sentences, or attribute trees for ``kind="attributes"`` (a method's ``description_kind``)."""
+    if kind == "attributes":
+        colours = colour_attributes()
+        return {n: colours.get(n, {"channels": [f"{n}."], "value": [f"a {n}, {len(n.split())} word(s) long."]})
+                for n in names}
     colours = colour_descriptions()
     return {n: colours.get(n, [f"{n}.", f"a {n}, {len(n.split())} word(s) long."]) for n in names}
+
+
+def kind_of(method_or_manifest) -> str:
+    """The description kind of a method (its ``description_kind``) or an artifact (trees with a layout)."""
+    if hasattr(method_or_manifest, "description_kind"):
+        return method_or_manifest.description_kind
+    return "attributes" if method_or_manifest.description_layout is not None else "sentences"
+
+
+def constructible_options(name: str, options: dict | None = None) -> dict:
+    """Options that make method ``name`` constructible on test classes: what it derives from the
+    training descriptions (TAP's attribute layout, from :func:`colour_attributes`), then ``options``."""
+    from training.methods import get_method
+
+    spec = get_method(name)
+    derived = spec.method_cls.options_for_descriptions(spec.config_cls.from_dict(dict(options or {})),
+                                                       descriptions_for(COLOURS, spec.method_cls.description_kind))
+    return {**derived, **(options or {})}
 
 
 def make_colour_dataset(root: Path, n_train: int = 8, n_test: int = 4, size: int = 32, seed: int = 0) -> Path:
@@ -47,6 +76,7 @@ def make_colour_dataset(root: Path, n_train: int = 8, n_test: int = 4, size: int
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "descriptions.json").write_text(json.dumps(colour_descriptions()))
+    (root / "attributes.json").write_text(json.dumps(colour_attributes()))
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("test", n_test)):
         for name, rgb in COLOURS.items():
@@ -81,7 +111,20 @@ def _stages_of(name: str, options: dict) -> tuple:
     from training.methods import create_method, get_method
 
     method_options = {k: v for k, v in options.items() if k in {f for f in get_method(name).config_cls.__dataclass_fields__}}
-    return create_method(name, create_backbone("test-tiny"), method_options or None, ["a", "b"]).stages()
+    return create_method(name, create_backbone("test-tiny"), constructible_options(name, method_options), ["a", "b"]).stages()
+
+
+def _fewest_epochs(stages: tuple) -> int:
+    """The fewest epochs that give every stage at least one (one per stage, unless shares are uneven: TAP)."""
+    from training.protocol import stage_plan
+
+    for epochs in range(len(stages), 20 * len(stages)):
+        try:
+            stage_plan(epochs, stages)
+            return epochs
+        except ValueError:
+            continue
+    raise ValueError(f"no epoch count fits the stages {[s.name for s in stages]}")
 
 
 @pytest.fixture(scope="session")
@@ -111,10 +154,11 @@ def exported(tmp_path_factory, colour_spec):
                 extra += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
             cls = get_method(name).method_cls
             if cls.needs_train_descriptions or cls.capabilities_for(get_method(name).config_cls()).needs_class_descriptions:
-                extra += ["--descriptions", str(Path(colour_spec.removeprefix("folder:")) / "descriptions.json")]
+                file = "attributes.json" if cls.description_kind == "attributes" else "descriptions.json"
+                extra += ["--descriptions", str(Path(colour_spec.removeprefix("folder:")) / file)]
             if cls.needs_init_run:  # DPC: stage 2 of a finished run of its default host
                 extra += ["--init-run", str(get(get_method(name).config_cls().host)[0])]
-            epochs = len(_stages_of(name, options))  # one epoch per stage of a multi-stage recipe (2SFS)
+            epochs = _fewest_epochs(_stages_of(name, options))  # one epoch per stage of a multi-stage recipe (2SFS)
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 rc = main(["train", "--method", name, "--backbone", "test-tiny", "--dataset", colour_spec,
                            "--shots", "2", "--seed", "1", "--out", str(run), "--epochs", str(epochs), "--batch-size", "4",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import descriptions_for
+from conftest import descriptions_for, kind_of
 from training.methods import get_method, list_methods
 
 METHODS = [spec.name for spec in list_methods()]
@@ -79,7 +79,7 @@ def test_train_eval_export_verify_serve(name, exported, colour_root, capsys, mon
     predictor = Predictor(art)
     images = [Image.open(p).convert("RGB") for p in paths]
     # methods that embed classes from descriptions: the artifact ships the trained dataset's, the request the rest
-    unseen = descriptions_for(UNSEEN) if manifest.capabilities.needs_class_descriptions else None
+    unseen = descriptions_for(UNSEEN, kind_of(manifest)) if manifest.capabilities.needs_class_descriptions else None
     want = predictor.classify(images, names, top_k=3, descriptions=unseen)
     with TestClient(PromptbakeService.to_asgi()) as client:
         assert client.get("/readyz").status_code == 200

@@ -67,7 +67,7 @@ def dataset_spec(colour_spec) -> str:
 
 def _torch_class_embeddings(method, names):
     with torch.no_grad():
-        return method.class_embeddings(method.tokenize(names, descriptions_for(names))).numpy()
+        return method.class_embeddings(method.tokenize(names, descriptions_for(names, method.description_kind))).numpy()
 
 
 @pytest.mark.parametrize("label", METHODS + VARIANTS)
@@ -102,7 +102,7 @@ def test_every_method_exports_and_matches_torch(label, exported, dataset_spec):
     with torch.no_grad():
         x = torch.stack([tf(im) for im in images])
         ref_img = F.normalize(method.encode_image(x), dim=-1).numpy()
-        tokens = method.tokenize(names, descriptions_for(names))
+        tokens = method.tokenize(names, descriptions_for(names, method.description_kind))
         if caps.text_depends_on_image:
             ref_logits = method(x, tokens).numpy()
         else:  # every declared output through the method's heads, trained names as base (mode auto)
@@ -116,7 +116,7 @@ def test_every_method_exports_and_matches_torch(label, exported, dataset_spec):
     assert np.abs(predictor.embed_images(images) - ref_img).max() <= TOL
     # logits over all names, through the same graphs the service uses (cosines within TOL)
     scale = float(method.logit_scale())
-    described = descriptions_for(names)  # ignored by methods that embed no descriptions
+    described = descriptions_for(names, method.description_kind)  # ignored by methods that embed no descriptions
     assert np.abs(predictor.logits(images, names, descriptions=described) - ref_logits).max() <= TOL * scale
     if caps.text_depends_on_image:
         scored = manifest.graphs.score is not None  # SurPL: cached class outputs, then a score graph
@@ -126,13 +126,13 @@ def test_every_method_exports_and_matches_torch(label, exported, dataset_spec):
         # the public path the service feeds with batched image outputs (the main one alone where it is all
         # the text graph reads: CoCoOp; SurPL's also reads its local tokens)
         outputs = predictor.image_outputs(preprocess_batch(images, manifest.preprocess))
-        assert np.abs(predictor.conditioned_logits(outputs, names) - ref_logits).max() <= TOL * scale
+        assert np.abs(predictor.conditioned_logits(outputs, names, described) - ref_logits).max() <= TOL * scale
         if manifest.graphs.text.extra_image_inputs or scored:
             with pytest.raises(ValueError, match="not the embeddings alone"):
                 predictor.conditioned_logits(predictor.embed_images(images), names)
             if scored:  # the class side ran once per name: a second call finds every name in the cache
                 misses = predictor.text_cache.misses
-                predictor.conditioned_logits(outputs, names)
+                predictor.conditioned_logits(outputs, names, described)
                 assert predictor.text_cache.misses == misses and predictor.text_cache.hits >= len(names)
         else:
             emb = predictor.embed_images(images)
@@ -145,7 +145,7 @@ def test_every_method_exports_and_matches_torch(label, exported, dataset_spec):
             predictor.conditioned_logits(predictor.embed_images(images[:1]), names)
     # top-1 equals torch's evaluation path
     # (a method that embeds classes from descriptions uses the artifact's shipped ones here)
-    torch_pred = predict_samples(method, samples, ds.classnames, descriptions=descriptions_for(ds.classnames)).tolist()
+    torch_pred = predict_samples(method, samples, ds.classnames, descriptions=descriptions_for(ds.classnames, method.description_kind)).tolist()
     onnx_pred = [ds.classnames.index(r["label"]) for r in predictor.classify(images, ds.classnames)]
     assert onnx_pred == torch_pred
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import descriptions_for
+from conftest import constructible_options, descriptions_for
 from exports.prompts import prompt_rows
 from training.data.transforms import build_train_transform
 from training.methods import Capabilities, create_method, get_method, list_methods, register_method
@@ -27,12 +27,12 @@ def _make(name, backbone, **options):
     import copy
 
     torch.manual_seed(0)
-    return create_method(name, copy.deepcopy(backbone), options or None, CLASSES)
+    return create_method(name, copy.deepcopy(backbone), constructible_options(name, options) or None, CLASSES)
 
 
 def training_batch(method):
     """(inputs, labels, tokens) of one training batch, as the loop feeds the method."""
-    tokens = method.tokenize(CLASSES, descriptions_for(CLASSES))
+    tokens = method.tokenize(CLASSES, descriptions_for(CLASSES, method.description_kind))
     if method.training_data == "texts":
         from conftest import colour_descriptions
 
@@ -40,7 +40,7 @@ def training_batch(method):
         inputs, targets = method.training_texts()[:4]
         return inputs, targets, tokens
     if method.needs_train_descriptions:
-        method.use_descriptions(descriptions_for(CLASSES))
+        method.use_descriptions(descriptions_for(CLASSES, method.description_kind))
     # random pictures through the method's training transform (TAC stacks views), as the loop's data set does
     pre = method.backbone.preprocess
     transform = method.train_transform(build_train_transform(pre), pre)
@@ -112,7 +112,7 @@ def test_learned_state_save_load(name, tiny_backbone, tmp_path):
     torch.manual_seed(123)
     b = create_method(name, copy.deepcopy(tiny_backbone), a.config, CLASSES)  # SkipT loads backbone tensors
     b.load_learned_state(load_tensors(tmp_path / "learned.safetensors")[0])
-    tokens = a.tokenize(CLASSES, descriptions_for(CLASSES))
+    tokens = a.tokenize(CLASSES, descriptions_for(CLASSES, a.description_kind))
     assert torch.equal(a.class_embeddings(tokens), b.class_embeddings(tokens))
     if a.learned_state():
         with pytest.raises(ValueError, match="does not fit"):
@@ -211,9 +211,10 @@ def test_configs_are_frozen():
 def test_trimmed_tokens_give_the_same_embeddings(name, tiny_backbone):
     """tokenize() drops padding after the longest prompt; the causal text tower must not notice."""
     method = _make(name, tiny_backbone).eval()  # test-time features (LwEIB draws its scales in training)
-    described = descriptions_for(CLASSES) if method.capabilities.needs_class_descriptions else None
+    described = descriptions_for(CLASSES, method.description_kind) if method.capabilities.needs_class_descriptions else None
     trimmed = method.tokenize(CLASSES, described)
-    full = torch.stack([tiny_backbone.tokenizer(row) for row in prompt_rows(method.prompt_templates(), CLASSES, described, method.description_template())])
+    full = torch.stack([tiny_backbone.tokenizer(row) for row in prompt_rows(
+        method.prompt_templates(), CLASSES, described, method.description_template(), method.description_layout())])
     assert trimmed.shape[-1] < full.shape[-1] == tiny_backbone.context_length
     longest = int((full == tiny_backbone.eot_token_id).float().argmax(-1).max())
     assert trimmed.shape[-1] == longest + 1 + method.lookahead()  # LwEIB looks ahead: it keeps that much

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -35,7 +35,7 @@ def predict_samples(
     progress: bool = False,
     desc: str = "eval",
     mode: str = "auto",
-    descriptions: Mapping[str, Sequence[str]] | None = None,
+    descriptions: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """Predicted label (index into ``classnames``) for every sample.
 
@@ -52,13 +52,17 @@ def predict_samples(
     heads = method.graph_signature().heads
     is_base = scoring.base_mask(classnames, method.train_classnames, mode)
     scale = float(method.logit_scale())
+    scored = method.graph_signature().scored  # image-independent class outputs, then a score function (TAP, CPR)
     text = None if conditioned else {k: v.float().cpu().numpy() for k, v in method.text_outputs(tokens).items()}
+    class_outputs = method.text_outputs(tokens) if scored else None
     loader = DataLoader(SampleDataset(samples, build_eval_transform(method.backbone.preprocess)),
                         batch_size=batch_size, shuffle=False, num_workers=workers)
     preds = []
     for x, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x = x.to(device)
-        if conditioned:
+        if scored:
+            logits = method.score_outputs(method.image_outputs(x), class_outputs).float().cpu().numpy()
+        elif conditioned:
             logits = method.logits_from_outputs(method.image_outputs(x), tokens).float().cpu().numpy()
         else:
             image = {k: v.float().cpu().numpy() for k, v in method.image_outputs(x).items()}

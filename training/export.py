@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -108,10 +108,11 @@ class ScoreEncoder(nn.Module):
                                          dict(zip(self.class_names, tensors[n:], strict=True)))
 
 
-def _check_conditioned_path(method: PromptMethod, pixels: np.ndarray, classnames: Sequence[str]) -> None:
+def _check_conditioned_path(method: PromptMethod, pixels: np.ndarray, classnames: Sequence[str],
+                            descriptions: Mapping[str, Any] | None = None) -> None:
     with torch.no_grad():
         x = torch.from_numpy(pixels[:4])
-        tokens = method.tokenize(list(classnames))
+        tokens = method.tokenize(list(classnames), descriptions if method.capabilities.needs_class_descriptions else None)
         own = method(x, tokens)
         graph = method.logits_from_outputs(method.image_outputs(x), tokens)
     gap = float((own - graph).abs().max() / method.logit_scale())
@@ -194,7 +195,7 @@ def export_method(
     precision: str = "fp32",
     overwrite: bool = False,
     exporter: str | None = None,
-    descriptions: Mapping[str, Sequence[str]] | None = None,
+    descriptions: Mapping[str, Any] | None = None,
     min_top1: float | None = None,
 ) -> Manifest:
     """Export an in-memory method (see :func:`export_run` for a run directory).
@@ -226,6 +227,7 @@ def export_method(
         scored=sig.scored,
         whole_class_list=sig.whole_class_list,
         description_template=method.description_template(),
+        description_layout=method.description_layout(),
         heads=[h.to_dict() for h in sig.heads],
         class_descriptions=dict(descriptions or {}) if method.capabilities.needs_class_descriptions else {},
     )
@@ -237,7 +239,7 @@ def export_method(
     pixels = preprocess_batch(list(images), bb.preprocess)
     conditioned = method.capabilities.text_depends_on_image
     if conditioned and len(pixels) and classnames:
-        _check_conditioned_path(method, pixels, classnames)
+        _check_conditioned_path(method, pixels, classnames, descriptions)
     return export_artifact(
         out_dir,
         image_encoder=ImageEncoder(method),

@@ -18,12 +18,13 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from training.backbones import create_backbone, recorded_backbone_spec, resolve_backbone_spec
-from training.benchmark.descriptions import benchmark_descriptions
+from training.benchmark.descriptions import benchmark_attributes, benchmark_descriptions
 from training.data import (
     DatasetError,
     Sample,
     SampleDataset,
     build_train_transform,
+    load_attributes,
     load_dataset,
     load_descriptions,
     match_descriptions,
@@ -69,33 +70,43 @@ def uses_descriptions(method: str, method_cfg: MethodConfig) -> bool:
     return cls.needs_train_descriptions or cls.capabilities_for(method_cfg).needs_class_descriptions
 
 
-def _load_descriptions_source(path: str | Path | None, dataset: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+_FORMATS = {"sentences": '(CuPL format: {"class name": ["sentence", ...]})',
+            "attributes": '(attribute trees: {"class name": {"attribute": ["sentence", ...]}})'}
+
+
+def _load_descriptions_source(path: str | Path | None, dataset: str, kind: str = "sentences"
+                              ) -> tuple[dict[str, Any], dict[str, str]]:
+    """``kind``: the method's ``description_kind``, "sentences" or "attributes" (trees)."""
     if path:
         try:
-            loaded = load_descriptions(path)
+            loaded = load_attributes(path) if kind == "attributes" else load_descriptions(path)
         except (OSError, ValueError) as e:
-            raise RunError(f"--descriptions {path}: {e}") from None
+            raise RunError(f"--descriptions {path}: {e} {_FORMATS[kind]}") from None
         return loaded, {"kind": "file", "source": str(Path(path).resolve()),
                         "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
     try:
-        loaded = benchmark_descriptions(dataset)
+        loaded = benchmark_attributes(dataset) if kind == "attributes" else benchmark_descriptions(dataset)
     except DatasetError:
-        raise RunError(f"no class descriptions for {dataset}: pass --descriptions FILE "
-                       '(CuPL format: {"class name": ["sentence", ...]})') from None
+        raise RunError(f"no class descriptions for {dataset}: pass --descriptions FILE {_FORMATS[kind]}") from None
     canonical = json.dumps(loaded, sort_keys=True, ensure_ascii=False).encode()
     return loaded, {"kind": "benchmark", "source": dataset, "sha256": hashlib.sha256(canonical).hexdigest()}
 
 
+def _sentence_count(descriptions: Mapping[str, Any]) -> int:
+    return sum(sum(map(len, v.values())) if isinstance(v, Mapping) else len(v) for v in descriptions.values())
+
+
 def train_descriptions(path: str | Path | None, dataset: str, classnames: Sequence[str],
-                       require_all: bool = False) -> tuple[dict[str, list[str]], dict[str, str]]:
+                       require_all: bool = False, kind: str = "sentences") -> tuple[dict[str, Any], dict[str, str]]:
     """The classes' descriptions and where they came from (``{"kind", "source", "sha256"}`` for run.json).
 
-    From ``path`` (CuPL format), else the shipped descriptions when ``dataset`` is an emoji
-    benchmark. Classes without a description are left out (the loop trains on the others, as
-    ProText's reference does), with a warning that counts them; none at all is an error, and so is
-    any gap with ``require_all`` (a method that embeds every class from its descriptions).
+    From ``path`` (CuPL format, or attribute trees for ``kind="attributes"``), else the shipped
+    descriptions when ``dataset`` is an emoji benchmark. Classes without a description are left out
+    (the loop trains on the others, as ProText's reference does), with a warning that counts them;
+    none at all is an error, and so is any gap with ``require_all`` (a method that embeds every class
+    from its descriptions).
     """
-    loaded, source = _load_descriptions_source(path, dataset)
+    loaded, source = _load_descriptions_source(path, dataset, kind)
     matched, unmatched = match_descriptions(loaded, classnames)
     if not matched or (require_all and unmatched):
         raise RunError(f"{source['source']}: no descriptions for {len(unmatched)} of the {len(classnames)} classes "
@@ -103,12 +114,48 @@ def train_descriptions(path: str | Path | None, dataset: str, classnames: Sequen
     if unmatched:
         logger.warning("%d of %d training classes have no description and are left out of training (%s)",
                        len(unmatched), len(classnames), ", ".join(unmatched[:5]) + (", ..." if len(unmatched) > 5 else ""))
-    logger.info("descriptions: %d classes, %d sentences from %s", len(matched), sum(map(len, matched.values())),
-                source["source"])
+    logger.info("descriptions: %d classes, %d sentences from %s", len(matched), _sentence_count(matched), source["source"])
     return matched, source
 
 
-def recorded_descriptions(info: RunInfo, classnames: Sequence[str]) -> dict[str, list[str]]:
+def _described_config(method: str, method_cfg: MethodConfig, method_options: Mapping[str, Any],
+                      descriptions: str | Path | None, dataset: str, classnames: Sequence[str]
+                      ) -> tuple[MethodConfig, dict[str, Any] | None, dict[str, str] | None]:
+    """``(config, the training classes' descriptions, their source)`` for a method that uses them (the
+    config completed by :meth:`~training.protocol.PromptMethod.options_for_descriptions`; the caller's
+    options win), else ``(config, None, None)``."""
+    if not uses_descriptions(method, method_cfg):
+        if descriptions:
+            raise RunError(f"{method} does not use class descriptions; drop --descriptions")
+        return method_cfg, None, None
+    spec = get_method(method)
+    test_time = spec.method_cls.capabilities_for(method_cfg).needs_class_descriptions
+    matched, source = train_descriptions(descriptions, dataset, classnames, require_all=test_time,
+                                         kind=spec.method_cls.description_kind)
+    derived = spec.method_cls.options_for_descriptions(method_cfg, matched)
+    if derived:
+        try:
+            method_cfg = spec.config_cls.from_dict({**derived, **dict(method_options)})
+        except ValueError as e:
+            raise RunError(f"{method}: {e}") from None
+    return method_cfg, matched, source
+
+
+def _fit_to_epochs(method: str, method_cfg: MethodConfig, method_options: Mapping[str, Any], epochs: int) -> MethodConfig:
+    """The config with the options a method counts in epochs moved to ``epochs``
+    (:meth:`~training.protocol.PromptMethod.options_for_epochs`: PromptSRC's aggregation window, TAP's
+    cycles); options the caller gave win."""
+    spec = get_method(method)
+    moved = {k: v for k, v in spec.method_cls.options_for_epochs(method_cfg, epochs).items() if k not in method_options}
+    if not moved:
+        return method_cfg
+    try:
+        return spec.config_cls.from_dict({**method_cfg.to_dict(), **moved})
+    except ValueError as e:
+        raise RunError(f"{method}: {e}") from None
+
+
+def recorded_descriptions(info: RunInfo, classnames: Sequence[str]) -> dict[str, Any]:
     """The descriptions a run recorded (its file, or its benchmark's shipped ones) for ``classnames``.
 
     A file that changed since training is an error: the run's numbers belong to the old one.
@@ -116,7 +163,8 @@ def recorded_descriptions(info: RunInfo, classnames: Sequence[str]) -> dict[str,
     if not info.descriptions:
         raise RunError(f"the {info.method} run records no class descriptions")
     src = info.descriptions
-    loaded, now = _load_descriptions_source(src["source"] if src.get("kind") == "file" else None, info.dataset)
+    kind = get_method(info.method).method_cls.description_kind
+    loaded, now = _load_descriptions_source(src["source"] if src.get("kind") == "file" else None, info.dataset, kind)
     if now["sha256"] != src["sha256"]:
         raise RunError(f"{src['source']}: the class descriptions changed since the run was trained")
     return match_descriptions(loaded, classnames)[0]
@@ -186,18 +234,16 @@ def train_job(
     elif init_run:
         raise RunError(f"{method} does not start from another run; drop --init-run")
     method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
+    method_cfg, class_descriptions, source = _described_config(method, method_cfg, method_options or {}, descriptions,
+                                                               dataset, base.classnames)
     train_cfg = make_train_config(method, train_options or {}, method_cfg, shots=shots, n_classes=len(base.classnames))
+    method_cfg = _fit_to_epochs(method, method_cfg, method_options or {}, train_cfg.epochs)
     if train_cfg.select == "best_val" and not base.val:
         raise RunError(f"{dataset} has no validation split for --select best_val; use --select last")
     info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base.classnames)
     if start is not None:
         info.init_run = init_info
-    class_descriptions = None
-    if uses_descriptions(method, method_cfg):
-        test_time = spec.method_cls.capabilities_for(method_cfg).needs_class_descriptions
-        class_descriptions, info.descriptions = train_descriptions(descriptions, dataset, base.classnames, require_all=test_time)
-    elif descriptions:
-        raise RunError(f"{method} does not use class descriptions; drop --descriptions")
+    info.descriptions = source
     run = RunDir(out)
     if run.file("run.json").exists():
         previous = recorded_info(run)
@@ -260,10 +306,12 @@ def job_info(
     method_cfg = spec.config_cls.from_dict(dict(method_options or {}))
     if base_classnames is None:
         base_classnames = split_base_novel(load_dataset(dataset))[0].classnames
+    method_cfg, _, source = _described_config(method, method_cfg, method_options or {}, descriptions, dataset,
+                                              base_classnames)
     train_cfg = make_train_config(method, train_options or {}, method_cfg, shots=shots, n_classes=len(base_classnames))
+    method_cfg = _fit_to_epochs(method, method_cfg, method_options or {}, train_cfg.epochs)
     info = _run_info(method, method_cfg, train_cfg, backbone, dataset, shots, seed, base_classnames)
-    if uses_descriptions(method, method_cfg):
-        info.descriptions = train_descriptions(descriptions, dataset, base_classnames)[1]
+    info.descriptions = source
     info.init_run = init_info
     return info
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exports.prompts import DESCRIPTION_TEMPLATE, prompt_rows
+from exports.prompts import DESCRIPTION_TEMPLATE, ClassDescriptions, DescriptionLayout, prompt_rows
 from training.backbones import Backbone
 from training.config import check_types
 from training.prompts.text import trim_tokens
@@ -97,7 +97,7 @@ class PlannedStage:
 
 
 def stage_plan(epochs: int, stages: Sequence[Stage]) -> list[PlannedStage]:
-    """The stages placed on ``epochs``: shares rounded, the last stage the rest.
+    """The stages placed on ``epochs``: each ends at its cumulative share rounded, the last the rest.
 
     Stages that name the same ``track`` (TAP's alternating vision and text phases) share one optimizer
     and one schedule, counted over the track's epochs across the run; a stage naming none is a track
@@ -110,11 +110,14 @@ def stage_plan(epochs: int, stages: Sequence[Stage]) -> list[PlannedStage]:
         raise ValueError("a method needs at least one training stage")
     if abs(sum(st.share for st in stages) - 1.0) > 1e-6:
         raise ValueError(f"stage shares must sum to 1, got {[st.share for st in stages]}")
-    spans, start = [], 0
+    spans, start, cumulative = [], 0, 0.0
     for i, st in enumerate(stages):
-        n = epochs - start if i == len(stages) - 1 else round(epochs * st.share)
+        cumulative += st.share
+        # stage ends at the rounded cumulative share, so rounding errors do not pile up on the last stage
+        n = epochs - start if i == len(stages) - 1 else round(epochs * cumulative) - start
         if n < 1 and epochs > 0:
-            raise ValueError(f"stage {st.name!r} gets no epoch of {epochs}; train for more epochs")
+            raise ValueError(f"stage {st.name!r} (#{i + 1} of {len(stages)}) gets no epoch of {epochs}; train for "
+                             "more epochs, or change the method's options that set its stages")
         spans.append((st, start, n, st.track or f"#{i}"))
         start += n
     total: dict[str, int] = {}
@@ -249,12 +252,21 @@ class PromptMethod(nn.Module):
     training_data: ClassVar[Literal["images", "texts"]] = "images"
     #: the method trains on class descriptions (``--descriptions``; :meth:`use_descriptions`)
     needs_train_descriptions: ClassVar[bool] = False
+    #: the kind of descriptions it reads: "sentences" per class (CuPL's format) or "attributes", an
+    #: attribute tree per class (TAP's); see :mod:`exports.prompts`
+    description_kind: ClassVar[Literal["sentences", "attributes"]] = "sentences"
 
 
     @classmethod
     def options_for_dataset(cls, dataset: str) -> dict[str, Any]:
         """Method options the reference sets per dataset (a hand-written template on the 11 standard
         datasets); the caller's options win over them. Most methods have none."""
+        return {}
+
+    @classmethod
+    def options_for_descriptions(cls, config: MethodConfig, descriptions: Mapping[str, ClassDescriptions]) -> dict[str, Any]:
+        """Method options the training classes' descriptions decide when ``config`` leaves them open
+        (TAP: its attributes and sentences per attribute); the caller's options win. Most have none."""
         return {}
 
     @classmethod
@@ -293,17 +305,19 @@ class PromptMethod(nn.Module):
         self.clip = backbone.model
         for p in self.clip.parameters():
             p.requires_grad_(False)
-        self.descriptions: dict[str, list[str]] = {}
+        self.descriptions: dict[str, Any] = {}
 
-    def use_descriptions(self, descriptions: Mapping[str, Sequence[str]]) -> None:
-        """Class descriptions (``{class name: [sentence, ...]}``) of the training classes, for training
-        (test-time descriptions go with the class names to :meth:`tokenize` instead).
+    def use_descriptions(self, descriptions: Mapping[str, ClassDescriptions]) -> None:
+        """Class descriptions (``{class name: [sentence, ...]}``, or attribute trees for a method whose
+        ``description_kind`` is "attributes") of the training classes, for training (test-time
+        descriptions go with the class names to :meth:`tokenize` instead).
 
         Only the training classes' descriptions are kept; a method that needs them checks coverage
         when it builds its training data.
         """
         keep = set(self.train_classnames)
-        self.descriptions = {k: list(v) for k, v in descriptions.items() if k in keep}
+        self.descriptions = {k: ({a: list(d) for a, d in v.items()} if isinstance(v, Mapping) else list(v))
+                             for k, v in descriptions.items() if k in keep}
 
     def every_training_description(self, purpose: str) -> list[list[str]]:
         """Each training class's descriptions, in training-class order, for a method that needs all of
@@ -344,6 +358,11 @@ class PromptMethod(nn.Module):
         and optionally ``{name}``; :func:`exports.prompts.prompt_rows`). Default: the sentence itself."""
         return DESCRIPTION_TEMPLATE
 
+    def description_layout(self) -> DescriptionLayout | None:
+        """For a method that reads attribute trees: which attributes, how many sentences of each
+        (:class:`exports.prompts.DescriptionLayout`, the rows :meth:`tokenize` lays out). None: sentences."""
+        return None
+
     def export_refusal(self) -> str | None:
         """Why this method, as configured, cannot become an artifact (None: it can). For a behaviour the
         two graphs cannot hold, e.g. a forward that rewrites the learned state (HiCroPL's coded prompt
@@ -379,7 +398,7 @@ class PromptMethod(nn.Module):
         """[C, L] token ids of templated class names -> [C, D] (not normalised)."""
         raise NotImplementedError
 
-    def tokenize(self, classnames: Sequence[str], descriptions: Mapping[str, Sequence[str]] | None = None) -> torch.Tensor:
+    def tokenize(self, classnames: Sequence[str], descriptions: Mapping[str, ClassDescriptions] | None = None) -> torch.Tensor:
         """[T, C, L'] token ids: every template filled with every class name.
 
         For a method that needs class descriptions (``capabilities.needs_class_descriptions``) the
@@ -393,7 +412,8 @@ class PromptMethod(nn.Module):
             if descriptions is None:
                 raise ValueError(f"{self.name} embeds classes from their descriptions: pass descriptions for "
                                  f"{len(classnames)} class names")
-            rows = prompt_rows(self.prompt_templates(), classnames, descriptions, self.description_template())
+            rows = prompt_rows(self.prompt_templates(), classnames, descriptions, self.description_template(),
+                               self.description_layout())
         else:
             rows = prompt_rows(self.prompt_templates(), classnames)
         tokens = torch.stack([self.backbone.tokenizer(r) for r in rows])

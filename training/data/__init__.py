@@ -21,7 +21,7 @@ from training.data.core import (
     split_base_novel,
     subset_classes,
 )
-from training.data.descriptions import load_descriptions, match_descriptions
+from training.data.descriptions import load_attributes, load_descriptions, match_descriptions
 from training.data.folder import load_folder_dataset
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "list_dataset_specs",
     "load_coop_dataset",
     "load_dataset",
+    "load_attributes",
     "load_descriptions",
     "load_folder_dataset",
     "match_descriptions",

@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 
 __all__ = [
     "description_key",
+    "load_any_descriptions",
     "load_attributes",
     "load_descriptions",
     "match_descriptions",
@@ -86,6 +87,13 @@ def load_attributes(path: str | os.PathLike) -> dict[str, dict[str, list[str]]]:
                              f"object of attribute -> [sentence, ...], got {json.dumps(tree)[:60]}")
         out[name] = {attr: _sentences(path, f"class {name!r}, attribute {attr!r}", v) for attr, v in tree.items()}
     return out
+
+
+def load_any_descriptions(path: str | os.PathLike) -> dict[str, list[str]] | dict[str, dict[str, list[str]]]:
+    """A description file of either kind: attribute trees when its first class's value is an object
+    (:func:`load_attributes`), else CuPL sentences (:func:`load_descriptions`)."""
+    first = next(iter(_read_object(path).values()))
+    return load_attributes(path) if isinstance(first, dict) else load_descriptions(path)
 
 
 def match_descriptions(descriptions: Mapping[str, list[str]] | Mapping[str, dict],

@@ -15,7 +15,7 @@ from training.methods import cocoop, kgcoop, prograd, tcp  # noqa: F401
 from training.methods import cupl, dpc, mmrl, protext, skipt  # noqa: F401
 from training.methods import atprompt, dekg, textrefiner  # noqa: F401
 from training.methods import bip, lweib, surpl, twosfs  # noqa: F401
-from training.methods import cpr, hicropl, tac  # noqa: F401
+from training.methods import cpr, hicropl, tac, tap  # noqa: F401
 
 __all__ = [
     "Capabilities",

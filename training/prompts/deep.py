@@ -55,12 +55,13 @@ def run_blocks(
     deep_prompts: Sequence[torch.Tensor] = (),
     start: int = 0,
     attn_mask: torch.Tensor | None = None,
+    add: bool = False,
 ) -> torch.Tensor:
     """Run ``transformer``'s residual blocks on x [N, L, W], replacing prompt tokens on the way.
 
     ``deep_prompts[k]`` ([n, W]) replaces ``x[:, start:start + n]`` right before block ``k + 1``
-    (block 0 sees the prompts that came with the input). With no prompts this is exactly
-    ``transformer(x, attn_mask)``.
+    (block 0 sees the prompts that came with the input); with ``add`` it is added to them instead
+    (TAP's deep expert prompts). With no prompts this is exactly ``transformer(x, attn_mask)``.
     """
     if len(deep_prompts) >= len(transformer.resblocks):
         raise ValueError(f"{len(deep_prompts)} deep prompts for a {len(transformer.resblocks)}-layer transformer")
@@ -68,7 +69,12 @@ def run_blocks(
         raise ValueError("deep prompts need a batch-first open_clip transformer (as in open_clip 3.x)")
     for i, block in enumerate(transformer.resblocks):
         if 1 <= i <= len(deep_prompts):
-            x = replace_prompts(x, deep_prompts[i - 1], start)
+            if add:
+                n = deep_prompts[i - 1].shape[0]
+                added = x[:, start : start + n] + deep_prompts[i - 1].to(x.dtype)
+                x = torch.cat([x[:, :start], added, x[:, start + n :]], dim=1)
+            else:
+                x = replace_prompts(x, deep_prompts[i - 1], start)
         x = block(x, attn_mask=attn_mask)
     return x
 
