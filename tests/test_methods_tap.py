@@ -202,3 +202,52 @@ def test_reference_options_per_dataset_and_for_short_runs():
     m_stages = [Stage(f"v{i}", 5 / 18, track="vision") if i % 2 == 0 else Stage(f"t{i}", 1 / 18, track="text")
                 for i in range(6)]
     assert [p.epochs for p in stage_plan(20, m_stages)] == [6, 1, 5, 1, 6, 1]  # cumulative rounding
+
+
+def test_served_tap_reads_trees_and_refuses_sentences(exported, colour_root, monkeypatch, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+    from starlette.testclient import TestClient
+
+    from exports.manifest import load_artifact
+    from exports.runtime import Predictor
+    from service.service import PromptbakeService
+    from training.cli import main
+
+    _, art = exported("tap")
+    manifest = load_artifact(art)
+    assert manifest.description_layout.attributes == ["channels", "value"]  # from the colour trees (conftest)
+    assert set(manifest.class_descriptions["red"]) == {"channels", "value"}  # the artifact ships trees
+    predictor = Predictor(art)
+    image = Image.open(sorted((colour_root / "test").rglob("*.png"))[0]).convert("RGB")
+    tree = {"lime": {"value": ["lime, the colour 190 230 50."], "taste": ["sour."]}}  # "taste": not read, ignored
+    with_taste = predictor.logits([image], ["red", "lime"], descriptions=tree)
+    without = predictor.logits([image], ["red", "lime"], descriptions={"lime": {"value": tree["lime"]["value"]}})
+    assert np.allclose(with_taste, without)
+    with pytest.raises(ValueError, match="attribute tree per class"):
+        predictor.logits([image], ["red", "lime"], descriptions={"lime": ["lime, a colour."]})
+    with pytest.raises(ValueError, match="none of its attributes"):
+        predictor.logits([image], ["red", "lime"], descriptions={"lime": {"taste": ["sour."]}})
+
+    desc = tmp_path / "trees.json"  # predict takes a tree file
+    desc.write_text(json.dumps(tree))
+    img = tmp_path / "x.png"
+    image.save(img)
+    capsys.readouterr()
+    assert main(["predict", "--artifact", str(art), "--class-names", '["red", "lime"]', "--descriptions", str(desc),
+                 str(img)]) == 0
+    assert json.loads(capsys.readouterr().out)["predictions"][0]["label"] in ("red", "lime")
+
+    monkeypatch.setenv("PROMPTBAKE_ARTIFACT", str(art))
+    with TestClient(PromptbakeService.to_asgi()) as client:
+        assert client.get("/readyz").status_code == 200  # the readiness probe sends a tree
+        assert client.post("/info", json={}).json()["artifact"]["description_attributes"] == ["channels", "value"]
+        files = [("images", ("x.png", img.read_bytes(), "image/png"))]
+        r = client.post("/classify", files=files, data={"class_names": json.dumps(["red", "lime"]),
+                                                        "descriptions": json.dumps({"lime": ["lime, a colour."]})})
+        assert r.status_code == 400 and r.json()["error"]["kind"] == "descriptions", r.text
+        assert "attribute tree" in r.json()["error"]["message"]
+        r = client.post("/classify", files=files, data={"class_names": json.dumps(["red", "lime"]),
+                                                        "descriptions": json.dumps(tree)})
+        assert r.status_code == 200, r.text

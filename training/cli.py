@@ -412,7 +412,8 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--rounds", type=int, default=5, help="timed blocks per artifact and setting; the median is kept (default 5)")
     c.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     c.add_argument("--descriptions", type=int, default=5,
-                   help="sentences sent per class name to artifacts that embed classes from descriptions (default 5)")
+                   help="sentences sent per class name to artifacts that embed classes from descriptions, per "
+                        "attribute to those that read attribute trees (TAP) (default 5)")
     c.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
 
 
@@ -482,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=1)
     s.add_argument("--out", required=True, help="run directory (resumed if it holds the same interrupted run)")
     s.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
-    s.add_argument("--descriptions", metavar="FILE", help='class descriptions in CuPL format ({"class": ["sentence", ...]}) '
-                   "for methods that train on them (default on emoji benchmarks: the shipped CLDR descriptions)")
+    s.add_argument("--descriptions", metavar="FILE", help='class descriptions in CuPL format ({"class": ["sentence", ...]}), '
+                   'or attribute trees ({"class": {"attribute": ["sentence", ...]}}) for tap, for methods that train on '
+                   "them (default on emoji benchmarks: the shipped ones, from CLDR and emoji-test)")
     s.add_argument("--init-run", metavar="RUN", help="the finished run a method starts from (dpc: a run of its --host "
                    "on the same dataset and shots)")
     s.add_argument("--no-progress", action="store_true")

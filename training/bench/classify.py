@@ -35,8 +35,11 @@ def _name_lists(n: int, class_list: str) -> Iterator[list[str]]:
     return ([f"thing {i} of kind {call}" for i in range(n)] for call in itertools.count(1))
 
 
-def _descriptions(names: list[str], n: int) -> dict[str, list[str]]:
-    """``n`` distinct sentences per name, for artifacts that embed classes from descriptions."""
+def _descriptions(names: list[str], n: int, attributes: Sequence[str] = ()) -> dict[str, Any]:
+    """``n`` distinct sentences per name, for artifacts that embed classes from descriptions; for one
+    that reads attribute trees (TAP), ``n`` sentences per attribute."""
+    if attributes:
+        return {name: {a: [f"{name}, {a} detail {j} of it." for j in range(n)] for a in attributes} for name in names}
     return {name: [f"{name}, detail {j} of it." for j in range(n)] for name in names}
 
 
@@ -47,7 +50,8 @@ def _block_seconds(predictor, images: list[Image.Image], lists: Iterator[list[st
     t0 = time.perf_counter()
     for _ in range(calls):
         names = next(lists)
-        extra = _descriptions(names, descriptions) if predictor.described else None
+        layout = predictor.manifest.layout
+        extra = _descriptions(names, descriptions, layout.attributes if layout else ()) if predictor.described else None
         predictor.classify(images, names, top_k=1, descriptions=extra)
     return (time.perf_counter() - t0) / calls
 

@@ -53,6 +53,7 @@ from torch import nn
 from training.backbones import Backbone
 from training.protocol import Capabilities, MethodConfig, PromptMethod, register_method
 from training.prompts.adapters import wrap_modules
+from training.prompts.classes import step_classes
 from training.prompts.deep import check_vision_tower, tower_block
 from training.prompts.text import description_rows, encode_text_embeddings, eot_positions, mean_over_rows
 
@@ -216,13 +217,7 @@ class LwEIB(PromptMethod):
         base classes do not outnumber the batch or ``neg_sampling < 0``."""
         if self.config.neg_sampling < 0 or n_classes <= len(labels):
             return torch.arange(n_classes, device=labels.device), labels
-        pos, remapped = torch.unique(labels, sorted=True, return_inverse=True)
-        others = torch.ones(n_classes, dtype=torch.bool, device=labels.device)
-        others[pos] = False
-        rest = others.nonzero().squeeze(1)
-        n_neg = min(len(rest), self.config.neg_sampling * len(pos))
-        neg = rest[torch.randperm(len(rest), device=labels.device)[:n_neg]]
-        return torch.cat([pos, neg]), remapped
+        return step_classes(labels, n_classes, self.config.neg_sampling * int(labels.unique().numel()))
 
     def drawn_prompts(self, tokens: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """[C', L]: one of each class's descriptions, drawn uniformly (its real rows come first)."""

@@ -59,7 +59,8 @@ Deliberate deviations:
   every test batch (same values).
 - Resuming: the GPA sums and the phase position are checkpointed (the reference keeps neither).
 - The reference builds the subsampled class list from a Python ``set`` (arbitrary order); here the
-  classes are sorted, and the draw comes from the epoch's seeded generator.
+  batch's classes come first, sorted, and the draw comes from the epoch's seeded generator
+  (:func:`training.prompts.classes.step_classes`, LwEIB's sampling too).
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ from training.protocol import (
     track_epoch,
 )
 from training.prompts.aggregate import SnapshotAverage
+from training.prompts.classes import step_classes
 from training.prompts.context import init_context
 from training.prompts.deep import check_vision_tower, replace_prompts, run_blocks, vision_input_tokens
 from training.prompts.knowledge import check_template, frozen_text_features
@@ -423,14 +425,8 @@ class TAP(PromptMethod):
                              f"got tokens for {C}")
         cfg, text_phase = self.config, self._phase == "text"
         classes, y = torch.arange(C, device=labels.device), labels
-        if text_phase and C > cfg.max_text_classes:  # the batch's classes and random others, sorted
-            present = labels.unique()
-            others = torch.ones(C, dtype=torch.bool, device=labels.device)
-            others[present] = False
-            rest = others.nonzero().squeeze(1)
-            pick = rest[torch.randperm(len(rest))[: max(0, cfg.max_text_classes - len(present))].to(rest.device)]
-            classes = torch.cat([present, pick]).sort().values
-            y = torch.searchsorted(classes, labels)
+        if text_phase and C > cfg.max_text_classes:  # the batch's classes and random others
+            classes, y = step_classes(labels, C, cfg.max_text_classes - int(labels.unique().numel()))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not text_phase):
             g, e = self.image_features(inputs)
         g, e = F.normalize(g, dim=-1), F.normalize(e, dim=-1)
