@@ -183,3 +183,19 @@ def restore_pillow_settings():
     Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved[0], saved[1]
     warnings.filters[:] = saved[2]
     warnings._filters_mutated()  # noqa: SLF001 - invalidate the warnings cache after editing the list
+
+
+@pytest.fixture
+def fresh_http_metrics():
+    """BentoML registers its HTTP metrics once per process; a test that starts an app uses this fixture.
+
+    Unregister BentoML's ``bentoml_*`` collectors after each app (the service's own metrics are
+    process-wide singletons and survive), so the next app can register them again.
+    """
+    yield
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    registry = BentoMLContainer.metrics_client.get().registry
+    for collector in list(registry._collector_to_names):  # noqa: SLF001 - no public way to list collectors
+        if any(n.startswith("bentoml_") for n in registry._collector_to_names[collector]):  # noqa: SLF001
+            registry.unregister(collector)

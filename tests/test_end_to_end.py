@@ -25,22 +25,6 @@ UNSEEN = ["crimson", "navy blue", "lime"]  # names the methods never saw
 pytestmark = pytest.mark.usefixtures("restore_pillow_settings")  # the service hardens Pillow process-wide (conftest)
 
 
-@pytest.fixture
-def fresh_http_metrics():
-    """BentoML registers its HTTP metrics once per process; this test starts one app per method.
-
-    Unregister BentoML's ``bentoml_*`` collectors after each app (the service's own metrics are
-    process-wide singletons and survive), so the next app can register them again.
-    """
-    yield
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    registry = BentoMLContainer.metrics_client.get().registry
-    for collector in list(registry._collector_to_names):  # noqa: SLF001 - no public way to list collectors
-        if any(n.startswith("bentoml_") for n in registry._collector_to_names[collector]):  # noqa: SLF001
-            registry.unregister(collector)
-
-
 def test_all_ten_methods_are_registered():
     # the issue's ten: zero-shot, CoOp and the eight baselines; a dropped registration fails here
     assert set(METHODS) >= {"zeroshot", "coop", "cocoop", "kgcoop", "prograd", "tcp", "vpt", "ivlp", "maple", "promptsrc"}

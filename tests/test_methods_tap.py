@@ -204,7 +204,8 @@ def test_reference_options_per_dataset_and_for_short_runs():
     assert [p.epochs for p in stage_plan(20, m_stages)] == [6, 1, 5, 1, 6, 1]  # cumulative rounding
 
 
-def test_served_tap_reads_trees_and_refuses_sentences(exported, colour_root, monkeypatch, tmp_path, capsys):
+def test_served_tap_reads_trees_and_refuses_sentences(exported, colour_root, monkeypatch, tmp_path, capsys,
+                                                       fresh_http_metrics, restore_pillow_settings):
     import json
 
     from PIL import Image
