@@ -265,6 +265,9 @@ def _convert_precision(src: Path, dst: Path, precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}")
 
 
+_PROTOBUF_LIMIT = 1_900_000_000  # bytes: one ONNX file without external data stays under protobuf's 2 GB
+
+
 def _unshare_weights(graph: onnx.GraphProto, op_types: Sequence[str]) -> int:
     """Give every ``op_types`` node its own copy of an initializer other nodes read too; returns how
     many copies were made.
@@ -277,21 +280,25 @@ def _unshare_weights(graph: onnx.GraphProto, op_types: Sequence[str]) -> int:
     inits = {i.name: i for i in graph.initializer}
     # the TorchScript exporter shares a weight through Identity nodes: read through them
     alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.input[0] in inits}
-    readers: dict[str, int] = {}
+    readers: dict[str, int] = {}  # how many quantizable nodes read each weight
     for node in graph.node:
-        if node.op_type == "Identity" and node.output[0] in alias:
-            continue
-        for name in node.input:
-            weight = alias.get(name, name)
-            if weight in inits:
-                readers[weight] = readers.get(weight, 0) + 1
+        if node.op_type in op_types:
+            for name in node.input:
+                weight = alias.get(name, name)
+                if weight in inits:
+                    readers[weight] = readers.get(weight, 0) + 1
+    extra = sum(inits[w].ByteSize() * (n - 1) for w, n in readers.items() if n > 1)
+    if extra + graph.ByteSize() > _PROTOBUF_LIMIT:
+        logger.warning("int8: %d MB of shared weights would not fit one ONNX file once copied; quantizing them shared",
+                       extra >> 20)
+        return 0
     copies = 0
     for node in graph.node:
         if node.op_type not in op_types:
             continue
         for k, name in enumerate(node.input):
             weight = alias.get(name, name)
-            if weight in inits and readers[weight] > 1:
+            if weight in inits and readers.get(weight, 0) > 1:
                 new = onnx.TensorProto()
                 new.CopyFrom(inits[weight])
                 new.name = f"{weight}__copy{copies}"

@@ -81,15 +81,18 @@ class DescriptionLayout:
 MISSING_ATTRIBUTE = "{name}."
 
 
-def check_tree(name: str, tree: object, layout: DescriptionLayout) -> Mapping[str, Sequence[str]]:
-    """A class's attribute tree, checked against ``layout``: an object of attribute -> list of sentences
-    with sentences for at least one of the layout's attributes. Attributes the layout does not read
-    are ignored (a tree file may describe more than a model was trained with).
+def check_tree(name: str, tree: object, layout: DescriptionLayout, require_known: bool = False) -> Mapping[str, Sequence[str]]:
+    """A class's attribute tree, checked against ``layout``: a non-empty object of attribute -> list of
+    non-blank sentences. Attributes the layout does not read are ignored (a tree file may describe more
+    than a model was trained with); a class with none of the layout's gets its name in every block,
+    unless ``require_known`` (a request's own trees: a tree that names none of them is more likely a
+    mistake).
 
     Raises:
         MissingDescriptionError: an empty tree.
         ValueError: naming the class and what is wrong (a sentence list where a tree is expected, a
-            value that is no list of sentences, none of the layout's attributes).
+            value that is no list of sentences, a blank sentence, with ``require_known`` none of the
+            layout's attributes).
     """
     if not isinstance(tree, Mapping):
         raise ValueError(f"descriptions of {name!r}: this method reads an attribute tree per class, "
@@ -98,21 +101,23 @@ def check_tree(name: str, tree: object, layout: DescriptionLayout) -> Mapping[st
     for attribute, sentences in tree.items():
         if isinstance(sentences, str) or not isinstance(sentences, Sequence) or not all(isinstance(d, str) for d in sentences):
             raise ValueError(f"descriptions of {name!r}: attribute {attribute!r} must be a list of sentences")
-    if not any(tree.get(a) for a in layout.attributes):
-        if not any(tree.values()):
-            raise MissingDescriptionError([name])
+        if not all(d.strip() for d in sentences):
+            raise ValueError(f"descriptions of {name!r}: attribute {attribute!r} has a blank sentence")
+    if not any(tree.values()):
+        raise MissingDescriptionError([name])
+    if require_known and not any(tree.get(a) for a in layout.attributes):
         raise ValueError(f"descriptions of {name!r}: none of its attributes {sorted(tree)} is one this method reads "
                          f"({list(layout.attributes)})")
     return tree
 
 
-def tree_rows(name: str, tree: Mapping[str, Sequence[str]], layout: DescriptionLayout) -> list[str]:
+def tree_rows(name: str, tree: Mapping[str, Sequence[str]], layout: DescriptionLayout) -> list[str | None]:
     """One class's description rows under ``layout`` (before the description template): per attribute,
-    its first ``rows[a]`` sentences padded with :data:`PADDING_PROMPT`, or the name when it has none."""
-    out: list[str] = []
+    its first ``rows[a]`` sentences padded with None (the padding prompt), or the name when it has none."""
+    out: list[str | None] = []
     for attribute, k in zip(layout.attributes, layout.rows):
-        sentences = [str(d) for d in tree.get(attribute, ())][:k] or [MISSING_ATTRIBUTE.format(name=name)]
-        out += sentences + [PADDING_PROMPT] * (k - len(sentences))
+        sentences: list[str | None] = [str(d) for d in tree.get(attribute, ())][:k]
+        out += (sentences or [MISSING_ATTRIBUTE.format(name=name)]) + [None] * (k - max(len(sentences), 1))
     return out
 
 
@@ -138,15 +143,15 @@ def prompt_rows(templates: Sequence[str], class_names: Sequence[str],
     if missing:
         raise MissingDescriptionError(missing)
 
-    def prompt(n: str, d: str) -> str:
-        return d if d == PADDING_PROMPT else description_template.format(name=n, description=d)
+    def prompt(n: str, d: str | None) -> str:
+        return PADDING_PROMPT if d is None else description_template.format(name=n, description=d)
 
     if layout is None:
         for n in class_names:
             if isinstance(descriptions[n], Mapping):
                 raise ValueError(f"descriptions of {n!r}: this method reads sentences per class, [sentence, ...], "
                                  "not an attribute tree")
-        own = {n: [str(d) for d in descriptions[n]] for n in class_names}
+        own: dict[str, list[str | None]] = {n: [str(d) for d in descriptions[n]] for n in class_names}
     else:
         own = {n: tree_rows(n, check_tree(n, descriptions[n], layout), layout) for n in class_names}
     per_class = [[t.format(n) for t in templates] + [prompt(n, d) for d in own[n]] for n in class_names]

@@ -318,7 +318,7 @@ class Predictor:
         given: dict[str, ClassDescriptions] = {}
         for k, v in (descriptions or {}).items():
             if layout is not None:
-                given[normalize_name(k)] = {a: list(d) for a, d in check_tree(k, v, layout).items()}
+                given[normalize_name(k)] = {a: list(d) for a, d in check_tree(k, v, layout, require_known=True).items()}
             elif isinstance(v, Mapping):
                 raise ValueError(f"descriptions of {k!r}: this method reads sentences per class, [sentence, ...], "
                                  "not an attribute tree")

@@ -375,7 +375,7 @@ class PromptbakeService:
             # sentences, or an attribute tree (bounded on its sentences in all)
             where = [(f"[{name!r}][{a!r}]", d) for a, v in value.items() for d in v] if isinstance(value, dict) \
                 else [(f"[{name!r}]", d) for d in value]
-            if not where or len(where) > cfg.max_descriptions_per_name:
+            if not where or len(where) > cfg.max_descriptions_per_name or len(value) > cfg.max_descriptions_per_name:
                 raise bad_request("descriptions", f"descriptions[{name!r}] needs 1 to {cfg.max_descriptions_per_name} "
                                   f"sentences, got {len(where)}", limit=cfg.max_descriptions_per_name)
             for i, (at, d) in enumerate(where):

@@ -51,10 +51,15 @@ def test_rows_cut_pad_and_fall_back_to_the_name():
     assert per_class["green"] == ["T green.", "a photo of a green, like grass.", "", "a photo of a green, square."]
     # blue has no shape: its name stands in; yellow's "smell" is not in the layout
     assert per_class["blue"][-1] == "a photo of a blue."
-    with pytest.raises(ValueError, match="none of its attributes"):
-        prompt_rows(["T {}."], ["yellow"], {"yellow": {"colour": ["x."]}}, "{description}", layout)
+    # a tree with none of the layout's attributes (a minority class of the training file): its name everywhere
+    only_other = prompt_rows(["T {}."], ["yellow"], {"yellow": {"colour": ["x."]}}, "{description}", layout)
+    assert [r[0] for r in only_other] == ["T yellow.", "yellow.", "", "yellow."]
     with pytest.raises(MissingDescriptionError):
         prompt_rows(["T {}."], ["yellow"], {"yellow": {"hue": []}}, "{description}", layout)
+    with pytest.raises(ValueError, match="blank sentence"):
+        prompt_rows(["T {}."], ["yellow"], {"yellow": {"hue": [" "]}}, "{description}", layout)
+    # sentence methods keep an empty description a prompt (only a tree's padding is empty)
+    assert prompt_rows([], ["cat"], {"cat": [""]}, "a photo of a {name}, {description}") == [["a photo of a cat, "]]
     with pytest.raises(ValueError, match="attribute tree per class"):
         prompt_rows(["T {}."], ["red"], {"red": ["a sentence."]}, "{description}", layout)
     with pytest.raises(ValueError, match="not an attribute tree"):
@@ -194,11 +199,18 @@ def test_reference_options_per_dataset_and_for_short_runs():
                                                          "text_lr_scale": 0.5, "vision_lr_scale": 1.5, "u3": 3.0}
     assert cls.options_for_dataset("emoji-nature") == {}
     cfg = get_method("tap").config_cls()
+    from training.protocol import stage_plan
+
     assert cls.options_for_epochs(cfg, 60) == {}
     assert cls.options_for_epochs(cfg, 6) == {"cycles": 1}
     assert cls.options_for_epochs(cfg, 3) == {"cycles": 1, "vision_epochs": 2}
-    from training.protocol import stage_plan
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        cls.options_for_epochs(cfg, 1)
+    from training.methods.tap import tap_stages
 
+    for epochs in range(2, 130):  # every run length gets a plan that gives each phase an epoch
+        c = get_method("tap").config_cls.from_dict({**cfg.to_dict(), **cls.options_for_epochs(cfg, epochs)})
+        stage_plan(epochs, tap_stages(c.vision_epochs, c.text_epochs, c.cycles))
     m_stages = [Stage(f"v{i}", 5 / 18, track="vision") if i % 2 == 0 else Stage(f"t{i}", 1 / 18, track="text")
                 for i in range(6)]
     assert [p.epochs for p in stage_plan(20, m_stages)] == [6, 1, 5, 1, 6, 1]  # cumulative rounding
@@ -252,3 +264,16 @@ def test_served_tap_reads_trees_and_refuses_sentences(exported, colour_root, mon
         r = client.post("/classify", files=files, data={"class_names": json.dumps(["red", "lime"]),
                                                         "descriptions": json.dumps(tree)})
         assert r.status_code == 200, r.text
+
+
+def test_a_run_too_short_to_alternate_fails_before_run_json(colour_spec, tmp_path, capsys):
+    from training.cli import main
+
+    attributes = colour_spec.removeprefix("folder:") + "/attributes.json"
+    args = ["train", "--method", "tap", "--backbone", "test-tiny", "--dataset", colour_spec, "--shots", "1",
+            "--descriptions", attributes, "--no-progress", "--batch-size", "2"]
+    assert main([*args, "--out", str(tmp_path / "one"), "--epochs", "1"]) == 2
+    assert "at least 2 epochs" in capsys.readouterr().err and not (tmp_path / "one").exists()
+    # cycles given by the caller win over the fitted ones: a plan the epochs cannot hold is refused up front
+    assert main([*args, "--out", str(tmp_path / "three"), "--epochs", "3", "--cycles", "3"]) == 2
+    assert "gets no epoch" in capsys.readouterr().err and not (tmp_path / "three").exists()

@@ -32,7 +32,7 @@ from training.data import (
     split_base_novel,
 )
 from training.evaluate import accuracy_report, harmonic_mean, predict_samples
-from training.loop import TrainConfig, resolve_device, train
+from training.loop import TrainConfig, resolve_device, stage_plan, train
 from training.methods import MethodConfig, PromptMethod, create_method, get_method
 from training.runs import (
     CHECKPOINT_FILE,
@@ -132,12 +132,12 @@ def _described_config(method: str, method_cfg: MethodConfig, method_options: Map
     test_time = spec.method_cls.capabilities_for(method_cfg).needs_class_descriptions
     matched, source = train_descriptions(descriptions, dataset, classnames, require_all=test_time,
                                          kind=spec.method_cls.description_kind)
-    derived = spec.method_cls.options_for_descriptions(method_cfg, matched)
-    if derived:
-        try:
+    try:
+        derived = spec.method_cls.options_for_descriptions(method_cfg, matched)
+        if derived:
             method_cfg = spec.config_cls.from_dict({**derived, **dict(method_options)})
-        except ValueError as e:
-            raise RunError(f"{method}: {e}") from None
+    except ValueError as e:
+        raise RunError(f"{method}: {source['source']}: {e}") from None
     return method_cfg, matched, source
 
 
@@ -146,11 +146,9 @@ def _fit_to_epochs(method: str, method_cfg: MethodConfig, method_options: Mappin
     (:meth:`~training.protocol.PromptMethod.options_for_epochs`: PromptSRC's aggregation window, TAP's
     cycles); options the caller gave win."""
     spec = get_method(method)
-    moved = {k: v for k, v in spec.method_cls.options_for_epochs(method_cfg, epochs).items() if k not in method_options}
-    if not moved:
-        return method_cfg
     try:
-        return spec.config_cls.from_dict({**method_cfg.to_dict(), **moved})
+        moved = {k: v for k, v in spec.method_cls.options_for_epochs(method_cfg, epochs).items() if k not in method_options}
+        return spec.config_cls.from_dict({**method_cfg.to_dict(), **moved}) if moved else method_cfg
     except ValueError as e:
         raise RunError(f"{method}: {e}") from None
 
@@ -258,9 +256,13 @@ def train_job(
             return run
     torch.manual_seed(seed)  # random context initialisation (seeded before the backbone, as always)
     bb = create_backbone(info.backbone)  # a bad backbone spec fails before run.json is written
+    model = spec.method_cls(bb, method_cfg, base.classnames)
+    try:  # a recipe its epochs cannot hold fails before run.json too
+        stage_plan(train_cfg.epochs, model.stages())
+    except ValueError as e:
+        raise RunError(f"{method}: {e}") from None
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_info(info)
-    model = spec.method_cls(bb, method_cfg, base.classnames)
     if class_descriptions is not None:
         model.use_descriptions(class_descriptions)
     if start is not None:

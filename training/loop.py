@@ -206,6 +206,8 @@ def train(
             elif {id(p) for g in optimizer.param_groups for p in g["params"]} != {
                     id(p) for p in method.parameters() if p.requires_grad}:
                 raise ValueError(f"{method.name}: the stages of track {planned.track!r} must train the same tensors")
+            if checkpoint is not None and {p.track for p in plan[s:]} <= set(optimizers):
+                checkpoint = None  # every track still to run has its state back: free the loaded tensors
             first_stage = next(p for p in plan if p.track == planned.track)
             stage_cfg = dataclasses.replace(cfg, epochs=planned.track_epochs,
                                             warmup_epochs=cfg.warmup_epochs if first_stage.stage.warmup else 0)

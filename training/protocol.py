@@ -67,8 +67,9 @@ class Stage:
     def __post_init__(self) -> None:
         if not 0.0 < self.share <= 1.0:
             raise ValueError(f"stage {self.name!r}: share must be in (0, 1], got {self.share}")
-        if "/" in self.track or "@" in self.track:
-            raise ValueError(f"stage {self.name!r}: a track name holds no '/' or '@', got {self.track!r}")
+        if "/" in self.track or "@" in self.track or self.track.startswith("#"):
+            raise ValueError(f"stage {self.name!r}: a track name holds no '/' or '@' and does not start with '#' "
+                             f"(the keys of stages without a track), got {self.track!r}")
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,7 @@ REFERENCE_DATASETS = {
     "imagenet": (0.95, 0.004, 0.004, 1.5),
 }
 REFERENCE_LR = 0.004  # train.py's VISION_LR / TEXT_LR default: the scales below are relative to it
+TEXT_CHUNK = 1024  # prompts per text-tower call (a class list of hundreds has thousands of rows)
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,16 @@ def derived_layout(descriptions: Mapping[str, Mapping[str, Sequence[str]]], attr
     return tuple(attributes), tuple(rows)
 
 
+def tap_stages(vision_epochs: int, text_epochs: int, cycles: int) -> tuple[Stage, ...]:
+    """``cycles`` x (a vision stage, a text stage), shares in proportion to their epochs, one track each."""
+    total = cycles * (vision_epochs + text_epochs)
+    out = []
+    for i in range(cycles):
+        out.append(Stage(f"vision-{i + 1}", vision_epochs / total, track="vision"))
+        out.append(Stage(f"text-{i + 1}", text_epochs / total, track="text"))
+    return tuple(out)
+
+
 def gaussian_weights(n: int, mean: float, std: float) -> list[float]:
     """The reference's GPA weights over epochs 1..n: N(mean * n, std * n) at each, normalised to sum 1."""
     w = [math.exp(-0.5 * ((e - mean * n) / (std * n)) ** 2) for e in range(1, n + 1)]
@@ -254,13 +265,28 @@ class TAP(PromptMethod):
 
     @classmethod
     def options_for_epochs(cls, config: TAPConfig, epochs: int) -> dict[str, Any]:
-        """A shortened run keeps the reference's 5:1 alternation with fewer cycles (at least one)."""
+        """A run of other epochs than ``cycles x (vision + text)`` keeps the 5:1 alternation with as many
+        cycles as give every phase at least one epoch (one cycle of ``epochs - text`` vision epochs when
+        fewer than a cycle's epochs).
+
+        Raises:
+            ValueError: fewer epochs than one vision and one text epoch.
+        """
         per_cycle = config.vision_epochs + config.text_epochs
         if epochs == config.cycles * per_cycle:
             return {}
+        if epochs < 1 + config.text_epochs:
+            raise ValueError(f"tap alternates vision and text epochs: train at least {1 + config.text_epochs} epochs, "
+                             f"got {epochs}")
         if epochs < per_cycle:
-            return {"cycles": 1, "vision_epochs": max(1, epochs - config.text_epochs)}
-        return {"cycles": max(1, round(epochs / per_cycle))}
+            return {"cycles": 1, "vision_epochs": epochs - config.text_epochs}
+        for cycles in range(max(1, round(epochs / per_cycle)), 0, -1):
+            try:
+                stage_plan(epochs, tap_stages(config.vision_epochs, config.text_epochs, cycles))
+                return {"cycles": cycles}
+            except ValueError:
+                continue
+        return {"cycles": 1}
 
     def __init__(self, backbone: Backbone, config: TAPConfig, train_classnames: Sequence[str]):
         super().__init__(backbone, config, train_classnames)
@@ -339,7 +365,12 @@ class TAP(PromptMethod):
         flat = tokens.transpose(0, 1).reshape(C * R, L)
         real = description_rows(flat.unsqueeze(0), self.backbone.eot_token_id)[0]  # [C * R]
         index = real.nonzero().squeeze(1)  # only real rows go through the tower (padding is zero anyway)
-        feats = F.normalize(self.encode_text(flat[index]), dim=-1)
+        rows = flat[index]
+        if rows.shape[0] <= TEXT_CHUNK:  # (an exported graph is traced on a few rows: this branch)
+            feats = self.encode_text(rows)
+        else:
+            feats = torch.cat([self.encode_text(chunk) for chunk in rows.split(TEXT_CHUNK)])
+        feats = F.normalize(feats, dim=-1)
         out = feats.new_zeros(C * R, feats.shape[-1]).index_copy(0, index, feats)
         return {DESCRIPTION_FEATURES: out.reshape(C, R, -1)}
 
@@ -375,12 +406,7 @@ class TAP(PromptMethod):
     # -- training ------------------------------------------------------------------------------
     def stages(self) -> tuple[Stage, ...]:
         c = self.config
-        total = c.cycles * (c.vision_epochs + c.text_epochs)
-        out = []
-        for i in range(c.cycles):
-            out.append(Stage(f"vision-{i + 1}", c.vision_epochs / total, track="vision"))
-            out.append(Stage(f"text-{i + 1}", c.text_epochs / total, track="text"))
-        return tuple(out)
+        return tap_stages(c.vision_epochs, c.text_epochs, c.cycles)
 
     def begin_stage(self, stage: Stage) -> None:
         self._phase = stage.track
