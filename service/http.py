@@ -105,6 +105,9 @@ class PromptbakeMiddleware:
                                  (b"content-type", b"application/json"), (b"content-length", b"2")]}
             await self.app(scope, _replay(b"{}"), send)
             return
+        if path == "/docs.json" and method == "GET":
+            await self.app(scope, receive, _completed_openapi(send, bool(cfg.api_key)))
+            return
         if path not in JSON_ROUTES or method != "POST":
             await self.app(scope, receive, _errors_as_json(send, path, method))
             return
@@ -135,6 +138,45 @@ class PromptbakeMiddleware:
                                "retry shortly", limit=cfg.max_concurrency)
         async with svc.slots:
             await self.app(scope, _replay(body), _reshape_validation_errors(send, svc))
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("promptbake")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _completed_openapi(send: Any, api_key: bool) -> Any:
+    """BentoML's ``/docs.json`` with what this middleware adds (:func:`service.openapi.complete_openapi`)."""
+    from service.openapi import complete_openapi
+
+    state: dict[str, Any] = {"body": b""}
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            if message["status"] != 200:
+                state["passthrough"] = True
+                await send(message)
+            else:
+                state["start"] = message
+            return
+        if state.get("passthrough"):
+            await send(message)
+            return
+        state["body"] += message.get("body", b"")
+        if message.get("more_body"):
+            return
+        spec = complete_openapi(json.loads(state["body"]), _package_version(), api_key)
+        data = json.dumps(spec).encode()
+        start = state["start"]
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+    return wrapped
 
 
 _PLAIN_ERRORS = {404: "not_found", 405: "method_not_allowed"}

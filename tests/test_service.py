@@ -764,3 +764,44 @@ def test_asgi_saturated_slots_answer_429_and_readyz_says_so(client):
         loop.close()
     assert client.get("/readyz").status_code == 200
     _good(client)
+
+
+def test_openapi_describes_what_the_middleware_does(client):
+    """/docs.json as the service behaves: multipart on /classify, the error shape and statuses, the key."""
+    r = client.get("/docs.json")
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content)
+    doc = r.json()
+    assert doc["info"]["title"] == "promptbake" and doc["info"]["version"] not in ("None", "")
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": "the service's PROMPTBAKE_API_KEY"}
+    error = doc["components"]["schemas"]["ErrorResponse"]
+    assert error["properties"]["error"]["required"] == ["kind", "message"]
+    classify = doc["paths"]["/classify"]["post"]
+    assert classify["security"] == [{"bearer": []}]
+    form = classify["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(form["properties"]) == {"images", "class_names", "top_k", "mode", "descriptions"}
+    assert form["properties"]["images"]["items"]["format"] == "binary"
+    assert "multipart/form-data" not in doc["paths"]["/embed_text"]["post"]["requestBody"]["content"]
+    for path in ("/classify", "/embed_image", "/embed_text"):
+        for status in ("400", "401", "413", "415", "429", "503"):
+            ref = doc["paths"][path]["post"]["responses"][status]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == "#/components/schemas/ErrorResponse", (path, status)
+
+    def refs(node):  # every $ref in the document resolves
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "$ref":
+                    yield v
+                else:
+                    yield from refs(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from refs(v)
+
+    for ref in refs(doc):
+        target = doc
+        for part in ref.removeprefix("#/").split("/"):
+            target = target[part]
+    # and what it documents is what the service answers: a wrong key is the documented 401 shape
+    r = client.post("/classify", json={"images": [], "class_names": ["a"]}, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and set(r.json()["error"]) >= {"kind", "message"}
