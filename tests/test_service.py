@@ -531,6 +531,37 @@ def test_served_concurrent_load_batches_across_requests(server, test_images):
     print(f"\n{clients}x{per_client} requests in {elapsed:.1f} s, {codes}, {int(batches)} image batches")
 
 
+def test_schemathesis_finds_no_server_error_and_every_error_has_the_documented_shape(server):
+    """Property-based requests generated from /docs.json (schemathesis), sent to the served process: no
+    5xx, and every 4xx is the documented ``{"error": {"kind", "message"}}`` (BentoML's own 429 aside).
+    Bounded: 12 examples per operation, generation only (no shrinking or replays), one request at a time."""
+    import httpx
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    base, _, _ = server
+    schema = schemathesis.openapi.from_dict(httpx.get(base + "/docs.json", timeout=30).json())
+    seen: dict[tuple[str, str], set[int]] = {}
+    with requests.Session() as http:  # the transport schemathesis shapes its requests for
+        for result in schema.get_all_operations():
+            op = result.ok()
+
+            @settings(max_examples=12, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            @given(op.as_strategy())
+            def check(case):
+                r = http.request(**case.as_transport_kwargs(base_url=base), timeout=60)
+                seen.setdefault((op.method, op.path), set()).add(r.status_code)
+                assert r.status_code < 500, (op.method, op.path, r.status_code, r.text[:300])
+                if r.status_code >= 400 and r.status_code != 429:
+                    error = r.json().get("error")
+                    assert isinstance(error, dict) and {"kind", "message"} <= set(error), (op.path, r.text[:300])
+
+            check()
+    assert ("post", "/classify") in seen and ("post", "/embed_text") in seen, seen
+
+
 def test_served_metrics_and_info(server):
     base, _, _ = server
     text = httpx.get(base + "/metrics").text
