@@ -68,11 +68,6 @@ class DescriptionLayout:
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.rows):
             raise ValueError(f"layout rows must be integers >= 1, got {list(self.rows)}")
 
-    @property
-    def depth(self) -> int:
-        """Description rows per class (templates excluded)."""
-        return sum(self.rows)
-
     def to_dict(self) -> dict[str, list]:
         return {"attributes": list(self.attributes), "rows": list(self.rows)}
 
@@ -111,6 +106,22 @@ def check_tree(name: str, tree: object, layout: DescriptionLayout, require_known
     return tree
 
 
+def check_descriptions(name: str, value: object, layout: DescriptionLayout | None,
+                       require_known: bool = False) -> ClassDescriptions:
+    """One class's descriptions of the kind the method reads: an attribute tree under ``layout``
+    (:func:`check_tree`), else a list of sentences.
+
+    Raises:
+        ValueError: the other kind (or what :func:`check_tree` refuses).
+    """
+    if layout is not None:
+        return check_tree(name, value, layout, require_known)
+    if isinstance(value, Mapping):
+        raise ValueError(f"descriptions of {name!r}: this method reads sentences per class, [sentence, ...], "
+                         "not an attribute tree")
+    return value  # type: ignore[return-value]
+
+
 def tree_rows(name: str, tree: Mapping[str, Sequence[str]], layout: DescriptionLayout) -> list[str | None]:
     """One class's description rows under ``layout`` (before the description template): per attribute,
     its first ``rows[a]`` sentences padded with None (the padding prompt), or the name when it has none."""
@@ -146,14 +157,9 @@ def prompt_rows(templates: Sequence[str], class_names: Sequence[str],
     def prompt(n: str, d: str | None) -> str:
         return PADDING_PROMPT if d is None else description_template.format(name=n, description=d)
 
-    if layout is None:
-        for n in class_names:
-            if isinstance(descriptions[n], Mapping):
-                raise ValueError(f"descriptions of {n!r}: this method reads sentences per class, [sentence, ...], "
-                                 "not an attribute tree")
-        own: dict[str, list[str | None]] = {n: [str(d) for d in descriptions[n]] for n in class_names}
-    else:
-        own = {n: tree_rows(n, check_tree(n, descriptions[n], layout), layout) for n in class_names}
+    checked = {n: check_descriptions(n, descriptions[n], layout) for n in class_names}
+    own: dict[str, list[str | None]] = {
+        n: [str(d) for d in v] if layout is None else tree_rows(n, v, layout) for n, v in checked.items()}
     per_class = [[t.format(n) for t in templates] + [prompt(n, d) for d in own[n]] for n in class_names]
     depth = max(len(p) for p in per_class)
     return [[p[s] if s < len(p) else PADDING_PROMPT for p in per_class] for s in range(depth)]

@@ -30,7 +30,7 @@ from PIL import Image
 from exports import scoring
 from exports.manifest import ArtifactError, Manifest, check_digest, load_artifact
 from exports.preprocess import preprocess_batch
-from exports.prompts import ClassDescriptions, MissingDescriptionError, check_tree, prompt_rows
+from exports.prompts import ClassDescriptions, MissingDescriptionError, check_descriptions, prompt_rows
 from exports.text_cache import TextEmbeddingCache, normalize_name
 from exports.tokenizer import Tokenizer
 
@@ -317,13 +317,9 @@ class Predictor:
         layout = self.manifest.layout
         given: dict[str, ClassDescriptions] = {}
         for k, v in (descriptions or {}).items():
-            if layout is not None:
-                given[normalize_name(k)] = {a: list(d) for a, d in check_tree(k, v, layout, require_known=True).items()}
-            elif isinstance(v, Mapping):
-                raise ValueError(f"descriptions of {k!r}: this method reads sentences per class, [sentence, ...], "
-                                 "not an attribute tree")
-            else:
-                given[normalize_name(k)] = list(v)
+            checked = check_descriptions(k, v, layout, require_known=True)
+            given[normalize_name(k)] = ({a: list(d) for a, d in checked.items()} if isinstance(checked, Mapping)
+                                        else list(checked))
         shipped = {normalize_name(k): v for k, v in self.manifest.class_descriptions.items()}
         out = {n: given.get(normalize_name(n)) or shipped.get(normalize_name(n)) or [] for n in names}
         missing = [n for n, d in out.items() if not d]
