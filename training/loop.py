@@ -83,18 +83,25 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], prefix: str = "optim/") -> None:
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, saved: Mapping[str, torch.Tensor]) -> None:
+    """``saved``: one optimizer's tensors keyed ``IDX/KEY`` (:func:`_saved_track`)."""
     state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith(prefix):
-            idx, key = name[len(prefix):].split("/", 1)
-            state.setdefault(int(idx), {})[key] = value
+    for name, value in saved.items():
+        idx, key = name.split("/", 1)
+        state.setdefault(int(idx), {})[key] = value
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 def _other_track_prefix(track: str) -> str:
     """Checkpoint key prefix of a track's optimizer while another track trains (the running one keeps ``optim/``)."""
     return f"optim@{track}/"
+
+
+def _saved_track(tensors: Mapping[str, torch.Tensor], track: str, checkpoint_track: str | None) -> dict[str, torch.Tensor]:
+    """A track's optimizer tensors in a checkpoint (keys ``IDX/KEY``): under ``optim/`` when it was the
+    track of the checkpoint's stage (``checkpoint_track``), else under ``optim@TRACK/``; empty if none."""
+    prefix = "optim/" if track == checkpoint_track else _other_track_prefix(track)
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 class _FeatureCache:
@@ -187,7 +194,7 @@ def train(
     method.on_train_start(data)
     # one optimizer per track (a stage that names no track is one); the schedule runs over the track's epochs
     current, optimizer, stage_cfg, optimizers = -1, None, cfg, {}
-    resumed_stage = checkpoint[1] if checkpoint is not None else -1
+    resumed_track = plan[checkpoint[1]].track if checkpoint is not None and 0 <= checkpoint[1] < len(plan) else None
     for epoch in range(start_epoch, cfg.epochs):
         planned, track_index = track_epoch(plan, epoch)
         s = plan.index(planned)
@@ -198,11 +205,8 @@ def train(
             optimizer = optimizers.get(planned.track)
             if optimizer is None:
                 optimizer = optimizers[planned.track] = _stage_optimizer(method, cfg)
-                if checkpoint is not None and 0 <= resumed_stage < len(plan):
-                    if plan[resumed_stage].track == planned.track:
-                        _load_optimizer_tensors(optimizer, checkpoint[0])
-                    else:
-                        _load_optimizer_tensors(optimizer, checkpoint[0], _other_track_prefix(planned.track))
+                if checkpoint is not None and resumed_track is not None:
+                    _load_optimizer_tensors(optimizer, _saved_track(checkpoint[0], planned.track, resumed_track))
             elif {id(p) for g in optimizer.param_groups for p in g["params"]} != {
                     id(p) for p in method.parameters() if p.requires_grad}:
                 raise ValueError(f"{method.name}: the stages of track {planned.track!r} must train the same tensors")
@@ -280,8 +284,7 @@ def train(
         others = {t: o for t, o in optimizers.items() if o is not optimizer}
         if checkpoint is not None:  # tracks not started since the resume keep their saved state
             for t in {p.track for p in plan[current:]} - set(optimizers):
-                prefix = "optim/" if 0 <= resumed_stage < len(plan) and plan[resumed_stage].track == t else _other_track_prefix(t)
-                kept = {k[len(prefix):]: v for k, v in checkpoint[0].items() if k.startswith(prefix)}
+                kept = _saved_track(checkpoint[0], t, resumed_track)
                 if kept:
                     others[t] = kept
         _save_checkpoint(run, method, optimizer, scaler, epoch + 1, current, best, others)
