@@ -88,6 +88,27 @@ def make_colour_dataset(root: Path, n_train: int = 8, n_test: int = 4, size: int
     return root
 
 
+class KilledRun(RuntimeError):
+    """Raised by :class:`KillAt`: a training process killed mid-epoch."""
+
+
+class KillAt(torch.utils.data.Dataset):
+    """A training set that dies at its n-th item read (raising ``error``), like a process killed mid-epoch."""
+
+    def __init__(self, inner, n: int, error: type[BaseException] = KilledRun):
+        self.inner, self.n, self.error, self.reads = inner, n, error, 0
+        self.samples = inner.samples
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads == self.n:
+            raise self.error("killed")
+        return self.inner[i]
+
+
 @pytest.fixture(scope="session")
 def colour_root(tmp_path_factory) -> Path:
     return make_colour_dataset(tmp_path_factory.mktemp("colours"))

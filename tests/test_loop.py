@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from conftest import KillAt, KilledRun
+
 from training.data import SampleDataset, build_train_transform, load_dataset, sample_few_shot, split_base_novel
 from training.loop import TrainConfig, learning_rate, train
 from training.methods import Capabilities, create_method, get_method
@@ -65,27 +67,6 @@ def test_coop_loss_falls_and_base_accuracy_rises(tiny_backbone, base_split, tmp_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary files left behind"
 
 
-class _Boom(RuntimeError):
-    pass
-
-
-class _KillAt(torch.utils.data.Dataset):
-    """Wraps a dataset and dies at the n-th item read, like a process killed mid-epoch."""
-
-    def __init__(self, inner, n):
-        self.inner, self.n, self.reads = inner, n, 0
-        self.samples = inner.samples
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads == self.n:
-            raise _Boom("killed")
-        return self.inner[i]
-
-
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_resume_after_kill_reaches_identical_tensors(tiny_backbone, base_split, tmp_path, optimizer):
     cfg = TrainConfig(epochs=3, batch_size=4, lr=0.01, optimizer=optimizer)
@@ -93,8 +74,8 @@ def test_resume_after_kill_reaches_identical_tensors(tiny_backbone, base_split, 
     full = train(m, ds, tokens, cfg, RunDir(tmp_path / "full"), seed=1, progress=False)
 
     m2, ds2, _ = _setup(tiny_backbone, base_split)
-    with pytest.raises(_Boom):  # dies in the middle of epoch 2
-        train(m2, _KillAt(ds2, len(ds2) + 3), tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
+    with pytest.raises(KilledRun):  # dies in the middle of epoch 2
+        train(m2, KillAt(ds2, len(ds2) + 3), tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
     assert (tmp_path / "killed" / CHECKPOINT_FILE).is_file()
     assert not (tmp_path / "killed" / LEARNED_FILE).exists()
 
@@ -184,8 +165,8 @@ def test_stages_train_their_own_tensors_and_resume_inside_a_stage(tiny_backbone,
     assert torch.equal(c2, c3) and torch.equal(c3, c4) and t4 != 0.0  # stage 2 the temperature only
 
     m2, ds2, _ = _two_stage(tiny_backbone, base_split)
-    with pytest.raises(_Boom):  # dies in epoch 4 (stage 2): the checkpoint holds stage 2's optimizer state
-        train(m2, _KillAt(ds2, 3 * len(ds2) + 2), tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
+    with pytest.raises(KilledRun):  # dies in epoch 4 (stage 2): the checkpoint holds stage 2's optimizer state
+        train(m2, KillAt(ds2, 3 * len(ds2) + 2), tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
     m3, ds3, _ = _two_stage(tiny_backbone, base_split, init_seed=7)
     resumed = train(m3, ds3, tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
     for k in full:
@@ -237,8 +218,8 @@ def test_stages_of_a_track_share_one_optimizer_and_one_schedule(tiny_backbone, b
 
     # killed in the second context phase (epoch 5), resumed by a fresh process: same tensors
     m2, ds2, _ = _alternating(tiny_backbone, base_split)
-    with pytest.raises(_Boom):
-        train(m2, _KillAt(ds2, 4 * len(ds2) + 2), tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
+    with pytest.raises(KilledRun):
+        train(m2, KillAt(ds2, 4 * len(ds2) + 2), tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
     m3, ds3, _ = _alternating(tiny_backbone, base_split, init_seed=7)
     resumed = train(m3, ds3, tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
     for k in full:

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import KillAt
+
 from training.backbones import Backbone, build_clip
 from training.data import (
     SampleDataset,
@@ -339,22 +341,6 @@ def test_loop_lowers_the_loss(name, tiny_backbone, base_split, tmp_path):
         assert not torch.allclose(learned["ctx"], snapshots[-1]["ctx"])
 
 
-class _KillAt(torch.utils.data.Dataset):
-    """Dies at the n-th item read, like a process killed mid-epoch."""
-
-    def __init__(self, inner, n):
-        self.inner, self.n, self.reads, self.samples = inner, n, 0, inner.samples
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        if self.reads == self.n:
-            raise KeyboardInterrupt
-        return self.inner[i]
-
-
 def test_promptsrc_resumed_run_reaches_the_same_aggregate(tiny_backbone, base_split, tmp_path):
     options = {"gpa_mean": 2.0, "gpa_std": 1.0, "teacher_templates": TEACHER_TEMPLATES[:2]}
     ds = SampleDataset(sample_few_shot(base_split.train, 4, 1), build_train_transform(tiny_backbone.preprocess))
@@ -362,7 +348,7 @@ def test_promptsrc_resumed_run_reaches_the_same_aggregate(tiny_backbone, base_sp
     runs = {}
     for name in ("full", "killed"):
         m = _make("promptsrc", tiny_backbone, list(base_split.classnames), **options)
-        data = ds if name == "full" else _KillAt(ds, len(ds) + 2)  # dies early in epoch 2
+        data = ds if name == "full" else KillAt(ds, len(ds) + 2, KeyboardInterrupt)  # dies early in epoch 2
         try:
             runs[name] = train(m, data, m.tokenize(base_split.classnames), cfg, RunDir(tmp_path / name), seed=1, progress=False)
         except KeyboardInterrupt:

@@ -282,7 +282,7 @@ def test_a_run_too_short_to_alternate_fails_before_run_json(colour_spec, tmp_pat
 def test_a_killed_run_resumes_to_the_same_tensors(tiny_backbone, colour_root, tmp_path):
     """Both tracks' optimizers and GPA sums, and the phase, come back from the checkpoint: a run killed in
     its second vision phase ends with the tensors of an uninterrupted one (the reference keeps neither)."""
-    from conftest import colour_attributes
+    from conftest import KillAt, KilledRun, colour_attributes
     from training.data import SampleDataset, build_train_transform, load_dataset, sample_few_shot, split_base_novel
     from training.loop import TrainConfig, train
     from training.runs import RunDir
@@ -298,27 +298,11 @@ def test_a_killed_run_resumes_to_the_same_tensors(tiny_backbone, colour_root, tm
         ds = SampleDataset(sample_few_shot(base.train, 4, 1), build_train_transform(tiny_backbone.preprocess))
         return m, ds, m.tokenize(base.classnames, trees)
 
-    class Killed(RuntimeError):
-        pass
-
-    class KillAt(torch.utils.data.Dataset):
-        def __init__(self, inner, n):
-            self.inner, self.n, self.reads, self.samples = inner, n, 0, inner.samples
-
-        def __len__(self):
-            return len(self.inner)
-
-        def __getitem__(self, i):
-            self.reads += 1
-            if self.reads == self.n:
-                raise Killed()
-            return self.inner[i]
-
     cfg = TrainConfig(epochs=6, batch_size=4, lr=0.01, optimizer="adamw")  # V V T V V T
     m, ds, tokens = setup(0)
     full = train(m, ds, tokens, cfg, RunDir(tmp_path / "full"), seed=1, progress=False)
     m2, ds2, _ = setup(0)
-    with pytest.raises(Killed):  # dies in epoch 4: the second vision phase, after a text phase
+    with pytest.raises(KilledRun):  # dies in epoch 4: the second vision phase, after a text phase
         train(m2, KillAt(ds2, 3 * len(ds2) + 2), tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
     m3, ds3, _ = setup(7)  # another init: everything must come from the checkpoint
     resumed = train(m3, ds3, tokens, cfg, RunDir(tmp_path / "killed"), seed=1, progress=False)
