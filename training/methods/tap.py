@@ -509,8 +509,8 @@ class TAP(PromptMethod):
 
     def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
         learned = self.learned_state()
-        for track, avg in self.gpa.items():
+        for avg in self.gpa.values():
             avg.load({k: v for k, v in state.items() if k.startswith(f"{avg.prefix}/")}, learned, self.name)
-        unknown = sorted(k for k in state if not k.startswith(("gpa_vision/", "gpa_text/")))
+        unknown = sorted(k for k in state if not k.startswith(tuple(f"{a.prefix}/" for a in self.gpa.values())))
         if unknown:
             raise ValueError(f"{self.name} training state does not fit: got {unknown}")
