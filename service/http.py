@@ -5,7 +5,8 @@ What it does, per HTTP request:
 * ``Authorization: Bearer KEY`` on every route but the health probes, when a key is configured.
 * the request body is counted while it streams in; over ``max_request_bytes`` is 413 before the
   rest is read (a declared ``Content-Length`` over the limit is refused without reading at all).
-* the API routes accept ``application/json`` and, for images, ``multipart/form-data``; the
+* the API routes accept ``application/json`` and, for images, ``multipart/form-data`` (and its
+  file-less sibling ``application/x-www-form-urlencoded``, whose images are all refused); the
   multipart form (files ``images``, fields ``class_names`` as a JSON list or repeated once per name,
   ``top_k``, ``mode`` and
   ``descriptions`` as a JSON object) is
@@ -37,6 +38,9 @@ MULTIPART_ROUTES = frozenset({"/classify", "/embed_image"})
 _MULTIPART_FIELDS = {"/classify": {"images", "class_names", "top_k", "mode", "descriptions"}, "/embed_image": {"images"}}
 #: the fields each JSON API takes; anything else is a 400 unknown_field, as in multipart forms
 _JSON_FIELDS = {**_MULTIPART_FIELDS, "/embed_text": {"texts", "descriptions"}, "/info": set()}
+#: form encodings: a file needs multipart; a urlencoded form (what BentoML's client sends when every
+#: image is a URL string) is parsed too, so that it gets the same 400 image_source as a text part
+_FORM_MEDIA = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
 _THREAD_BYTES = 1 << 20  # JSON bodies larger than this are checked off the event loop
 PROVIDER_HEADER = "x-promptbake-provider"
 
@@ -113,7 +117,8 @@ class PromptbakeMiddleware:
             return
 
         media = headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if media not in ("application/json", "multipart/form-data") or (media == "multipart/form-data" and path not in MULTIPART_ROUTES):
+        form = media in _FORM_MEDIA
+        if not (media == "application/json" or form and path in MULTIPART_ROUTES):
             allowed = "application/json or multipart/form-data" if path in MULTIPART_ROUTES else "application/json"
             raise RequestError(415, "content_type", f"{path} accepts {allowed}, not {media!r}")
         declared = headers.get("content-length")
@@ -128,7 +133,7 @@ class PromptbakeMiddleware:
                 await anyio.to_thread.run_sync(_check_json_fields, body, path)
             else:
                 _check_json_fields(body, path)
-        if media == "multipart/form-data":
+        if form:
             # parsing and re-encoding a large form takes ~10 ms per MB: keep it off the event loop
             body = await anyio.to_thread.run_sync(_multipart_to_json_sync, scope, body, path, cfg)
             scope = {**scope, "headers": [*(h for h in scope.get("headers", []) if h[0].lower() not in (b"content-type", b"content-length")),
@@ -296,6 +301,13 @@ def _replay(body: bytes) -> Any:
     return receive
 
 
+def _is_json_string(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), str)
+    except json.JSONDecodeError:
+        return False
+
+
 def _multipart_to_json_sync(scope: dict[str, Any], body: bytes, path: str, cfg: Any) -> bytes:
     """The JSON body equivalent to a multipart form (run in a worker thread, on its own event loop)."""
     return json.dumps(asyncio.run(_multipart_to_json(scope, body, path, cfg))).encode()
@@ -326,7 +338,9 @@ async def _multipart_to_json(scope: dict[str, Any], body: bytes, path: str, cfg:
         payload: dict[str, Any] = {"images": [base64.b64encode(await f.read()).decode() for f in files]}  # type: ignore[union-attr]
         if "mode" in form:
             mode = form["mode"]
-            payload["mode"] = (await mode.read()).decode("utf-8", "replace") if isinstance(mode, UploadFile) else mode
+            mode = (await mode.read()).decode("utf-8", "replace") if isinstance(mode, UploadFile) else mode
+            # plain (curl -F mode=novel) or JSON-encoded (BentoML's client JSON-encodes every non-file field)
+            payload["mode"] = json.loads(mode) if mode.startswith('"') and _is_json_string(mode) else mode
         names = [(await v.read()).decode("utf-8", "replace") if isinstance(v, UploadFile) else v
                  for v in form.getlist("class_names")]
         if len(names) > 1:  # repeated fields: one name each (a single field stays a JSON list: "red, green" is a 400)

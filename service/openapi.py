@@ -1,7 +1,8 @@
 """The OpenAPI document (``GET /docs.json``) as the service really behaves.
 
 BentoML generates the document from the typed API methods; it cannot know what the HTTP middleware
-(:mod:`service.http`) adds: multipart forms on ``/classify`` and ``/embed_image``, the error shape
+(:mod:`service.http`) adds: JSON bodies with base64 images beside the multipart forms that the typed
+file field ``images`` gives ``/classify`` and ``/embed_image`` (and what those forms accept), the error shape
 ``{"error": {"kind", "message", "limit"?}}`` with its statuses (400, 401, 413, 415, 429, 503), the
 bearer API key, and the package's version. :func:`complete_openapi` adds them to BentoML's document,
 so the Swagger page at ``/`` can send every request the README's curl sends.
@@ -93,6 +94,13 @@ def complete_openapi(spec: dict[str, Any], version: str, api_key: bool) -> dict[
             if api_key:
                 op["security"] = [{"bearer": []}]
             content = op.get("requestBody", {}).get("content", {})
+            if method == "post" and path in MULTIPART and "multipart/form-data" in content:
+                # BentoML describes a typed file field as a form only; the middleware takes JSON with
+                # base64 strings too (the form is rewritten below with what the middleware accepts)
+                body = copy.deepcopy(content["multipart/form-data"]["schema"])
+                body["properties"]["images"]["items"] = {"type": "string", "format": "byte",
+                                                         "description": "base64-encoded image bytes"}
+                content["application/json"] = {"schema": body}
             if path in _EXAMPLES and "application/json" in content:
                 content["application/json"]["example"] = _EXAMPLES[path]
             if method == "post" and path in MULTIPART and "application/json" in content:

@@ -47,7 +47,7 @@ from service.batching import ImageBatcher
 from service.config import ServiceConfig, ServiceConfigError, cuda_device_for_worker
 from service.errors import IN_HTTP_REQUEST, RequestError, bad_request
 from service.http import PromptbakeMiddleware
-from service.images import decode_base64, decode_image, harden_pillow
+from service.images import ImageUpload, decode_image, harden_pillow, image_bytes
 from service.metrics import get_metrics
 
 logger = logging.getLogger("promptbake.service")
@@ -69,9 +69,10 @@ class ArtifactSummary(BaseModel):
     embed_dim: int
     manifest_sha256: str
     digest: str = Field(description="the artifact's content digest (sha256 of its canonical manifest), as export prints it")
-    description_attributes: list[str] | None = Field(
-        default=None, description="for a method that reads attribute trees: the attributes a class's descriptions "
-        "may have ({name: {attribute: [sentence, ...]}}); null for others")
+    # a list, never null: BentoML's client cannot read a null where its schema flattens to an array
+    description_attributes: list[str] = Field(
+        default_factory=list, description="for a method that reads attribute trees: the attributes a class's "
+        "descriptions may have ({name: {attribute: [sentence, ...]}}); empty for others")
 
 
 class TopEntry(BaseModel):
@@ -239,7 +240,7 @@ class PromptbakeService:
             name=name, method=m.method, backbone=m.backbone, precision=m.precision, embed_dim=m.embed_dim,
             manifest_sha256=hashlib.sha256((path / MANIFEST_FILENAME).read_bytes()).hexdigest(),
             digest=artifact_digest(m),
-            description_attributes=None if m.layout is None else list(m.layout.attributes),
+            description_attributes=[] if m.layout is None else list(m.layout.attributes),
         )
         self.providers = list(self.predictor.providers)
         self.provider = self.providers[0]
@@ -276,7 +277,7 @@ class PromptbakeService:
             raise bad_request(kind, str(e)) from None
         return [scoring.normalize_name(n) for n in names]
 
-    def _check_images(self, images: list[str]) -> None:
+    def _check_images(self, images: list[str | bytes]) -> None:
         if not images:
             raise bad_request("images_empty", "send at least one image")
         if len(images) > self.config.max_images:
@@ -284,10 +285,10 @@ class PromptbakeService:
                               limit=self.config.max_images)
 
     # -- work (off the event loop) ------------------------------------------------------------------
-    def _pixels(self, images: list[str]) -> np.ndarray:
-        """base64 strings -> preprocessed ``[n, 3, S, S]`` float32 (runs in a worker thread)."""
+    def _pixels(self, images: list[str | bytes]) -> np.ndarray:
+        """base64 strings or bytes -> preprocessed ``[n, 3, S, S]`` float32 (runs in a worker thread)."""
         cfg = self.config
-        decoded = [decode_image(decode_base64(s, i), i, allowed_formats=cfg.allowed_formats,
+        decoded = [decode_image(image_bytes(s, i), i, allowed_formats=cfg.allowed_formats,
                                 max_image_pixels=cfg.max_image_pixels) for i, s in enumerate(images)]
         return preprocess_batch(decoded, self.predictor.manifest.preprocess)
 
@@ -299,7 +300,7 @@ class PromptbakeService:
         self._image_rows = [(p.shape[1], outputs[n].ndim == 3) for p, n in zip(parts, self.image_output_names)]
         return np.concatenate(parts, axis=1)
 
-    async def _image_outputs(self, images: list[str]) -> dict[str, np.ndarray]:
+    async def _image_outputs(self, images: list[str | bytes]) -> dict[str, np.ndarray]:
         """Every declared image output ``{name: [n, D]}``, batched across requests."""
         t0 = time.perf_counter()
         pixels = await anyio.to_thread.run_sync(self._pixels, images)
@@ -352,8 +353,8 @@ class PromptbakeService:
     @bentoml.api(route="/classify")
     async def classify(
         self,
-        images: list[str] = Field(description="base64-encoded image bytes (JPEG, PNG, WebP, BMP, GIF); "
-                                              "multipart requests send files named 'images' instead"),
+        images: list[ImageUpload] = Field(description="image files (JPEG, PNG, WebP, BMP, GIF): multipart parts named "
+                                                      "'images', or base64 strings in JSON"),
         class_names: list[str] = Field(description="the candidate names, any language the backbone knows"),
         top_k: int = Field(default=5, strict=True, description="names listed in each prediction's 'top', best first "
                            "(an integer: true or \"3\" are refused)"),
@@ -389,7 +390,7 @@ class PromptbakeService:
         except ValueError as e:  # the wrong kind for this artifact (sentences vs attribute trees)
             raise bad_request("descriptions", str(e)) from None
 
-    async def _classify(self, images: list[str], class_names: list[str], top_k: int, mode: str,
+    async def _classify(self, images: list[str | bytes], class_names: list[str], top_k: int, mode: str,
                         descriptions: Descriptions | None = None) -> ClassifyResponse:
         if not 1 <= top_k <= self.config.max_top_k:
             raise bad_request("top_k", f"top_k must be between 1 and {self.config.max_top_k}, got {top_k}")
@@ -418,12 +419,13 @@ class PromptbakeService:
     @bentoml.api(route="/embed_image")
     async def embed_image(
         self,
-        images: list[str] = Field(description="base64-encoded image bytes; multipart: files named 'images'"),
+        images: list[ImageUpload] = Field(description="image files: multipart parts named 'images', or base64 "
+                                                      "strings in JSON"),
     ) -> EmbeddingResponse:
         """L2-normalised image embeddings, one row per image (cosine similarity = dot product)."""
         return await self._respond(self._embed_image(images))
 
-    async def _embed_image(self, images: list[str]) -> EmbeddingResponse:
+    async def _embed_image(self, images: list[str | bytes]) -> EmbeddingResponse:
         self._check_images(images)
         emb = (await self._image_outputs(images))[self.image_output_names[0]]
         return EmbeddingResponse(artifact=self.artifact, dim=emb.shape[1], embeddings=emb.tolist())

@@ -206,17 +206,23 @@ def restore_pillow_settings():
     warnings._filters_mutated()  # noqa: SLF001 - invalidate the warnings cache after editing the list
 
 
-@pytest.fixture
-def fresh_http_metrics():
-    """BentoML registers its HTTP metrics once per process; a test that starts an app uses this fixture.
-
-    Unregister BentoML's ``bentoml_*`` collectors after each app (the service's own metrics are
-    process-wide singletons and survive), so the next app can register them again.
-    """
-    yield
+def _unregister_bentoml_metrics() -> None:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     registry = BentoMLContainer.metrics_client.get().registry
     for collector in list(registry._collector_to_names):  # noqa: SLF001 - no public way to list collectors
         if any(n.startswith("bentoml_") for n in registry._collector_to_names[collector]):  # noqa: SLF001
             registry.unregister(collector)
+
+
+@pytest.fixture
+def fresh_http_metrics():
+    """BentoML registers its HTTP metrics once per process; a test that starts an app uses this fixture.
+
+    Unregister BentoML's ``bentoml_*`` collectors before and after each app (the service's own metrics
+    are process-wide singletons and survive), so this app can register them whatever ran before it (a
+    module-scoped app elsewhere leaves its collectors behind) and the next app after it.
+    """
+    _unregister_bentoml_metrics()
+    yield
+    _unregister_bentoml_metrics()

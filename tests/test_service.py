@@ -482,6 +482,28 @@ def test_served_predictions_equal_predictor_and_promptbake_predict(server, artif
     assert "IOBinding off, worker 1;" in started[0]
 
 
+def test_bentoml_client_uploads_files_and_its_urls_are_refused(server, artifact, test_images):
+    """BentoML's own client, as its users write it: Paths, path strings and PIL images are uploaded as a
+    multipart form (``images`` is a typed file field in /schema.json); a URL it would send as text for
+    the server to fetch is a 400 image_source."""
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    base, _, _ = server
+    paths = test_images[:4]
+    with bentoml.SyncHTTPClient(base, timeout=60) as client:
+        out = client.classify(images=list(paths), class_names=NAMES, top_k=3, mode="auto")
+        _assert_same_predictions(out["predictions"], _reference(artifact, paths))
+        with Image.open(paths[0]) as im:
+            mixed = client.classify(images=[im, str(paths[1])], class_names=NAMES, top_k=3)
+        _assert_same_predictions(mixed["predictions"], _reference(artifact, paths[:2]))
+        emb = client.embed_image(images=[paths[0]])
+        assert len(emb["embeddings"]) == 1 and emb["dim"] == len(emb["embeddings"][0])
+        with pytest.raises(BentoMLException) as e:
+            client.classify(images=["http://127.0.0.1:1/x.png"], class_names=NAMES)
+        assert "image_source" in str(e.value)
+
+
 def test_served_bad_inputs_then_good(server):
     base, _, _ = server
     red = _encode(Image.new("RGB", (40, 30), (220, 30, 30)), "PNG")
