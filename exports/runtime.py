@@ -364,6 +364,17 @@ class Predictor:
             raise ValueError(f"method {self.manifest.method!r}: class embeddings depend on the image; use scores() or classify()")
         return self._cached_text_outputs(class_names, cache, descriptions)
 
+    def cached_text_outputs(self, class_names: Sequence[str]) -> dict[str, np.ndarray] | None:
+        """:meth:`counted_text_outputs` if every name is already cached, else ``None`` (runs no graph:
+        cheap enough for a caller to try on its event loop before sending the work to a thread)."""
+        if self.conditioned or self.described or self.text_cache is None:
+            return None
+        names = scoring.check_class_names(class_names, unique=False)
+        stacked, _, _ = self.text_cache.get([normalize_name(n) for n in names], compute=False)
+        if stacked is None:
+            return None
+        return {name: stacked[:, j] for j, name in enumerate(self.manifest.graphs.text.outputs)}
+
     def _cached_text_outputs(self, class_names: Sequence[str], cache: bool = True,
                              descriptions: Mapping[str, ClassDescriptions] | None = None) -> tuple[dict[str, np.ndarray], int, int]:
         """The text graph's outputs through the per-name cache (class embeddings; a scored artifact's class outputs)."""

@@ -40,14 +40,19 @@ class TextEmbeddingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, keys: Sequence[str], embed: Callable[[Sequence[str]], np.ndarray] | None = None) -> tuple[np.ndarray, int, int]:
+    def get(self, keys: Sequence[str], embed: Callable[[Sequence[str]], np.ndarray] | None = None,
+            compute: bool = True) -> tuple[np.ndarray | None, int, int]:
         """``[C, ...]`` rows of already-normalised ``keys``; also (hits, misses) of this call.
 
         ``embed`` replaces the cache's own function for this call's misses (keys that stand for a
         name and its descriptions are embedded by the caller, who knows what a key means).
+        ``compute=False`` embeds nothing: ``(None, 0, 0)`` unless every key is cached (counted as
+        hits), for a caller that can answer a fully cached request without leaving its thread.
         """
         found: dict[str, np.ndarray] = {}
         with self._lock:
+            if not compute and any(k not in self._entries for k in keys):
+                return None, 0, 0
             for k in keys:
                 v = self._entries.get(k)
                 if v is not None:

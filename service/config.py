@@ -49,8 +49,8 @@ class ServiceConfig(BaseModel):
             class embeddings depend on the image (CoCoOp): each pair is one text-graph run, so
             this bounds the work a single request can hold a worker for.
         max_batch_size: images per onnxruntime run when requests are batched together.
-        max_latency_ms: adaptive batching latency budget; requests that cannot be served within
-            it are shed with 503.
+        max_latency_ms: the longest an image may wait for its batch; one that waited longer when
+            its turn comes is shed with 503 ``overloaded``.
         text_cache_names: class-name embeddings kept (LRU over names); memory is
             ``text_cache_names x embed_dim x 4`` bytes (20,000 x 512 x 4 = 41 MB).
         api_key: when set, every route but the health probes needs ``Authorization: Bearer KEY``.

@@ -41,7 +41,7 @@ _JSON_FIELDS = {**_MULTIPART_FIELDS, "/embed_text": {"texts", "descriptions"}, "
 #: form encodings: a file needs multipart; a urlencoded form (what BentoML's client sends when every
 #: image is a URL string) is parsed too, so that it gets the same 400 image_source as a text part
 _FORM_MEDIA = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
-_THREAD_BYTES = 1 << 20  # JSON bodies larger than this are checked off the event loop
+_THREAD_BYTES = 1 << 20  # bodies larger than this are checked (JSON) or parsed (forms) off the event loop
 PROVIDER_HEADER = "x-promptbake-provider"
 
 
@@ -134,8 +134,12 @@ class PromptbakeMiddleware:
             else:
                 _check_json_fields(body, path)
         if form:
-            # parsing and re-encoding a large form takes ~10 ms per MB: keep it off the event loop
-            body = await anyio.to_thread.run_sync(_multipart_to_json_sync, scope, body, path, cfg)
+            # parsing and re-encoding a large form takes ~10 ms per MB: keep it off the event loop; a
+            # small one costs less than the hop (a thread and an event loop of its own: ~1 ms a request)
+            if len(body) > _THREAD_BYTES:
+                body = await anyio.to_thread.run_sync(_multipart_to_json_sync, scope, body, path, cfg)
+            else:
+                body = json.dumps(await _multipart_to_json(scope, body, path, cfg)).encode()
             scope = {**scope, "headers": [*(h for h in scope.get("headers", []) if h[0].lower() not in (b"content-type", b"content-length")),
                                           (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
         if svc.slots.locked():

@@ -745,11 +745,32 @@ def test_bench_serve_table_formats_every_row():
     res = {"gflop_per_image": 35.13, "matmul_gflops": 100.0, "backbone": "ViT-B-16", "device": "cpu",
            "provider": "CPUExecutionProvider", "cpu_count": 2,
            "in_process": {"torch eager, batch 1": 2.0, "onnxruntime, batch 32": 2.5},
-           "http": {"1 client x 1 image/request": http, "16 clients x 1 image/request": {**http, "mean_batch": 3.5}},
-           "names": {"n": 1000, "cold_s": 2.0, "cached_s": 0.1}}
+           "http": {"1 client x 1 image/request": http,
+                    "16 clients x 1 image/request": {**http, "images_per_s": 90.0, "mean_batch": 3.5}},
+           "bare": {"1 client x 1 image/request": {**http, "images_per_s": 50.0},
+                    "16 clients x 1 image/request": {**http, "images_per_s": 60.0}},
+           "names": {"n": 1000, "cold_s": 2.0, "cached_s": 0.1}, "clients": 16}
     table = format_serve_table(res)
     assert "| in-process onnxruntime, batch 32 | 2.5 | 1.25x | | | 87.8% |" in table
     assert "(mean batch 3.5)" in table and "2000 ms cold, 100 ms cached (20x)" in table
+    assert "| bare ASGI (Starlette + uvicorn, no batching) 16 clients x 1 image/request | 60.0 | 30.00x |" in table
+    assert "per-request cost, promptbake / bare ASGI (1 client x 1 image): 1.25x (goal <= 1.5x)" in table
+    assert "16 single-image clients / 1 client, promptbake: 2.25x (goal >= 2x; bare ASGI without batching: 1.20x)" in table
+
+
+def test_bench_serve_bare_baseline_answers_what_the_predictor_does(artifact, test_images):
+    """The baseline `bench serve` compares the service with is the same Predictor, answering the same form."""
+    from starlette.testclient import TestClient
+
+    from training.bench.bare import bare_app
+
+    paths = test_images[:5]
+    with TestClient(bare_app(str(artifact))) as c:
+        assert c.get("/readyz").status_code == 200
+        r = c.post("/classify", files=[("images", (p.name, p.read_bytes(), "image/png")) for p in paths],
+                   data={"class_names": json.dumps(NAMES), "top_k": "3"})
+    assert r.status_code == 200, r.text
+    _assert_same_predictions(r.json()["predictions"], _reference(artifact, paths))
 
 
 @pytest.mark.parametrize("var,value", [("PROMPTBAKE_API_KEY", "short"), ("PROMPTBAKE_MAX_IMAGES", "abc"),
@@ -858,3 +879,58 @@ def test_openapi_describes_what_the_middleware_does(client):
     # and what it documents is what the service answers: a wrong key is the documented 401 shape
     r = client.post("/classify", json={"images": [], "class_names": ["a"]}, headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401 and set(r.json()["error"]) >= {"kind", "message"}
+
+
+def test_image_batcher_merges_waiting_requests_and_keeps_their_errors_apart():
+    """What queues while the model runs is one batch; a request's bad image fails that request only;
+    a request larger than max_batch_size is split and reassembled; waiting past the budget is a 503."""
+    import threading
+
+    from service.batching import ImageBatcher
+    from service.errors import RequestError
+
+    gate = threading.Event()
+    calls: list[int] = []
+
+    def model(pixels: np.ndarray) -> np.ndarray:
+        gate.wait(5)  # the first batch holds the model until every request has queued
+        calls.append(len(pixels))
+        return pixels * 10
+
+    def images(first: float, n: int):
+        def prepare(lo: int, hi: int) -> np.ndarray:
+            if first < 0:
+                raise RequestError(400, "image_corrupt", "images[0] cannot be read")
+            return np.arange(first + lo, first + hi, dtype=np.float32).reshape(-1, 1)
+        return n, prepare
+
+    async def scenario():
+        b = ImageBatcher(model, max_batch_size=4, max_latency_ms=60_000)
+        first = asyncio.create_task(b.embed(*images(0, 1)))
+        await asyncio.sleep(0.05)  # the consumer has taken it and waits on the gate
+        rest = [asyncio.create_task(b.embed(*images(100 * k, n))) for k, n in ((1, 2), (2, 1), (3, 6))]
+        bad = asyncio.create_task(b.embed(*images(-1, 1)))
+        await asyncio.sleep(0.05)
+        gate.set()
+        outs = await asyncio.gather(first, *rest)
+        with pytest.raises(RequestError) as e:
+            await bad
+        b.close()
+        return outs, e.value
+
+    outs, err = asyncio.run(scenario())
+    assert err.kind == "image_corrupt"
+    assert [o.ravel().tolist() for o in outs] == [[0.0], [1000.0, 1010.0], [2000.0], [3000.0 + 10 * i for i in range(6)]]
+    assert calls[0] == 1 and max(calls) == 4 and sum(calls) == 10  # merged up to max_batch_size, split beyond
+
+    async def shed():
+        slow = threading.Event()
+        b = ImageBatcher(lambda p: (slow.wait(0.3), p)[1], max_batch_size=1, max_latency_ms=100)
+        tasks = [asyncio.create_task(b.embed(*images(k, 1))) for k in range(3)]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        b.close()
+        return results
+
+    results = asyncio.run(shed())
+    assert isinstance(results[0], np.ndarray)
+    assert any(isinstance(r, RequestError) and r.status == 503 and r.kind == "overloaded" for r in results[1:])
