@@ -12,6 +12,8 @@ What it does, per HTTP request:
   ``descriptions`` as a JSON object) is
   parsed here with bounded part counts and turned into the JSON form the typed API takes, so
   BentoML's own file handling (which would fetch a URL sent in place of a file) never sees it.
+* ``GET /`` is the demo page (``service/demo.html``; no key needed, it holds no data: its requests
+  carry the key the user types); BentoML's Swagger UI moves to ``GET /docs``.
 * ``GET /info`` is answered like ``POST /info``.
 * every response carries ``X-Promptbake-Provider``: the onnxruntime provider doing the work.
 """
@@ -24,6 +26,7 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -98,6 +101,11 @@ class PromptbakeMiddleware:
         cfg = svc.config
         path, method = scope.get("path", ""), scope.get("method", "GET")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if path == "/" and method in ("GET", "HEAD"):  # the demo page: static, no data, so no key
+            await _send_page(send, DEMO_PAGE, head=method == "HEAD")
+            return
+        if path == "/docs" and method in ("GET", "HEAD"):  # BentoML's Swagger UI, moved from / (key as before)
+            scope = {**scope, "path": "/", "raw_path": b"/"}
         if cfg.api_key and path not in HEALTH_PATHS:
             auth = headers.get("authorization", "")
             scheme, _, given = auth.partition(" ")
@@ -147,6 +155,18 @@ class PromptbakeMiddleware:
                                "retry shortly", limit=cfg.max_concurrency)
         async with svc.slots:
             await self.app(scope, _replay(body), _reshape_validation_errors(send, svc))
+
+
+#: the demo page at ``/`` (one self-contained file: no external assets, works offline)
+DEMO_PAGE = Path(__file__).with_name("demo.html")
+
+
+async def _send_page(send: Any, page: Path, head: bool = False) -> None:
+    data = page.read_bytes()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(data)).encode()),
+                            (b"cache-control", b"no-cache")]})
+    await send({"type": "http.response.body", "body": b"" if head else data})
 
 
 def _package_version() -> str:

@@ -70,6 +70,9 @@ class ArtifactSummary(BaseModel):
     embed_dim: int
     manifest_sha256: str
     digest: str = Field(description="the artifact's content digest (sha256 of its canonical manifest), as export prints it")
+    descriptions: str = Field(default="none", description="what /classify's descriptions field takes for this "
+                              "method: 'none' (ignored), 'sentences' ({name: [sentence, ...]}) or 'attributes' "
+                              "({name: {attribute: [sentence, ...]}})")
     # a list, never null: BentoML's client cannot read a null where its schema flattens to an array
     description_attributes: list[str] = Field(
         default_factory=list, description="for a method that reads attribute trees: the attributes a class's "
@@ -242,6 +245,8 @@ class PromptbakeService:
             manifest_sha256=hashlib.sha256((path / MANIFEST_FILENAME).read_bytes()).hexdigest(),
             digest=artifact_digest(m),
             description_attributes=[] if m.layout is None else list(m.layout.attributes),
+            descriptions="none" if not m.capabilities.needs_class_descriptions else
+            "sentences" if m.layout is None else "attributes",
         )
         self.providers = list(self.predictor.providers)
         self.provider = self.providers[0]

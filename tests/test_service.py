@@ -630,6 +630,71 @@ def test_served_slow_uploads_hold_no_slot_and_time_out(server, test_images):
             s.close()
 
 
+# -- the demo page, in a real headless browser (Debian's chromium + chromedriver, driven by selenium) --
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    """Headless Chromium with the flags a closed network needs (no background connections). Not
+    skipped when missing: .ci/setup installs Debian's chromium and chromium-driver."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # selenium never looks for a driver online
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1000,620", f"--user-data-dir={tmp_path / 'profile'}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_demo_page_classifies_in_a_real_browser_and_shows_errors(server, artifact, test_images, browser, tmp_path):
+    """GET / in Chromium: the artifact's method and backbone shown; choose an image, type names,
+    Classify: the bars are the Predictor's top-k; a file that is not an image: the error is shown."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, _, _ = server
+    wait = WebDriverWait(browser, 60)
+    browser.get(base + "/")
+    wait.until(lambda d: "coop on" in d.find_element(By.ID, "artifact").text)
+    assert "CPUExecutionProvider" in browser.find_element(By.ID, "artifact").text
+    assert not browser.find_element(By.ID, "descriptions-block").is_displayed()  # CoOp reads no descriptions
+
+    browser.find_element(By.ID, "file").send_keys(str(test_images[0]))
+    names = browser.find_element(By.ID, "names")
+    names.send_keys("\n".join(NAMES))
+    top_k = browser.find_element(By.ID, "top-k")
+    top_k.clear()
+    top_k.send_keys("3")
+    browser.find_element(By.ID, "go").click()
+    rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#prediction .bar"))
+    shown = [(r.find_element(By.CLASS_NAME, "name").text, r.find_element(By.CLASS_NAME, "score").text) for r in rows]
+    want = _reference(artifact, test_images[:1])[0]["top"]
+    assert shown == [(t["class_name"], f"{100 * t['score']:.1f}%") for t in want], shown
+    assert browser.find_element(By.ID, "error").text == ""
+    if os.environ.get("PROMPTBAKE_DEMO_SCREENSHOT"):  # how docs/img/demo.png is made
+        browser.save_screenshot(os.environ["PROMPTBAKE_DEMO_SCREENSHOT"])
+
+    bad = tmp_path / "not-an-image.png"
+    bad.write_bytes(b"this is text, not a PNG")
+    browser.find_element(By.ID, "file").send_keys(str(bad))
+    browser.find_element(By.ID, "go").click()
+    error = wait.until(lambda d: d.find_element(By.ID, "error").text)
+    assert error.startswith("image_format:") and "allowed format" in error, error
+    assert browser.find_elements(By.ID, "prediction") == []
+
+
 def test_served_graceful_shutdown_finishes_the_request_in_flight(server, test_images):
     base, log, stop = server
     names = [f"thing number {i}" for i in range(4000)]  # never seen: seconds of text graph even on test-tiny
@@ -735,6 +800,10 @@ def test_the_bento_includes_every_module_the_service_imports():
                     for candidate in (name.replace(".", "/") + ".py", name.replace(".", "/") + "/__init__.py"):
                         if (REPO / candidate).is_file():
                             todo.append(candidate)
+    seen.add("service/demo.html")  # not an import: the page service/http.py serves at /
+    from service.http import DEMO_PAGE
+
+    assert DEMO_PAGE == REPO / "service/demo.html"
     assert seen == included, f"missing from the Bento: {sorted(seen - included)}; not imported: {sorted(included - seen)}"
 
 
@@ -934,3 +1003,14 @@ def test_image_batcher_merges_waiting_requests_and_keeps_their_errors_apart():
     results = asyncio.run(shed())
     assert isinstance(results[0], np.ndarray)
     assert any(isinstance(r, RequestError) and r.status == 503 and r.kind == "overloaded" for r in results[1:])
+
+
+def test_asgi_demo_page_needs_no_key_and_swagger_moves_to_docs(client):
+    page = client.get("/", headers={"Authorization": ""})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert b"<title>promptbake</title>" in page.content and b"http" not in page.content.split(b"<script>")[1]
+    assert client.get("/docs", headers={"Authorization": ""}).status_code == 401  # the API docs keep the key
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and b"swagger" in docs.content.lower()
+    info = client.get("/info").json()["artifact"]
+    assert info["descriptions"] == "none" and info["description_attributes"] == []
