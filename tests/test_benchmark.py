@@ -46,6 +46,21 @@ def test_every_style_draws_most_emoji_and_rejects_notdef() -> None:
         assert all(fresh[cp].tobytes() == drawn[cp].tobytes() for cp in fresh)
 
 
+def test_candidates_are_unicode_14s_on_every_python() -> None:
+    """The classes do not move with the interpreter's Unicode database: Python 3.11 (Unicode 14.0)
+    computes exactly the pinned runs; a newer one (3.12: 15.0) names more code points, which stay out.
+    CI runs the suite on both, so both branches run."""
+    import unicodedata
+
+    pinned = glyphs.candidate_codepoints()
+    assert len(pinned) == 2262 and pinned == tuple(sorted(pinned))
+    database = glyphs.database_candidates()
+    if unicodedata.unidata_version == glyphs.UNICODE_VERSION:
+        assert database == pinned
+    else:
+        assert set(pinned) < set(database), unicodedata.unidata_version
+
+
 def test_shared_classes_and_names() -> None:
     classes = glyphs.shared_classes()
     names = [n for _, n in classes]

@@ -57,11 +57,11 @@ import logging
 import os
 import statistics
 import tempfile
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from training.benchmark.glyphs import UNICODE_VERSION
 from training.benchmark.suite import BENCHMARKS, benchmark_classes, universe
 from training.data.core import DatasetError
 from training.data.descriptions import load_attributes, load_descriptions, match_descriptions
@@ -312,7 +312,7 @@ def build_files(cldr_path: Path, emoji_test_path: Path, classes: Iterable[tuple[
                            "sha256": _sha256(test_bytes)},
         },
         "class_names": f"training.benchmark.suite.universe(), named from Python's unicodedata "
-                       f"{unicodedata.unidata_version}",
+                       f"{UNICODE_VERSION}",
         "templates": TEMPLATES,
         "classes": len(counts),
         "sentences": sum(counts),

@@ -33,6 +33,20 @@ MASTER_SIZE = 64
 _CACHE_VERSION = 1
 # Single-codepoint emoji live in these blocks (Misc Symbols + Dingbats, and the SMP emoji blocks).
 CODEPOINT_RANGES = ((0x2600, 0x27BF), (0x1F300, 0x1FAFF))
+#: The Unicode version the benchmark's classes come from: Python 3.11's database. Newer Pythons know
+#: newer emoji (3.12: Unicode 15.0, 29 more named code points in these blocks), which would change
+#: every dataset; so the candidates are pinned to the code points of CODEPOINT_RANGES that Unicode
+#: 14.0 names usably, as runs (from Python 3.11's unicodedata; names never change once assigned, so
+#: any newer database names them the same; tests/test_data.py checks the runs against 3.11's database).
+UNICODE_VERSION = "14.0.0"
+UNICODE_14_CANDIDATES = (
+    (0x2600, 0x27BF), (0x1F300, 0x1F3FA), (0x1F400, 0x1F6D7), (0x1F6DD, 0x1F6EC), (0x1F6F0, 0x1F6FC),
+    (0x1F700, 0x1F773), (0x1F780, 0x1F7D8), (0x1F7E0, 0x1F7EB), (0x1F7F0, 0x1F7F0), (0x1F800, 0x1F80B),
+    (0x1F810, 0x1F847), (0x1F850, 0x1F859), (0x1F860, 0x1F887), (0x1F890, 0x1F8AD), (0x1F8B0, 0x1F8B1),
+    (0x1F900, 0x1F9AF), (0x1F9B4, 0x1FA53), (0x1FA60, 0x1FA6D), (0x1FA70, 0x1FA74), (0x1FA78, 0x1FA7C),
+    (0x1FA80, 0x1FA86), (0x1FA90, 0x1FAAC), (0x1FAB0, 0x1FABA), (0x1FAC0, 0x1FAC5), (0x1FAD0, 0x1FAD9),
+    (0x1FAE0, 0x1FAE7), (0x1FAF0, 0x1FAF6),
+)
 # Codepoints that no Unicode version assigns (noncharacters / unassigned), drawn as .notdef by any font.
 _NOTDEF_PROBES = ("\u0378", "\U0001FAFF", "\U0010FFFE")
 # Names that are not concepts one can prompt for.
@@ -120,7 +134,14 @@ def clean_name(codepoint: int) -> str | None:
 
 @functools.lru_cache(maxsize=None)
 def candidate_codepoints() -> tuple[int, ...]:
-    """Codepoints in :data:`CODEPOINT_RANGES` with a usable name, ascending."""
+    """Codepoints in :data:`CODEPOINT_RANGES` with a usable name in Unicode 14.0, ascending, whatever
+    Python runs this (:data:`UNICODE_14_CANDIDATES`)."""
+    return tuple(cp for lo, hi in UNICODE_14_CANDIDATES for cp in range(lo, hi + 1) if clean_name(cp) is not None)
+
+
+def database_candidates() -> tuple[int, ...]:
+    """Codepoints in :data:`CODEPOINT_RANGES` with a usable name in *this* Python's Unicode database
+    (what :data:`UNICODE_14_CANDIDATES` was computed with on Python 3.11)."""
     return tuple(cp for lo, hi in CODEPOINT_RANGES for cp in range(lo, hi + 1) if clean_name(cp) is not None)
 
 
