@@ -56,3 +56,12 @@ def test_benchmark_figures_with_and_without_zero_shot(tmp_path):
     assert [p.name for p in plot_benchmark(_rows(["coop"], datasets), ["coop"], datasets, tmp_path / "c")] == ["b2n.png"]
     with pytest.raises(RunError, match="no finished"):
         plot_benchmark([], ["coop"], datasets, tmp_path / "d")
+
+
+@pytest.mark.parametrize("n", [3, 12, 25])
+def test_every_method_has_its_own_colour(n):
+    """Matplotlib's default cycle repeats after ten: a grid of twelve methods drew CoOp and MaPLe alike."""
+    from training.plots import _pyplot, method_colours
+
+    colours = method_colours(_pyplot(), [f"m{i}" for i in range(n)])
+    assert len(colours) == n and len({tuple(c) for c in colours.values()}) == n

@@ -98,6 +98,20 @@ def _means(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], dict[str,
     return {cell: {k: sum(v) / len(v) for k, v in metrics.items()} for cell, metrics in acc.items()}
 
 
+def method_colours(plt: Any, methods: Sequence[str]) -> dict[str, Any]:
+    """One distinct colour per method: matplotlib's default cycle (tab10) repeats after ten, so a
+    grid of eleven methods or more drew two of them alike; tab20 then, and beyond twenty a
+    continuous map."""
+    n = len(methods)
+    if n <= 10:
+        cmap, at = plt.get_cmap("tab10"), range(n)
+    elif n <= 20:
+        cmap, at = plt.get_cmap("tab20"), range(n)
+    else:
+        cmap, at = plt.get_cmap("turbo"), [i / (n - 1) for i in range(n)]
+    return {m: cmap(x) for m, x in zip(methods, at)}
+
+
 def plot_benchmark(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], datasets: Sequence[str],
                    out_dir: str | Path) -> list[Path]:
     """``results.json`` rows -> ``out_dir/b2n.png`` (base, novel and HM per dataset and method, with the
@@ -115,11 +129,13 @@ def plot_benchmark(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], da
     columns = [*datasets, "average"]
     fig, axes = plt.subplots(3, 1, figsize=(max(7.0, 1.2 * len(columns) + 3.0), 9.0), sharex=True)
     width = 0.8 / len(methods)
+    colours = method_colours(plt, methods)
     for ax, (key, label) in zip(axes, METRICS):
         for i, m in enumerate(methods):
             values = [means[(m, d)][key] if (m, d) in means else math.nan for d in datasets]
             values.append(sum(values) / len(values) if m in complete else math.nan)
-            ax.bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(columns))], values, width, label=m)
+            ax.bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(columns))], values, width, label=m,
+                   color=colours[m])
         ax.set_ylabel(f"{label} accuracy (%)" if key != "hm" else "HM")
         ax.grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(range(len(columns)), [c.removeprefix("emoji-") for c in columns], rotation=30, ha="right")
@@ -133,7 +149,7 @@ def plot_benchmark(rows: Sequence[Mapping[str, Any]], methods: Sequence[str], da
             for m in others:
                 base = sum(means[(m, d)]["base_acc"] for d in datasets) / len(datasets) - zs["base_acc"]
                 novel = sum(means[(m, d)]["novel_acc"] for d in datasets) / len(datasets) - zs["novel_acc"]
-                ax.scatter(base, novel)
+                ax.scatter(base, novel, color=colours[m])
                 ax.annotate(m, (base, novel), textcoords="offset points", xytext=(4, 3), fontsize=8)
             ax.axhline(0, color="grey", linewidth=0.8)
             ax.axvline(0, color="grey", linewidth=0.8)
