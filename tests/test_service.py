@@ -638,7 +638,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 @pytest.fixture
 def browser(tmp_path, monkeypatch):
     """Headless Chromium with the flags a closed network needs (no background connections). Not
-    skipped when missing: .ci/setup installs Debian's chromium and chromium-driver."""
+    skipped when missing: .ci/run installs Debian's chromium and chromium-driver."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
