@@ -38,6 +38,16 @@ def _overloaded() -> RequestError:
     return RequestError(503, "overloaded", "the server is at capacity (batch latency budget exceeded); retry with backoff")
 
 
+def _fail(future: asyncio.Future, error: BaseException) -> None:
+    """``future.set_exception``, for any error: asyncio refuses StopIteration (and a BaseException such
+    as KeyboardInterrupt should not travel into a request), so those arrive wrapped in a RuntimeError."""
+    if isinstance(error, StopIteration) or not isinstance(error, Exception):
+        wrapped = RuntimeError(f"image batch failed: {error!r}")
+        wrapped.__cause__ = error
+        error = wrapped
+    future.set_exception(error)
+
+
 class _Item:
     __slots__ = ("n", "prepare", "future", "queued_at")
 
@@ -70,13 +80,16 @@ class ImageBatcher:
         self.batch_sizes: list[int] = []  # recent batch sizes (bounded), for tests and /info
 
     def _bind(self) -> None:
-        # the consumer task lives on one event loop; a new loop (tests calling the class directly with
-        # asyncio.run, then through an ASGI client) gets a new queue and consumer
+        # one consumer per event loop, with the queue it serves; a new loop (tests calling the class
+        # directly with asyncio.run, then through an ASGI client) gets a new queue and consumer, and a
+        # consumer that ended on this loop is restarted on the same queue (nothing queued is lost)
         loop = asyncio.get_running_loop()
-        if self._loop is loop and self._worker is not None and not self._worker.done():
-            return
-        self._loop, self._queue, self._wake = loop, collections.deque(), asyncio.Event()
-        self._worker = loop.create_task(self._consume(), name="promptbake-image-batcher")
+        if self._loop is not loop:
+            self._loop, self._queue, self._wake = loop, collections.deque(), asyncio.Event()
+            self._worker = None
+        if self._worker is None or self._worker.done():
+            assert self._wake is not None
+            self._worker = loop.create_task(self._consume(self._queue, self._wake), name="promptbake-image-batcher")
 
     async def embed(self, n: int, prepare: Callable[[int, int], np.ndarray]) -> np.ndarray:
         """The model's output for ``n`` images; ``prepare(lo, hi)`` gives images ``lo:hi`` as pixels
@@ -94,20 +107,23 @@ class ImageBatcher:
         try:
             outs = [await item.future for item in items]
         finally:
-            for item in items:  # a cancelled request (client gone) leaves nothing to run
-                item.future.cancel()
+            for item in items:
+                if not item.future.done():  # a cancelled request (client gone) leaves nothing to run
+                    item.future.cancel()
+                elif not item.future.cancelled():
+                    item.future.exception()  # a sibling chunk's error, read so asyncio does not log it
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def _next_batch(self) -> list[_Item]:
+    def _next_batch(self, queue: collections.deque[_Item]) -> list[_Item]:
         batch: list[_Item] = []
         size = 0
         deadline = time.monotonic() - self.max_latency_ms / 1000
-        while self._queue and size + self._queue[0].n <= self.max_batch_size:
-            item = self._queue.popleft()
+        while queue and size + queue[0].n <= self.max_batch_size:
+            item = queue.popleft()
             if item.future.done():  # cancelled while queued
                 continue
             if item.queued_at < deadline:
-                item.future.set_exception(_overloaded())
+                _fail(item.future, _overloaded())
                 continue
             batch.append(item)
             size += item.n
@@ -139,13 +155,14 @@ class ImageBatcher:
                 results.append(p)
         return results
 
-    async def _consume(self) -> None:
-        assert self._wake is not None
+    async def _consume(self, queue: collections.deque[_Item], wake: asyncio.Event) -> None:
+        """Serve ``queue`` until cancelled. Whatever a batch raises fails that batch's requests (never
+        this task: a dead consumer would leave every later request waiting)."""
         while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-            batch = self._next_batch()
+            if not queue:
+                wake.clear()
+                await wake.wait()
+            batch = self._next_batch(queue)
             if not batch:
                 continue
             try:
@@ -154,14 +171,14 @@ class ImageBatcher:
                 for item in batch:
                     item.future.cancel()
                 raise
-            except Exception as e:  # the model failed: every request of the batch gets the error
+            except BaseException as e:  # noqa: BLE001 - the model failed: every request of the batch gets the error
                 logger.exception("image batch of %d failed", sum(item.n for item in batch))
                 results = [e] * len(batch)
             for item, result in zip(batch, results):
                 if item.future.done():
                     continue
                 if isinstance(result, BaseException):
-                    item.future.set_exception(result)
+                    _fail(item.future, result)
                 else:
                     item.future.set_result(result)
 

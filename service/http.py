@@ -44,7 +44,8 @@ _JSON_FIELDS = {**_MULTIPART_FIELDS, "/embed_text": {"texts", "descriptions"}, "
 #: form encodings: a file needs multipart; a urlencoded form (what BentoML's client sends when every
 #: image is a URL string) is parsed too, so that it gets the same 400 image_source as a text part
 _FORM_MEDIA = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
-_THREAD_BYTES = 1 << 20  # bodies larger than this are checked (JSON) or parsed (forms) off the event loop
+_THREAD_BYTES = 1 << 20  # JSON bodies larger than this are checked off the event loop
+_FORM_ON_LOOP_BYTES = 128 << 10  # forms up to this are parsed on the loop (~1 ms); larger ones in a thread
 PROVIDER_HEADER = "x-promptbake-provider"
 
 
@@ -144,7 +145,7 @@ class PromptbakeMiddleware:
         if form:
             # parsing and re-encoding a large form takes ~10 ms per MB: keep it off the event loop; a
             # small one costs less than the hop (a thread and an event loop of its own: ~1 ms a request)
-            if len(body) > _THREAD_BYTES:
+            if len(body) > _FORM_ON_LOOP_BYTES:
                 body = await anyio.to_thread.run_sync(_multipart_to_json_sync, scope, body, path, cfg)
             else:
                 body = json.dumps(await _multipart_to_json(scope, body, path, cfg)).encode()

@@ -1014,3 +1014,73 @@ def test_asgi_demo_page_needs_no_key_and_swagger_moves_to_docs(client):
     assert docs.status_code == 200 and b"swagger" in docs.content.lower()
     info = client.get("/info").json()["artifact"]
     assert info["descriptions"] == "none" and info["description_attributes"] == []
+
+
+def test_image_batcher_survives_whatever_a_batch_raises():
+    """A model or decoder raising StopIteration (which asyncio refuses to put into a future) or an
+    exception fails that batch's requests with a RuntimeError; the next request is served."""
+    from service.batching import ImageBatcher
+
+    def model(pixels: np.ndarray) -> np.ndarray:
+        if pixels[0, 0] < 0:
+            raise StopIteration("from the model")
+        return pixels + 1
+
+    def prepare_with(value: float):
+        def prepare(lo: int, hi: int) -> np.ndarray:
+            if value == 99:
+                raise StopIteration("from a decoder")
+            return np.full((hi - lo, 1), value, np.float32)
+        return prepare
+
+    async def scenario():
+        b = ImageBatcher(model, max_batch_size=4, max_latency_ms=60_000)
+        errors = []
+        for bad in (-1.0, 99.0):
+            with pytest.raises(RuntimeError) as e:
+                await asyncio.wait_for(b.embed(1, prepare_with(bad)), 5)
+            errors.append(str(e.value))
+        ok = await asyncio.wait_for(b.embed(2, prepare_with(1.0)), 5)
+        b.close()
+        return errors, ok
+
+    errors, ok = asyncio.run(scenario())
+    assert all("StopIteration" in e for e in errors), errors
+    assert ok.ravel().tolist() == [2.0, 2.0]
+
+
+def test_bench_serve_load_generator_counts_broken_responses_and_goes_on():
+    """bench serve's raw HTTP/1.1 client: a response without Content-Length or a closed connection is a
+    failed request (status 0), and the next request opens a new connection."""
+    from training.bench.serve import _client
+
+    answers = iter([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"])
+
+    async def handle(reader, writer):
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")).split(b":")[1])
+                await reader.readexactly(length)
+                answer = next(answers)
+                writer.write(answer)
+                await writer.drain()
+                if b"chunked" in answer or b"close" in answer:
+                    break
+        except (asyncio.IncompleteReadError, StopIteration):
+            pass
+        writer.close()
+
+    async def scenario():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        req = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx"
+        lat, codes = [], []
+        await asyncio.wait_for(_client("127.0.0.1", port, [req] * 4, lat, codes), 10)
+        server.close()
+        return codes
+
+    assert asyncio.run(scenario()) == [200, 0, 200, 503]

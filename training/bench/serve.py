@@ -146,23 +146,39 @@ async def _client(host: str, port: int, requests: list[bytes], lat: list[float],
     """One keep-alive HTTP/1.1 connection sending ``requests`` one after another."""
     import asyncio
 
-    reader, writer = await asyncio.open_connection(host, port)
+    reader = writer = None
     try:
         for req in requests:
             t = time.perf_counter()
-            writer.write(req)
-            await writer.drain()
-            status = int((await reader.readline()).split()[1])
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                key, _, value = line.decode("latin-1").partition(":")
-                if key.strip().lower() == "content-length":
-                    length = int(value)
-            await reader.readexactly(length)
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(host, port)
+                writer.write(req)
+                await writer.drain()
+                status = int((await reader.readline()).split()[1])
+                length, close = None, False
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    key, _, value = line.decode("latin-1").partition(":")
+                    key, value = key.strip().lower(), value.strip().lower()
+                    if key == "content-length":
+                        length = int(value)
+                    elif key == "connection" and value == "close":
+                        close = True
+                if length is None:  # the servers measured always send one; anything else is a failure
+                    raise ConnectionError("a response without Content-Length")
+                await reader.readexactly(length)
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
+                status, close = 0, True  # counted as failed; the next request opens a new connection
             lat.append(time.perf_counter() - t)
             codes.append(status)
+            if close and writer is not None:
+                writer.close()
+                reader = writer = None
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
 
 def _traffic(base: str, images: list[bytes], names: list[str], clients: int, requests: int, per_request: int) -> dict[str, Any]:
@@ -241,12 +257,15 @@ def _server(argv: list[str], env: dict[str, str], what: str) -> Iterator[str]:
             raise RuntimeError(f"{e}; see {log.name}") from None
         yield base
     finally:
-        if proc.poll() is None:
+        # the whole process group, even when the parent has exited: its workers may still run
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
         log.close()
 
 
