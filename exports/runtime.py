@@ -371,8 +371,10 @@ class Predictor:
             return None
         names = scoring.check_class_names(class_names, unique=False)
         stacked, _, _ = self.text_cache.get([normalize_name(n) for n in names], compute=False)
-        if stacked is None:
-            return None
+        return None if stacked is None else self._by_text_output(stacked)
+
+    def _by_text_output(self, stacked: np.ndarray) -> dict[str, np.ndarray]:
+        """``[C, n_outputs, ...]`` cache rows -> ``{output name: [C, ...]}``."""
         return {name: stacked[:, j] for j, name in enumerate(self.manifest.graphs.text.outputs)}
 
     def _cached_text_outputs(self, class_names: Sequence[str], cache: bool = True,
@@ -389,7 +391,7 @@ class Predictor:
             by_key = dict(zip(keys, names))
             stacked, hits, misses = self.text_cache.get(
                 keys, embed=lambda ks: self._stacked_text_outputs([by_key[k] for k in ks], per_name))
-        return {name: stacked[:, j] for j, name in enumerate(self.manifest.graphs.text.outputs)}, hits, misses
+        return self._by_text_output(stacked), hits, misses
 
     def _stacked_text_outputs(self, names: Sequence[str], descriptions: Mapping[str, ClassDescriptions] | None = None) -> np.ndarray:
         """``[C, n_outputs, D]``: the text graph's outputs for ``names``, one row per name (what the cache keeps)."""

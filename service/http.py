@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import json
 import logging
@@ -162,8 +163,13 @@ class PromptbakeMiddleware:
 DEMO_PAGE = Path(__file__).with_name("demo.html")
 
 
+@functools.cache
+def _page_bytes(page: Path) -> bytes:
+    return page.read_bytes()  # once per process: the page is part of the installed code
+
+
 async def _send_page(send: Any, page: Path, head: bool = False) -> None:
-    data = page.read_bytes()
+    data = _page_bytes(page)
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(data)).encode()),
                             (b"cache-control", b"no-cache")]})

@@ -35,7 +35,7 @@ class ImageUpload(PurePosixPath):
 
     Declared as a path type, BentoML counts the field among its file fields: ``/schema.json`` calls
     it ``{"type": "file", "format": "image"}``, so ``bentoml.SyncHTTPClient(url).classify(images=[Path(
-    "x.png")], ...)`` uploads the files as a multipart form (PIL images and open files too), and the
+    "x.png")], ...)`` uploads the files as a multipart form (path strings and PIL images too), and the
     OpenAPI document shows a file picker. No path ever reaches the API: the HTTP middleware turns a
     form's file parts into base64 (refusing a part that is text, e.g. the URL a client sent for
     BentoML to fetch), and validation keeps what a request holds, a base64 string (JSON) or bytes (a

@@ -5,7 +5,7 @@ BentoML generates the document from the typed API methods; it cannot know what t
 file field ``images`` gives ``/classify`` and ``/embed_image`` (and what those forms accept), the error shape
 ``{"error": {"kind", "message", "limit"?}}`` with its statuses (400, 401, 413, 415, 429, 503), the
 bearer API key, and the package's version. :func:`complete_openapi` adds them to BentoML's document,
-so the Swagger page at ``/`` can send every request the README's curl sends.
+so the Swagger page at ``/docs`` can send every request the README's curl sends.
 """
 from __future__ import annotations
 

@@ -241,6 +241,14 @@ def wait_until_ready(proc: subprocess.Popen, base: str, timeout_s: float, reques
         time.sleep(0.5)
 
 
+def _server_env(**settings: str) -> dict[str, str]:
+    """This process's environment without its PROMPTBAKE_* settings (the bench sets its own), the
+    repository importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBAKE_")}
+    env.update(PYTHONPATH=str(REPO), BENTOML_DO_NOT_TRACK="True", **settings)
+    return env
+
+
 @contextlib.contextmanager
 def _server(argv: list[str], env: dict[str, str], what: str) -> Iterator[str]:
     """Start ``python ARGV --port P`` (a server on 127.0.0.1), yield its base URL once ``/readyz``
@@ -289,9 +297,8 @@ def bench_http(artifact: str | os.PathLike[str], *, device: str, clients: int, r
     import httpx
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBAKE_")}
-    env.update(PYTHONPATH=str(REPO), BENTOML_DO_NOT_TRACK="True", PROMPTBAKE_MAX_BATCH_SIZE=str(max_batch_size),
-               PROMPTBAKE_MAX_LATENCY_MS=str(max_latency_ms), PROMPTBAKE_MAX_CLASS_NAMES=str(max(n_names, 1000)))
+    env = _server_env(PROMPTBAKE_MAX_BATCH_SIZE=str(max_batch_size), PROMPTBAKE_MAX_LATENCY_MS=str(max_latency_ms),
+                      PROMPTBAKE_MAX_CLASS_NAMES=str(max(n_names, 1000)))
     argv = ["-m", "training.cli", "serve", "--artifact", str(artifact), "--host", "127.0.0.1", "--device", device]
     images = synthetic_jpegs(64)
     with _server(argv, env, "serve") as base:
@@ -322,8 +329,7 @@ def bench_http(artifact: str | os.PathLike[str], *, device: str, clients: int, r
 def bench_bare(artifact: str | os.PathLike[str], *, device: str, clients: int, requests: int) -> dict[str, Any]:
     """The same Predictor behind a bare Starlette + uvicorn app (:mod:`training.bench.bare`), the same
     clients and requests as the service's first two rows."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBAKE_")}
-    env.update(PYTHONPATH=str(REPO))
+    env = _server_env()
     images = synthetic_jpegs(64)
     with _server(["-m", "training.bench.bare", "--artifact", str(artifact), "--device", device], env, "bare") as base:
         _traffic(base, images, _NAMES, 2, 5, 1)  # warm-up
