@@ -167,3 +167,33 @@ def cuda_device_for_worker(worker_index: int | None, cuda_devices: Sequence[int]
     devices = tuple(cuda_devices) if cuda_devices else (0,)
     index = worker_index if worker_index and worker_index > 0 else 1
     return devices[(index - 1) % len(devices)]
+
+
+def cuda_driver_problem(cuda_devices: Sequence[int] | None = None) -> str | None:
+    """Why CUDA cannot be used on this machine, asked of the NVIDIA driver alone: ``None`` when
+    ``libcuda`` loads, initialises and sees every device in ``cuda_devices`` (``None`` = ``(0,)``).
+
+    Cheap enough for the server's main process (no CUDA context, no onnxruntime session): a GPU image
+    started without a GPU (``docker run`` without ``--gpus``) then stops in one line instead of in a
+    worker's traceback. Other CUDA problems (cuDNN, a driver too old for the CUDA wheels) still surface
+    when a worker creates its sessions. Not checked off Linux (``None``).
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA driver on this machine (libcuda.so.1 not found; a container needs the GPU passed in, e.g. docker run --gpus all)"
+    rc = lib.cuInit(0)
+    if rc != 0:
+        return f"the NVIDIA driver did not initialise (cuInit error {rc})"
+    count = ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != 0 or count.value == 0:
+        return "the NVIDIA driver sees no CUDA device"
+    missing = sorted({d for d in (tuple(cuda_devices) if cuda_devices else (0,)) if d >= count.value})
+    if missing:
+        return f"CUDA device(s) {missing} asked for, but the driver sees {count.value} (ids 0..{count.value - 1})"
+    return None

@@ -45,7 +45,7 @@ from exports.preprocess import preprocess_batch
 from exports.prompts import MissingDescriptionError
 from exports.runtime import Predictor
 from service.batching import ImageBatcher
-from service.config import ServiceConfig, ServiceConfigError, cuda_device_for_worker
+from service.config import ServiceConfig, ServiceConfigError, cuda_device_for_worker, cuda_driver_problem
 from service.errors import IN_HTTP_REQUEST, RequestError, bad_request
 from service.http import PromptbakeMiddleware
 from service.images import ImageUpload, decode_image, harden_pillow, image_bytes
@@ -172,11 +172,18 @@ def create_predictor(path: Path, cfg: ServiceConfig, worker_index: int | None = 
 def _exit_on_bad_settings() -> None:
     """Validate every ``PROMPTBAKE_*`` setting when the module is imported: ``bentoml serve`` imports it
     in its main process, so a bad one stops the server once, in one line, instead of failing every
-    worker start in a restart loop. (Whether the artifact is given and loads is checked per worker.)"""
+    worker start in a restart loop. With ``PROMPTBAKE_DEVICE=cuda`` and no CPU fallback, the NVIDIA
+    driver must be there (:func:`~service.config.cuda_driver_problem`). (Whether the artifact is given
+    and loads, and whether onnxruntime can start CUDA, is checked per worker.)"""
     try:
         cfg = ServiceConfig.from_env()
         if cfg.artifact_digest and cfg.artifact and Path(cfg.artifact).is_dir():  # the pin: the manifest alone, cheap
             check_digest(cfg.artifact, read_manifest(cfg.artifact), cfg.artifact_digest)
+        if cfg.device == "cuda" and not cfg.allow_cpu_fallback:  # the driver alone: no CUDA context here
+            problem = cuda_driver_problem(cfg.cuda_devices)
+            if problem:
+                raise ServiceConfigError(f"PROMPTBAKE_DEVICE=cuda: {problem}. Set PROMPTBAKE_DEVICE=cpu, or "
+                                         "PROMPTBAKE_ALLOW_CPU_FALLBACK=1 to run on CPU when CUDA is missing")
     except (ServiceConfigError, ArtifactError) as e:
         sys.stderr.write(f"promptbake: error: {e}\n")
         raise SystemExit(2) from None

@@ -843,22 +843,58 @@ def test_bench_serve_bare_baseline_answers_what_the_predictor_does(artifact, tes
 
 
 @pytest.mark.parametrize("var,value", [("PROMPTBAKE_API_KEY", "short"), ("PROMPTBAKE_MAX_IMAGES", "abc"),
-                                       ("PROMPTBAKE_WORKERS", "0")])
+                                       ("PROMPTBAKE_WORKERS", "0"), ("PROMPTBAKE_DEVICE", "cuda")])
 def test_bentoml_serve_stops_once_on_a_bad_setting(var, value):
     """`bentoml serve` (a built Bento runs this) imports the service in its main process: a bad setting
-    is one line and a non-zero exit there, not a worker that fails and restarts in a loop."""
+    is one line and a non-zero exit there, not a worker that fails and restarts in a loop. CUDA asked
+    for, without fallback, where the driver has no such device: the GPU image run without a GPU."""
     import socket
+
+    from service.config import cuda_driver_problem
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(REPO), var: value, "PROMPTBAKE_ARTIFACT": "/nonexistent"}
+    if var == "PROMPTBAKE_DEVICE" and cuda_driver_problem() is None:  # a GPU machine: ask for a device it lacks
+        env["PROMPTBAKE_CUDA_DEVICES"] = "63"
     proc = subprocess.run([sys.executable, "-m", "bentoml", "serve", "service.service:PromptbakeService", "--host",
                            "127.0.0.1", "--port", str(port)], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("promptbake: error:")]
     assert len(lines) == 1 and var in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "Application startup failed" not in proc.stderr
+
+
+class _FakeDriver:
+    def __init__(self, init_rc: int = 0, count: int = 1):
+        self.init_rc, self.count = init_rc, count
+
+    def cuInit(self, flags):  # noqa: N802 - the driver API's names
+        return self.init_rc
+
+    def cuDeviceGetCount(self, ref):  # noqa: N802
+        ref._obj.value = self.count
+        return 0
+
+
+def test_cuda_driver_problem_names_what_is_missing(monkeypatch):
+    import ctypes
+
+    from service.config import cuda_driver_problem
+
+    def no_library(name):
+        raise OSError(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    assert "libcuda.so.1 not found" in cuda_driver_problem() and "--gpus all" in cuda_driver_problem()
+    for driver, devices, want in [(_FakeDriver(init_rc=100), None, "cuInit error 100"),
+                                  (_FakeDriver(count=0), None, "sees no CUDA device"),
+                                  (_FakeDriver(count=2), (0, 1, 3), "[3] asked for, but the driver sees 2"),
+                                  (_FakeDriver(count=2), (0, 1), None), (_FakeDriver(count=1), None, None)]:
+        monkeypatch.setattr(ctypes, "CDLL", lambda name, d=driver: d)
+        got = cuda_driver_problem(devices)
+        assert (got is None) if want is None else (want in got), (devices, got)
 
 
 def test_asgi_unknown_paths_and_methods_answer_in_the_json_error_shape(client):
