@@ -32,7 +32,7 @@ def test_help_lists_every_command(capsys):
     for name in COMMANDS:  # each with its one-line description
         assert re.search(rf"^    {name} +\S", out, re.M), name
     assert main(["bench", "--help"]) == 0
-    assert _choices(capsys.readouterr().out) == {"cache", "classify", "serve", "train-cost"}
+    assert _choices(capsys.readouterr().out) == {"train", "classify", "serve", "train-cost"}
 
 
 def test_parser_and_torch_free_commands_import_no_torch(tmp_path):
@@ -281,6 +281,28 @@ def test_bench_train_cost_measures_each_method_in_its_own_process(colour_root, c
         assert r["epochs"] == 1 and r["epoch_seconds"] > 0 and r["peak_rss_mb"] > 50 and r["trainable"] > 0
     assert rows[1]["trainable"] > rows[0]["trainable"]  # SkipT tunes backbone weights, CoOp 4 context vectors
     assert main(["bench", "train-cost", "--methods", "coop", "--epochs", "0"]) == 2
+
+
+def test_bench_train_compares_the_reference_style_loop_with_promptbakes(colour_root, capsys):
+    from training.cli import main
+
+    assert main(["bench", "train", "--method", "coop", "--backbone", "test-tiny", "--dataset", f"folder:{colour_root}",
+                 "--shots", "2", "--epochs", "2", "--cache-views", "2", "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("["):])
+    assert [r["loop"] for r in rows] == ["reference-style", "promptbake", "promptbake + feature cache (2 views)"]
+    # each child trained with its loop's switches (as its run.json recorded them)
+    assert rows[0]["train_config"] == {"full_context": True, "images_in_memory": False, "feature_cache_views": 0}
+    assert rows[1]["train_config"] == {"full_context": False, "images_in_memory": True, "feature_cache_views": 0}
+    assert rows[2]["train_config"]["feature_cache_views"] == 2
+    assert rows[2]["cache_seconds"] > 0 and rows[0]["cache_seconds"] == rows[1]["cache_seconds"] == 0
+    for r in rows:
+        assert r["epochs"] == 2 and r["epoch_seconds"] > 0 and 0 <= r["hm"] <= 100
+        assert r["train_seconds"] >= r["epoch_seconds"] + r["cache_seconds"]
+    assert "| reference-style |" in out and "1.00x" in out
+    assert main(["bench", "train", "--method", "vpt", "--backbone", "test-tiny", "--dataset", f"folder:{colour_root}",
+                 "--cache-views", "2"]) == 2
+    assert "vpt changes the image graph or trains on texts: no image features to cache" in capsys.readouterr().err
 
 
 def test_version_and_log_levels(capsys):

@@ -103,6 +103,46 @@ def test_feature_cache_trains_and_refuses_visual_methods(tiny_backbone, base_spl
         train(v, ds, tokens, cfg, RunDir(tmp_path / "visual"), seed=1, progress=False)
 
 
+def test_images_kept_in_memory_train_to_identical_tensors(tiny_backbone, base_split, tmp_path, monkeypatch):
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.01)
+    m, ds, tokens = _setup(tiny_backbone, base_split)
+    from_disk = train(m, ds, tokens, cfg, RunDir(tmp_path / "disk"), seed=1, progress=False)
+
+    m2, ds2, _ = _setup(tiny_backbone, base_split)
+    assert not ds2.keep_decoded(max_bytes=100)  # over the budget: still read from disk
+    assert ds2.keep_decoded()
+    import training.data.transforms as transforms
+
+    def no_disk(path):
+        raise AssertionError(f"read {path} from disk")
+
+    monkeypatch.setattr(transforms, "load_image", no_disk)
+    in_memory = train(m2, ds2, tokens, cfg, RunDir(tmp_path / "memory"), seed=1, progress=False)
+    assert from_disk.keys() == in_memory.keys()
+    for k in from_disk:
+        assert torch.equal(from_disk[k], in_memory[k]), k
+
+
+def test_full_context_tokens_train_like_trimmed_ones(tiny_backbone, base_split, tmp_path):
+    """The reference's 77-token prompts (bench train's reference-style loop) and the trimmed ones
+    promptbake trains on: the causal text tower makes them the same computation, up to rounding."""
+    from training.prompts.text import pad_tokens
+
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=0.01)
+    m, ds, tokens = _setup(tiny_backbone, base_split)
+    assert tokens.shape[-1] < tiny_backbone.context_length
+    full = pad_tokens(tokens, tiny_backbone.context_length)
+    assert full.shape[-1] == tiny_backbone.context_length and torch.equal(full[..., : tokens.shape[-1]], tokens)
+    assert not full[..., tokens.shape[-1]:].any()
+    trimmed = train(m, ds, tokens, cfg, RunDir(tmp_path / "trimmed"), seed=1, progress=False)
+    m2, ds2, _ = _setup(tiny_backbone, base_split)
+    padded = train(m2, ds2, full, cfg, RunDir(tmp_path / "full"), seed=1, progress=False)
+    for k in trimmed:
+        assert torch.allclose(trimmed[k], padded[k], atol=1e-5), (k, (trimmed[k] - padded[k]).abs().max())
+    with pytest.raises(ValueError, match="more than the context length"):
+        pad_tokens(full, 10)
+
+
 def test_amp_needs_cuda(tiny_backbone, base_split, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the refusal is for CPU-only machines")

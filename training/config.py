@@ -85,6 +85,13 @@ class TrainConfig:
     feature_cache_views: 0 = off (the reference protocol). N > 0 precomputes the image features of
         N augmented views per training image once, then samples one view per image per epoch;
         only for methods that leave the image encoder untouched.
+    images_in_memory: decode the training images once and keep them in memory (the augmentations
+        see the same images, so the tensors are identical to reading them every epoch); beyond
+        ``MAX_IN_MEMORY_BYTES`` of decoded pixels they are read from disk each time, as the reference does.
+    full_context: feed the text tower every prompt padded to its full context length (77 tokens),
+        as the reference implementations do, instead of trimming the padding after the longest
+        prompt (exact for the causal tower, and several times cheaper). For ``bench train``'s
+        reference-style loop.
     min_crop_scale: smallest area fraction of RandomResizedCrop (reference 0.08; on small,
         centred objects such crops often cut the object out).
     select: which epoch's tensors the run keeps: "last" (the protocol's default) or "best_val",
@@ -106,6 +113,8 @@ class TrainConfig:
     device: str = "auto"
     workers: int = 0
     feature_cache_views: int = 0
+    images_in_memory: bool = True
+    full_context: bool = False
     min_crop_scale: float = 0.08
     select: Literal["last", "best_val"] = "last"
 

@@ -34,6 +34,7 @@ from training.data import (
 from training.evaluate import accuracy_report, harmonic_mean, predict_samples
 from training.loop import TrainConfig, resolve_device, stage_plan, train
 from training.methods import MethodConfig, PromptMethod, create_method, get_method
+from training.prompts.text import pad_tokens
 from training.runs import (
     CHECKPOINT_FILE,
     LEARNED_FILE,
@@ -271,7 +272,11 @@ def train_job(
     logger.info("training %s on %d base classes, %d images (%d-shot, seed %d)", method, len(base.classnames), len(train_samples), shots, seed)
     augment = build_train_transform(bb.preprocess, train_cfg.min_crop_scale)
     train_set = SampleDataset(train_samples, model.train_transform(augment, bb.preprocess))
+    if train_cfg.images_in_memory and model.training_data == "images":
+        train_set.keep_decoded()
     tokens = model.tokenize(base.classnames, class_descriptions)
+    if train_cfg.full_context:  # the reference's 77-token prompts (bench train's reference-style loop)
+        tokens = pad_tokens(tokens, bb.context_length)
     val_samples = sample_few_shot(base.val, min(shots, 4), seed)  # Dassl's few-shot val: min(shots, 4) per class
 
     def val_accuracy(m: PromptMethod) -> float:

@@ -179,7 +179,7 @@ def train(
             scaler.load_state_dict(json.loads(meta["scaler"]))
         logger.info("resuming %s from epoch %d/%d", run.path, start_epoch, cfg.epochs)
 
-    cache = None
+    cache, cache_seconds = None, 0.0
     data = method.training_texts() if method.training_data == "texts" else train_set
     if cfg.feature_cache_views and method.training_data == "texts":
         raise ValueError(f"{method.name} trains on texts: there are no image features to cache")
@@ -189,7 +189,8 @@ def train(
         t0 = time.perf_counter()
         method.eval()
         cache = _FeatureCache(method, train_set, cfg.feature_cache_views, seed, device, cfg.workers)
-        logger.info("cached %d views of %d images in %.1fs", cfg.feature_cache_views, len(train_set), time.perf_counter() - t0)
+        cache_seconds = time.perf_counter() - t0
+        logger.info("cached %d views of %d images in %.1fs", cfg.feature_cache_views, len(train_set), cache_seconds)
 
     method.on_train_start(data)
     # one optimizer per track (a stage that names no track is one); the schedule runs over the track's epochs
@@ -270,6 +271,8 @@ def train(
         logger.info("epoch %d/%d loss %.4f%s lr %.2e (%.1fs)", epoch + 1, cfg.epochs, record["loss"], acc, lr, record["seconds"])
         if len(plan) > 1:
             record["stage"] = plan[current].stage.name
+        if cache_seconds:  # the feature cache's one-off cost, on the first epoch this process trained
+            record["cache_seconds"], cache_seconds = round(cache_seconds, 3), 0.0
         method.on_epoch_end(epoch + 1, cfg.epochs)
         if cfg.select == "best_val":
             method.eval()

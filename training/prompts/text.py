@@ -41,6 +41,15 @@ def trim_tokens(tokens: torch.Tensor, eot_token_id: int, margin: int = 0) -> tor
     return tokens[..., : min(keep, tokens.shape[-1])]
 
 
+def pad_tokens(tokens: torch.Tensor, context_length: int) -> torch.Tensor:
+    """``tokens`` [..., L] padded with zeros (the tokenizer's padding id) back to ``context_length``:
+    what the reference implementations feed the text tower (the inverse of :func:`trim_tokens`)."""
+    missing = context_length - tokens.shape[-1]
+    if missing < 0:
+        raise ValueError(f"tokens are {tokens.shape[-1]} long, more than the context length {context_length}")
+    return torch.nn.functional.pad(tokens, (0, missing)) if missing else tokens
+
+
 def encode_text_embeddings(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:
     """Run the text transformer on token embeddings [C, L, W] and pool at ``eot_idx`` -> [C, D]."""
     pos, mask = text_position_inputs(clip, embeddings.shape[1], embeddings.dtype)
