@@ -290,7 +290,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                                        ("min_crop_scale", args.min_crop_scale)) if v is not None}
     rows = run_grid(methods, datasets, seeds, args.out, args.backbone, args.shots, train_options,
                     test_per_class=args.test_per_class, progress=not args.no_progress, epochs_scale=args.epochs_scale,
-                    parallel=args.parallel, collect_only=args.collect)
+                    parallel=args.parallel, collect_only=args.collect, engine=args.engine, address=args.address,
+                    cpus_per_cell=args.cpus_per_cell, gpus_per_cell=args.gpus_per_cell)
     print(results_table(rows, methods, datasets))
     if args.plot:
         from training.plots import plot_benchmark
@@ -570,6 +571,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test-per-class", type=int, help="evaluate on the first N test images per class (quick checks)")
     s.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="train N cells at once, each in its own process with cpu_count/N torch threads (default 1)")
+    s.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: this machine's processes (default); ray: every cell a Ray task, retried and resumed "
+                        "from its checkpoint if its worker dies (pip install 'promptbake[ray]')")
+    s.add_argument("--address", metavar="auto|HOST:PORT",
+                   help="ray engine: join this running Ray cluster (default: start a Ray instance on this machine)")
+    s.add_argument("--cpus-per-cell", type=int, metavar="N",
+                   help="ray engine: CPUs (and torch threads) per cell (default cpu_count/--parallel)")
+    s.add_argument("--gpus-per-cell", type=float, default=0.0, metavar="G",
+                   help="ray engine: GPUs per cell (default 0: cells train on CPU)")
     s.add_argument("--plot", action="store_true",
                    help="also draw OUT/b2n.png and OUT/vs_zeroshot.png from the finished cells (needs matplotlib)")
     s.add_argument("--collect", action="store_true",

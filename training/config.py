@@ -88,9 +88,10 @@ class TrainConfig:
     images_in_memory: decode the training images once and keep them in memory (the augmentations
         see the same images, so the tensors are identical to reading them every epoch); beyond
         ``MAX_IN_MEMORY_BYTES`` of decoded pixels they are read from disk each time, as the reference does.
-    full_context: feed the text tower every prompt padded to its full context length (77 tokens),
-        as the reference implementations do, instead of trimming the padding after the longest
-        prompt (exact for the causal tower, and several times cheaper). For ``bench train``'s
+    full_context: run the text tower as the reference implementations do: every prompt padded to
+        the full context length (77 tokens) and every class's prompt through the whole tower, instead
+        of trimming the padding after the longest prompt and running the prefix all prompts share
+        once (both exact for the causal tower, and several times cheaper). For ``bench train``'s
         reference-style loop.
     min_crop_scale: smallest area fraction of RandomResizedCrop (reference 0.08; on small,
         centred objects such crops often cut the object out).

@@ -108,6 +108,10 @@ def _dir_name(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_.=+" else "-" for c in label).strip("-")
 
 
+#: ``run_grid``'s engines: local processes (the default) or Ray tasks
+ENGINES = ("local", "ray")
+
+
 def run_grid(
     methods: Sequence[str],
     datasets: Sequence[str],
@@ -121,6 +125,10 @@ def run_grid(
     epochs_scale: float | None = None,
     parallel: int = 1,
     collect_only: bool = False,
+    engine: str = "local",
+    address: str | None = None,
+    cpus_per_cell: int | None = None,
+    gpus_per_cell: float = 0.0,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every (method, dataset, seed); returns the result rows (in cell order).
 
@@ -131,12 +139,23 @@ def run_grid(
     torch threads (per-epoch progress bars off). Every unfinished cell is claimed up front with a
     ``.grid-lock``; a cell claimed by another live process is left out of this table with a warning
     (re-running collects it).
+
+    ``engine="ray"`` runs every cell as a Ray task instead (:mod:`training.ray_engine`): on a Ray
+    instance started here (``address`` None) or on a running cluster (``"auto"``, ``HOST:PORT``),
+    each with ``cpus_per_cell`` CPUs and torch threads (default ``cpu_count // parallel``) and
+    ``gpus_per_cell`` GPUs; a task whose worker died is retried and resumes from its checkpoint.
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "ray" and (address is not None or cpus_per_cell is not None or gpus_per_cell):
+        raise ValueError("address, cpus_per_cell and gpus_per_cell are options of the ray engine")
+    if cpus_per_cell is not None and cpus_per_cell < 1 or gpus_per_cell < 0:
+        raise ValueError(f"cpus_per_cell must be >= 1 and gpus_per_cell >= 0, got {cpus_per_cell}, {gpus_per_cell}")
     if epochs_scale is not None and not 0 < epochs_scale <= 1:
         raise ValueError(f"epochs_scale must be in (0, 1], got {epochs_scale}")
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
-    out = Path(out)
+    out = Path(out).absolute()  # a Ray worker need not share this process's working directory
     backbone = resolve_backbone_spec(backbone)
     cells = []
     def cell_dir(method: str, dataset: str, seed: int) -> Path:
@@ -203,14 +222,25 @@ def run_grid(
                 locks[i] = lock
         # cells that start from another cell (DPC from its host's) run in a second wave, after all others
         waves = [[i for i in locks if cells[i].init_run is None], [i for i in locks if cells[i].init_run is not None]]
+        level = logging.getLogger("training").getEffectiveLevel()  # DEBUG under -v (training.logs)
+        threads = cpus_per_cell or max(1, (os.cpu_count() or 1) // parallel)
+        ray_cells = None
+        if engine == "ray" and any(waves):
+            from training.ray_engine import RayCells
+
+            ray_cells = RayCells(address, threads, gpus_per_cell, level)
         for wave in waves:
-            if parallel == 1 or len(wave) <= 1:
+            if ray_cells is not None:
+                _run_pool(ray_cells, cells, wave, record, locks)
+            elif parallel == 1 or len(wave) <= 1:
                 for i in wave:
                     logger.info("[%d/%d] %s on %s seed %d", i + 1, len(cells), cells[i].method, cells[i].dataset, cells[i].seed)
                     record(i, _train_and_eval(cells[i], progress))
                     locks[i].release()
             else:
-                _run_parallel(cells, wave, parallel, record, locks)
+                _run_parallel(cells, wave, parallel, threads, level, record, locks)
+        if ray_cells is not None:
+            ray_cells.shutdown()
     finally:
         for lock in locks.values():
             lock.release()
@@ -256,30 +286,58 @@ def _row(run: Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _run_parallel(cells: Sequence[_Cell], todo: Sequence[int], parallel: int, record, locks) -> None:
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+class _LocalPool:
+    """The local engine: ``parallel`` spawned worker processes (the same interface as RayCells)."""
 
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    level = logging.getLogger("training").getEffectiveLevel()  # DEBUG under -v (training.logs)
+    def __init__(self, parallel: int, threads: int, level: int) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a forked child would inherit torch's thread pools and locks from this process
+        self.pool = ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                        initargs=(threads, level))
+
+    def submit(self, cell: _Cell, label: str):
+        return self.pool.submit(_worker_cell, cell, label)
+
+    def shutdown(self, cancel_futures: bool = False) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=cancel_futures)
+
+
+def _run_parallel(cells: Sequence[_Cell], todo: Sequence[int], parallel: int, threads: int, level: int, record,
+                  locks) -> None:
     logger.info("training %d cells, %d at a time (%d torch thread(s) each)", len(todo), parallel, threads)
-    # spawn: a forked child would inherit torch's thread pools and locks from this process
-    with ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(threads, level)) as pool:
-        pending = {}
-        for i in todo:
-            label = f"[{i + 1}/{len(cells)}] {cells[i].method} on {cells[i].dataset} seed {cells[i].seed}"
-            pending[pool.submit(_worker_cell, cells[i], label)] = i
-        try:
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    i = pending.pop(future)
-                    record(i, future.result())  # a failed cell raises here
-                    locks[i].release()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # cells already running finish (and checkpoint); no new ones
-            raise
+    pool = _LocalPool(parallel, threads, level)
+    _run_pool(pool, cells, todo, record, locks)
+    pool.shutdown()
+
+
+def _run_pool(pool, cells: Sequence[_Cell], todo: Sequence[int], record, locks) -> None:
+    """Submit ``todo``'s cells to ``pool`` (local processes or Ray tasks) and record each as it finishes."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    pending = {}
+    for i in todo:
+        label = f"[{i + 1}/{len(cells)}] {cells[i].method} on {cells[i].dataset} seed {cells[i].seed}"
+        pending[pool.submit(cells[i], label)] = i
+    try:
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                i = pending.pop(future)
+                record(i, future.result())  # a failed cell raises here
+                locks[i].release()
+    except BaseException:
+        pool.shutdown(cancel_futures=True)  # no new cells; every finished epoch is checkpointed
+        raise
+
+
+def _ray_cell(cell: _Cell, label: str, threads: int, use_gpu: bool, level: int) -> dict[str, Any]:
+    """A cell as a Ray task (:mod:`training.ray_engine`): the local worker's set-up, then the cell."""
+    if not use_gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # a CPU cell on a GPU node trains on the CPU it was given
+    _worker_init(threads, level)
+    return _worker_cell(cell, label)
 
 
 def _worker_init(threads: int, level: int) -> None:

@@ -5,6 +5,7 @@ re-derives the base/novel split from the dataset spec, and writes ``metrics.json
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import hashlib
@@ -34,7 +35,7 @@ from training.data import (
 from training.evaluate import accuracy_report, harmonic_mean, predict_samples
 from training.loop import TrainConfig, resolve_device, stage_plan, train
 from training.methods import MethodConfig, PromptMethod, create_method, get_method
-from training.prompts.text import pad_tokens
+from training.prompts.text import every_row_in_full, pad_tokens
 from training.runs import (
     CHECKPOINT_FILE,
     LEARNED_FILE,
@@ -283,8 +284,9 @@ def train_job(
         preds = predict_samples(m, val_samples, base.classnames, device=next(m.parameters()).device,
                                 workers=train_cfg.workers, descriptions=class_descriptions)
         return accuracy_report(preds, val_samples, base.classnames)["acc"]
-    train(model, train_set, tokens, train_cfg, run, seed, progress=progress,
-          validate=val_accuracy if train_cfg.select == "best_val" else None)
+    with every_row_in_full() if train_cfg.full_context else contextlib.nullcontext():
+        train(model, train_set, tokens, train_cfg, run, seed, progress=progress,
+              validate=val_accuracy if train_cfg.select == "best_val" else None)
     return run
 
 

@@ -6,8 +6,14 @@ an export-friendly end-of-text lookup.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
+import torch.nn.functional as F
 from open_clip.model import CLIP
+from open_clip.transformer import LayerScale, QuickGELU, ResidualAttentionBlock, Transformer
 
 
 def eot_positions(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
@@ -50,14 +56,125 @@ def pad_tokens(tokens: torch.Tensor, context_length: int) -> torch.Tensor:
     return torch.nn.functional.pad(tokens, (0, missing)) if missing else tokens
 
 
-def encode_text_embeddings(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:
-    """Run the text transformer on token embeddings [C, L, W] and pool at ``eot_idx`` -> [C, D]."""
+def encode_text_embeddings(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Tensor,
+                           share_prefix: bool = True) -> torch.Tensor:
+    """Run the text transformer on token embeddings [C, L, W] and pool at ``eot_idx`` -> [C, D].
+
+    With ``share_prefix`` (the default), the leading positions every row has in common (the start
+    token and a learned context shared by all classes, CoOp's 16 vectors) run through the tower
+    once instead of once per class: see :func:`shared_prefix_length`. The result is the same
+    computation up to float rounding; never while tracing or exporting (the graph must not depend
+    on the example's prefix).
+    """
     pos, mask = text_position_inputs(clip, embeddings.shape[1], embeddings.dtype)
-    x = clip.transformer(embeddings + pos, attn_mask=mask)
-    x = clip.ln_final(x)  # [C, L, W]
+    x = embeddings + pos
+    prefix = shared_prefix_length(clip, embeddings, eot_idx, mask) if share_prefix and _SHARE_PREFIX.get() else 0
+    if prefix:
+        x = clip.ln_final(_transformer_shared_prefix(clip.transformer, x, prefix))  # [C, L - prefix, W]
+        eot_idx = eot_idx - prefix
+    else:
+        x = clip.ln_final(clip.transformer(x, attn_mask=mask))  # [C, L, W]
     x = x[torch.arange(x.shape[0], device=x.device), eot_idx]  # [C, W]
     proj = clip.text_projection
     return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
+#: the smallest common prefix worth the second attention path (the start token alone is not)
+MIN_SHARED_PREFIX = 4
+_SHARE_PREFIX = contextvars.ContextVar("promptbake_share_prefix", default=True)
+
+
+@contextlib.contextmanager
+def every_row_in_full() -> Iterator[None]:
+    """Within it, :func:`encode_text_embeddings` runs every row through the whole tower, as the
+    reference implementations do (``bench train``'s reference-style loop, ``--full-context``)."""
+    token = _SHARE_PREFIX.set(False)
+    try:
+        yield
+    finally:
+        _SHARE_PREFIX.reset(token)
+
+
+def shared_prefix_length(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Tensor, mask: torch.Tensor | None) -> int:
+    """How many leading positions of ``embeddings`` [C, L, W] are the same in every row and may run
+    through the text tower once: 0 unless that is at least :data:`MIN_SHARED_PREFIX`, ends before
+    every row's end-of-text token, and the tower is open_clip's plain causal one.
+
+    Exact because the tower is causal: a position's hidden states depend only on the positions up to
+    it, so the common prefix has the same states in every row. Anything that could break that is
+    refused: a mask other than the causal one, a block that is not open_clip's plain
+    ``ResidualAttentionBlock`` (an adapter that replaced or hooked a module may mix positions),
+    attention dropout, gradient checkpointing; and tracing or export.
+    """
+    if (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting()):
+        return 0
+    if embeddings.shape[0] < 2 or mask is None or not _plain_causal_tower(clip.transformer, mask):
+        return 0
+    with torch.no_grad():
+        same = (embeddings == embeddings[:1]).all(dim=-1).all(dim=0)  # [L]
+        differs = (~same).nonzero()
+        length = int(differs[0, 0]) if len(differs) else embeddings.shape[1]
+        length = min(length, int(eot_idx.min()))  # every row pools after the prefix
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+_PLAIN_MLP = (torch.nn.Linear, torch.nn.GELU, QuickGELU)
+
+
+def _plain_causal_tower(tower: torch.nn.Module, mask: torch.Tensor) -> bool:
+    if type(tower) is not Transformer or tower.grad_checkpointing or not tower.batch_first or "forward" in vars(tower):
+        return False
+    n = mask.shape[-1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dim() != 2 or not torch.equal(torch.isneginf(mask), causal) or bool(mask[~causal].any()):
+        return False
+    for block in tower.resblocks:
+        if (type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv") or "forward" in vars(block)
+                or type(block.attn) is not torch.nn.MultiheadAttention or not block.attn.batch_first
+                or block.attn.dropout or not block.attn._qkv_same_embed_dim
+                or not all(isinstance(n, torch.nn.LayerNorm) for n in (block.ln_1, block.ln_2))
+                or not all(type(ls) in (torch.nn.Identity, LayerScale) for ls in (block.ls_1, block.ls_2))
+                or type(block.mlp) is not torch.nn.Sequential or not all(type(m) in _PLAIN_MLP for m in block.mlp)):
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
+            return False
+    return True
+
+
+def _heads(attn: torch.nn.MultiheadAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[B, T, W] -> q, k, v [B, H, T, W / H] (the module's packed input projection)."""
+    b, t, _ = x.shape
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(b, t, 3, attn.num_heads, -1)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _merge_heads(attn: torch.nn.MultiheadAttention, o: torch.Tensor) -> torch.Tensor:
+    b, h, t, d = o.shape
+    return attn.out_proj(o.transpose(1, 2).reshape(b, t, h * d))
+
+
+def _transformer_shared_prefix(tower: Transformer, x: torch.Tensor, prefix: int) -> torch.Tensor:
+    """open_clip's causal text transformer on ``x`` [C, L, W] whose first ``prefix`` positions are the
+    same in every row: the prefix runs as one row, the rest attends to its keys and values.
+    Returns the hidden states of positions ``prefix..L-1`` [C, L - prefix, W]."""
+    head, rest = x[:1, :prefix], x[:, prefix:]
+    c, s = rest.shape[0], rest.shape[1]
+    # rest position i (absolute prefix + i) sees every prefix position and rest positions <= i
+    see = torch.ones(s, prefix + s, dtype=torch.bool, device=x.device).tril(prefix)
+    for block in tower.resblocks:
+        attn = block.attn
+        qh, kh, vh = _heads(attn, block.ln_1(head))
+        qr, kr, vr = _heads(attn, block.ln_1(rest))
+        out_head = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        keys = torch.cat([kh.expand(c, -1, -1, -1), kr], dim=2)
+        values = torch.cat([vh.expand(c, -1, -1, -1), vr], dim=2)
+        out_rest = F.scaled_dot_product_attention(qr, keys, values, attn_mask=see)
+        head = head + block.ls_1(_merge_heads(attn, out_head))
+        head = head + block.ls_2(block.mlp(block.ln_2(head)))
+        rest = rest + block.ls_1(_merge_heads(attn, out_rest))
+        rest = rest + block.ls_2(block.mlp(block.ln_2(rest)))
+    return rest
 
 
 def description_rows(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""The text tower's shared-prefix path (training/prompts/text.py): the same features and gradients
+as running every row in full, and refused wherever it would not be exact."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.methods import create_method
+from training.prompts.text import MIN_SHARED_PREFIX, encode_text_embeddings, every_row_in_full, shared_prefix_length
+
+NAMES = ["red", "green", "blue", "dark yellow", "cyan", "light magenta"]
+
+
+@pytest.fixture()
+def coop(tiny_backbone):
+    torch.manual_seed(0)
+    return create_method("coop", tiny_backbone, {"ctx_init": "", "n_ctx": 8}, NAMES)
+
+
+def _mask(clip, length):
+    return clip.attn_mask[:length, :length]
+
+
+def test_shared_prefix_gives_the_full_towers_features_and_gradients(coop):
+    tokens = coop.tokenize(NAMES)[0]
+    emb, eot = coop.prompt_embeddings(tokens)
+    assert shared_prefix_length(coop.clip, emb, eot, _mask(coop.clip, tokens.shape[1])) == 1 + 8  # start + context
+    results = []
+    for share in (False, True):
+        coop.ctx.grad = None
+        emb, eot = coop.prompt_embeddings(tokens)
+        feats = encode_text_embeddings(coop.clip, emb, eot, share_prefix=share)
+        (feats * torch.linspace(-1, 1, feats.shape[-1])).sum().backward()
+        results.append((feats.detach(), coop.ctx.grad.clone()))
+    (f0, g0), (f1, g1) = results
+    assert torch.allclose(f0, f1, atol=1e-5, rtol=1e-5), (f0 - f1).abs().max()
+    assert torch.allclose(g0, g1, atol=1e-5, rtol=1e-4), (g0 - g1).abs().max()
+    assert g0.abs().sum() > 0
+
+
+def test_shared_prefix_is_refused_where_it_would_not_be_exact(coop):
+    tokens = coop.tokenize(NAMES)[0]
+    emb, eot = coop.prompt_embeddings(tokens)
+    mask = _mask(coop.clip, tokens.shape[1])
+    clip = coop.clip
+    with torch.no_grad():
+        assert shared_prefix_length(clip, emb[:1], eot[:1], mask) == 0  # one row: nothing to share
+        different = emb.clone()
+        different[1, MIN_SHARED_PREFIX - 1] += 1.0  # rows differ before the smallest useful prefix
+        assert shared_prefix_length(clip, different, eot, mask) == 0
+        assert shared_prefix_length(clip, emb, torch.full_like(eot, 6), mask) == 6  # capped before every end of text
+        assert shared_prefix_length(clip, emb, eot, torch.zeros_like(mask)) == 0  # not causal
+        assert shared_prefix_length(clip, emb, eot, None) == 0
+    hook = clip.transformer.resblocks[0].mlp.register_forward_hook(lambda *a: None)  # an adapter's hook
+    try:
+        assert shared_prefix_length(clip, emb, eot, mask) == 0
+    finally:
+        hook.remove()
+    assert shared_prefix_length(clip, emb, eot, mask) > 0
+    block = clip.transformer.resblocks[0]
+    original = block.mlp
+    block.mlp = torch.nn.Sequential(torch.nn.Conv1d(1, 1, 3))  # a module that could mix positions
+    try:
+        assert shared_prefix_length(clip, emb, eot, mask) == 0
+    finally:
+        block.mlp = original
+    seen = []
+
+    def traced(e):
+        seen.append(shared_prefix_length(clip, e, eot, mask))
+        return e.sum()
+
+    torch.jit.trace(traced, (emb.detach(),), check_trace=False)
+    assert seen == [0]  # a traced or exported graph never depends on the example's prefix
+
+
+def test_every_row_in_full_turns_the_shared_prefix_off(coop, monkeypatch):
+    import training.prompts.text as text
+
+    calls = []
+    real = text._transformer_shared_prefix
+    monkeypatch.setattr(text, "_transformer_shared_prefix", lambda *a: calls.append(1) or real(*a))
+    tokens = coop.tokenize(NAMES)[0]
+    with torch.no_grad():
+        emb, eot = coop.prompt_embeddings(tokens)
+        shared = encode_text_embeddings(coop.clip, emb, eot)
+        assert calls == [1]
+        with every_row_in_full():  # bench train's reference-style loop
+            full = encode_text_embeddings(coop.clip, emb, eot)
+        assert calls == [1]
+        encode_text_embeddings(coop.clip, emb, eot)
+        assert calls == [1, 1]
+    assert torch.allclose(shared, full, atol=1e-5)
