@@ -86,6 +86,23 @@ def test_resume_after_kill_reaches_identical_tensors(tiny_backbone, base_split, 
         assert torch.equal(full[k], resumed[k]), k
 
 
+def test_a_resume_trims_the_log_to_its_checkpoint(tiny_backbone, base_split, tmp_path):
+    """A run killed after logging an epoch but before checkpointing it, with a torn last line:
+    resumed, its log holds every epoch once and parses."""
+    cfg = TrainConfig(epochs=4, batch_size=4, lr=0.01)
+    m, ds, tokens = _setup(tiny_backbone, base_split)
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(KilledRun):  # dies in epoch 3: epochs 1 and 2 are logged and checkpointed
+        train(m, KillAt(ds, 2 * len(ds) + 1), tokens, cfg, run, seed=1, progress=False)
+    with open(run.file(LOG_FILE), "a") as f:  # as if the kill came between epoch 3's log line and its checkpoint
+        f.write(json.dumps({"epoch": 3, "loss": 1.0}) + "\n" + '{"epoch": 4, "lo')
+    m2, ds2, _ = _setup(tiny_backbone, base_split)
+    train(m2, ds2, tokens, cfg, run, seed=1, progress=False)
+    epochs = [json.loads(line)["epoch"] for line in run.file(LOG_FILE).read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]
+    assert run.trim_log(4) == 0
+
+
 def test_feature_cache_trains_and_refuses_visual_methods(tiny_backbone, base_split, tmp_path):
     m, ds, tokens = _setup(tiny_backbone, base_split, shots=8)
     cfg = TrainConfig(epochs=6, batch_size=8, lr=0.002, feature_cache_views=3)

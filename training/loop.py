@@ -178,6 +178,8 @@ def train(
         if meta.get("scaler"):
             scaler.load_state_dict(json.loads(meta["scaler"]))
         logger.info("resuming %s from epoch %d/%d", run.path, start_epoch, cfg.epochs)
+    if run.trim_log(start_epoch):
+        logger.info("dropped log lines past epoch %d (written after the last checkpoint)", start_epoch)
 
     cache, cache_seconds = None, 0.0
     data = method.training_texts() if method.training_data == "texts" else train_set
@@ -290,8 +292,8 @@ def train(
                 kept = _saved_track(checkpoint[0], t, resumed_track)
                 if kept:
                     others[t] = kept
+        run.append_log(record)  # before the checkpoint: a resume trims the log back to it (RunDir.trim_log)
         _save_checkpoint(run, method, optimizer, scaler, epoch + 1, current, best, others)
-        run.append_log(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1)
 

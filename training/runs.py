@@ -178,5 +178,31 @@ class RunDir:
         return load_tensors(p)[0]
 
     def append_log(self, record: Mapping[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
         with open(self.file(LOG_FILE), "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def trim_log(self, epoch: int) -> int:
+        """Keep the log's records of epochs 1..``epoch`` (a resumed run's checkpoint), once each:
+        drops what a killed run logged past its last checkpoint and a line torn by the kill (the loop
+        logs an epoch before checkpointing it, so every checkpointed epoch is in the log). Rewritten
+        atomically; returns how many lines were dropped."""
+        path = self.file(LOG_FILE)
+        if not path.is_file():
+            return 0
+        kept, seen, dropped = [], set(), 0
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                n = int(record["epoch"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            if n > epoch or n in seen:
+                dropped += 1
+                continue
+            seen.add(n)
+            kept.append(line)
+        if dropped:
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+        return dropped
