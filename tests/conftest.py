@@ -66,6 +66,25 @@ def constructible_options(name: str, options: dict | None = None) -> dict:
     return {**derived, **(options or {})}
 
 
+def build_bento(artifact: Path, home: Path, timeout: float = 300) -> tuple[str, dict[str, str]]:
+    """``artifact`` into a fresh BentoML store at ``home`` as ``promptbake-default``, then ``bentoml
+    build`` of the repository's bentofile: ``(bento tag, the environment naming that store)``. In
+    subprocesses: BentoML fixes its store path on first use in a process."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
+    code = ("from training.export import save_to_bentoml; from exports.manifest import load_artifact; "
+            f"print(save_to_bentoml({str(artifact)!r}, 'promptbake-default', load_artifact({str(artifact)!r})))")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=repo, timeout=120, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc.stdout.strip().splitlines()[-1].removeprefix("__tag__:"), env
+
+
 def make_colour_dataset(root: Path, n_train: int = 8, n_test: int = 4, size: int = 32, seed: int = 0) -> Path:
     """ROOT/{train,test}/<colour>/*.png: noisy solid-colour squares, one class per colour, and
     ROOT/descriptions.json (:func:`colour_descriptions`).

@@ -30,6 +30,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import build_bento
+
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["red", "green", "blue", "yellow", "cyan", "magenta"]
 KEY = "test-key-0123456789abcdef"
@@ -718,14 +720,7 @@ def _metric(text: str, name: str) -> float:
 # -- bentoml build ---------------------------------------------------------------------------------
 
 def test_bentoml_build_makes_a_torch_free_gpu_bento(artifact, tmp_path):
-    # a fresh BentoML home, in subprocesses: BentoML fixes its store path on first use in a process
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
-    code = ("from training.export import save_to_bentoml; from exports.manifest import load_artifact; "
-            f"print(save_to_bentoml({str(artifact)!r}, 'promptbake-default', load_artifact({str(artifact)!r})))")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO, timeout=120, capture_output=True)
-    proc = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
+    tag, env = build_bento(artifact, tmp_path / "bentoml", timeout=180)
     bentos = list((tmp_path / "bentoml" / "bentos" / "promptbake").glob("*/bento.yaml"))
     assert len(bentos) == 1
     bento = bentos[0].parent
@@ -751,7 +746,6 @@ def test_bentoml_build_makes_a_torch_free_gpu_bento(artifact, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     clean = {k: v for k, v in env.items() if not k.startswith("PROMPTBAKE_") and k != "PYTHONPATH"}
-    tag = proc.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     server = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
                               cwd=tmp_path, env=clean, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:

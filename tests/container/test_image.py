@@ -27,6 +27,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import build_bento
+
 REPO = Path(__file__).resolve().parents[2]
 NAMES = ["red", "green", "blue", "yellow", "cyan", "magenta"]
 BASE = os.environ.get("PROMPTBAKE_CONTAINER_BASE", "localhost/promptbake-ci/python:3.11-bookworm")
@@ -80,15 +82,7 @@ def artifact(exported) -> Path:
 @pytest.fixture(scope="module")
 def image(podman_env, artifact, tmp_path_factory):
     """The artifact in a fresh BentoML store, ``bentoml build``, ``bentoml containerize``."""
-    home = tmp_path_factory.mktemp("bentoml")
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "True"}
-    code = ("from training.export import save_to_bentoml; from exports.manifest import load_artifact; "
-            f"print(save_to_bentoml({str(artifact)!r}, 'promptbake-default', load_artifact({str(artifact)!r})))")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO, timeout=120, capture_output=True)
-    proc = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    tag = proc.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    tag, env = build_bento(artifact, tmp_path_factory.mktemp("bentoml"))
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "bentoml", "containerize", tag, "--backend", "podman", "-t", IMAGE,
