@@ -35,7 +35,7 @@ from torch import nn
 from training.backbones import Backbone
 from training.protocol import MethodConfig, PromptMethod
 from training.prompts.context import PLACEHOLDER, init_context, place_context, prepend_prefix, register_text_prefix
-from training.prompts.text import eot_positions, text_position_inputs
+from training.prompts.text import eot_positions, shared_prefix_length, text_position_inputs, transformer_shared_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -152,10 +152,22 @@ def run_blocks_inserting(
 def encode_text_deep(
     clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Tensor, deep_prompts: Sequence[torch.Tensor] = (), start: int = 1
 ) -> torch.Tensor:
-    """open_clip's text tower from token embeddings [C, L, W], with deep prompts -> [C, D]."""
+    """open_clip's text tower from token embeddings [C, L, W], with deep prompts -> [C, D].
+
+    Where every deep prompt lies inside the prefix all rows share (the start token and the context),
+    that prefix runs once (:func:`training.prompts.text.transformer_shared_prefix`; exact, as there).
+    """
     pos, mask = text_position_inputs(clip, embeddings.shape[1], embeddings.dtype)
-    x = run_blocks(clip.transformer, embeddings + pos, deep_prompts, start, attn_mask=mask)
-    x = clip.ln_final(x)  # [C, L, W]
+    prefix = shared_prefix_length(clip, embeddings, eot_idx, mask)
+    if prefix and len(deep_prompts) < len(clip.transformer.resblocks) and all(
+            start + p.shape[0] <= prefix for p in deep_prompts):
+        def replace_in_prefix(i: int, head: torch.Tensor) -> torch.Tensor:
+            return replace_prompts(head, deep_prompts[i - 1], start) if 1 <= i <= len(deep_prompts) else head
+
+        x = clip.ln_final(transformer_shared_prefix(clip.transformer, embeddings + pos, prefix, replace_in_prefix))
+        eot_idx = eot_idx - prefix
+    else:
+        x = clip.ln_final(run_blocks(clip.transformer, embeddings + pos, deep_prompts, start, attn_mask=mask))  # [C, L, W]
     x = x[torch.arange(x.shape[0], device=x.device), eot_idx]  # [C, W]
     proj = clip.text_projection
     if proj is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -68,9 +68,9 @@ def encode_text_embeddings(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.
     """
     pos, mask = text_position_inputs(clip, embeddings.shape[1], embeddings.dtype)
     x = embeddings + pos
-    prefix = shared_prefix_length(clip, embeddings, eot_idx, mask) if share_prefix and _SHARE_PREFIX.get() else 0
+    prefix = shared_prefix_length(clip, embeddings, eot_idx, mask) if share_prefix else 0
     if prefix:
-        x = clip.ln_final(_transformer_shared_prefix(clip.transformer, x, prefix))  # [C, L - prefix, W]
+        x = clip.ln_final(transformer_shared_prefix(clip.transformer, x, prefix))  # [C, L - prefix, W]
         eot_idx = eot_idx - prefix
     else:
         x = clip.ln_final(clip.transformer(x, attn_mask=mask))  # [C, L, W]
@@ -80,7 +80,7 @@ def encode_text_embeddings(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.
 
 
 #: the smallest common prefix worth the second attention path (the start token alone is not)
-MIN_SHARED_PREFIX = 4
+MIN_SHARED_PREFIX = 3
 _SHARE_PREFIX = contextvars.ContextVar("promptbake_share_prefix", default=True)
 
 
@@ -106,8 +106,8 @@ def shared_prefix_length(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Te
     ``ResidualAttentionBlock`` (an adapter that replaced or hooked a module may mix positions),
     attention dropout, gradient checkpointing; and tracing or export.
     """
-    if (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting()):
+    if (not _SHARE_PREFIX.get() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
         return 0
     if embeddings.shape[0] < 2 or mask is None or not _plain_causal_tower(clip.transformer, mask):
         return 0
@@ -154,15 +154,20 @@ def _merge_heads(attn: torch.nn.MultiheadAttention, o: torch.Tensor) -> torch.Te
     return attn.out_proj(o.transpose(1, 2).reshape(b, t, h * d))
 
 
-def _transformer_shared_prefix(tower: Transformer, x: torch.Tensor, prefix: int) -> torch.Tensor:
+def transformer_shared_prefix(tower: Transformer, x: torch.Tensor, prefix: int,
+                              edit_prefix: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """open_clip's causal text transformer on ``x`` [C, L, W] whose first ``prefix`` positions are the
-    same in every row: the prefix runs as one row, the rest attends to its keys and values.
-    Returns the hidden states of positions ``prefix..L-1`` [C, L - prefix, W]."""
+    same in every row (:func:`shared_prefix_length`): the prefix runs as one row, the rest attends to
+    its keys and values. ``edit_prefix(i, states)`` may change the prefix's states [1, prefix, W]
+    right before block ``i`` (deep prompts that replace or add to positions inside the prefix, the same
+    for every row). Returns the hidden states of positions ``prefix..L-1`` [C, L - prefix, W]."""
     head, rest = x[:1, :prefix], x[:, prefix:]
     c, s = rest.shape[0], rest.shape[1]
     # rest position i (absolute prefix + i) sees every prefix position and rest positions <= i
     see = torch.ones(s, prefix + s, dtype=torch.bool, device=x.device).tril(prefix)
-    for block in tower.resblocks:
+    for i, block in enumerate(tower.resblocks):
+        if edit_prefix is not None:
+            head = edit_prefix(i, head)
         attn = block.attn
         qh, kh, vh = _heads(attn, block.ln_1(head))
         qr, kr, vr = _heads(attn, block.ln_1(rest))
