@@ -83,12 +83,14 @@ def test_every_row_in_full_turns_the_shared_prefix_off(coop, monkeypatch):
     tokens = coop.tokenize(NAMES)[0]
     with torch.no_grad():
         emb, eot = coop.prompt_embeddings(tokens)
-        shared = encode_text_embeddings(coop.clip, emb, eot)
+        shared = encode_text_embeddings(coop.clip, emb, eot, share_prefix=True)
         assert calls == [1]
         with every_row_in_full():  # bench train's reference-style loop
-            full = encode_text_embeddings(coop.clip, emb, eot)
+            full = encode_text_embeddings(coop.clip, emb, eot, share_prefix=True)
         assert calls == [1]
-        encode_text_embeddings(coop.clip, emb, eot)
+        encode_text_embeddings(coop.clip, emb, eot)  # off unless the caller vouches for a shared prefix
+        assert calls == [1]
+        coop.encode_text(tokens)  # CoOp's one context: it does
         assert calls == [1, 1]
     assert torch.allclose(shared, full, atol=1e-5)
 
@@ -128,3 +130,20 @@ def test_deep_text_prompts_share_the_prefix_exactly(tiny_backbone, method, optio
             assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (a - b).abs().max()  # float rounding only
             deep_grads += 1
     assert deep_grads >= 2
+
+
+def test_class_specific_contexts_that_start_equal_do_not_share_their_prefix(tiny_backbone, monkeypatch):
+    """CoOp's class-specific context starts as one phrase repeated per class: equal values, different
+    parameters. The shared path would send every class's prefix gradient to class 0 (found in review)."""
+    import training.prompts.text as text
+
+    calls = []
+    real = text.transformer_shared_prefix
+    monkeypatch.setattr(text, "transformer_shared_prefix", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    m = create_method("coop", tiny_backbone, {"ctx_init": "a photo of a", "class_specific": True}, NAMES)
+    assert m.ctx.dim() == 3 and torch.equal(m.ctx[0], m.ctx[1])
+    feats = m.encode_text(m.tokenize(NAMES)[0])
+    (feats * torch.linspace(-1, 1, feats.shape[-1])).sum().backward()
+    assert calls == []
+    assert (m.ctx.grad.flatten(1).norm(dim=1) > 0).all()  # every class's context learns

@@ -43,36 +43,47 @@ class RayCells:
             raise RuntimeError("--engine ray needs Ray: pip install 'promptbake[ray]' (or ray>=2.40)") from None
         self._ray = ray
         self._owns = not ray.is_initialized()
+        self._refs: list[Any] = []
         t0 = time.perf_counter()
         if self._owns:
             kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.WARNING,
                                           log_to_driver=True)
-            if address is None:
+            if address is None:  # "local": a new instance even where RAY_ADDRESS or a `ray start` cluster exists
                 kwargs["num_cpus"] = os.cpu_count() or 1
-            ray.init(address=address, **kwargs)
+            ray.init(address=address or "local", **kwargs)
         self.startup_seconds = time.perf_counter() - t0
-        resources = ray.cluster_resources()
-        logger.info("Ray %s: %s CPUs, %s GPUs in the cluster (started in %.1fs); %d CPU(s), %g GPU(s) per cell",
-                    "local instance" if address is None else f"cluster at {address}", resources.get("CPU", 0),
-                    resources.get("GPU", 0), self.startup_seconds, cpus_per_cell, gpus_per_cell)
-        if resources.get("CPU", 0) < cpus_per_cell or resources.get("GPU", 0) < gpus_per_cell:
+        try:
+            nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        except BaseException:
             self.shutdown()
-            raise RuntimeError(f"no node offers {cpus_per_cell} CPU(s) and {gpus_per_cell} GPU(s) per cell "
-                               f"(the cluster has {resources.get('CPU', 0)} CPUs, {resources.get('GPU', 0)} GPUs)")
+            raise
+        fits = [n for n in nodes if n.get("CPU", 0) >= cpus_per_cell and n.get("GPU", 0) >= gpus_per_cell]
+        logger.info("Ray %s: %d node(s), %g CPUs, %g GPUs (started in %.1fs); %d CPU(s), %g GPU(s) per cell",
+                    "local instance" if address is None else f"cluster at {address}", len(nodes),
+                    sum(n.get("CPU", 0) for n in nodes), sum(n.get("GPU", 0) for n in nodes), self.startup_seconds,
+                    cpus_per_cell, gpus_per_cell)
+        if not fits:  # a cell runs on one node: cluster totals would leave it waiting forever
+            self.shutdown()
+            biggest = max(nodes, key=lambda n: (n.get("CPU", 0), n.get("GPU", 0)), default={})
+            raise RuntimeError(f"no node offers {cpus_per_cell} CPU(s) and {gpus_per_cell:g} GPU(s) per cell (the "
+                               f"largest has {biggest.get('CPU', 0):g} CPUs, {biggest.get('GPU', 0):g} GPUs)")
         from training.grid import _ray_cell
 
         self._task = ray.remote(num_cpus=cpus_per_cell, num_gpus=gpus_per_cell, max_retries=retries)(_ray_cell)
         self._args = (cpus_per_cell, gpus_per_cell > 0, level)
-        self._refs: list[Any] = []
 
     def submit(self, cell: Any, label: str) -> Future:
         ref = self._task.remote(cell, label, *self._args)
         self._refs.append(ref)
         return ref.future()
 
-    def shutdown(self, cancel_futures: bool = False) -> None:
-        if cancel_futures:
+    def shutdown(self, cancel_futures: bool = False, timeout_s: float = 60.0) -> None:
+        """Stop; with ``cancel_futures`` the cells not finished are stopped first, and waited for, so
+        the driver releases their claims only once nothing writes to them (their last finished
+        epoch's checkpoint stays for a resume)."""
+        if cancel_futures and self._refs:
             for ref in self._refs:
-                self._ray.cancel(ref)  # a running cell stops where it is; its last epoch's checkpoint stays
+                self._ray.cancel(ref, force=True)
+            self._ray.wait(self._refs, num_returns=len(self._refs), timeout=timeout_s)
         if self._owns and self._ray.is_initialized():
             self._ray.shutdown()

@@ -7,11 +7,12 @@ Layout of ``RUN_DIR``:
                              method's extra training state (e.g. PromptSRC's running aggregate)
                              and, under AMP, the grad-scaler state (in the metadata)
     learned.safetensors      final learned tensors (written when training completes)
-    train_log.jsonl          one line per epoch (appended after the checkpoint is written)
+    train_log.jsonl          one line per epoch (appended before that epoch's checkpoint)
     metrics.json             written by evaluation
 
 Every file but the log is written to a temporary name and renamed, so a kill never leaves a
-torn file; a kill between checkpoint and log line loses only that epoch's log line.
+torn file; the log is trimmed back to the checkpoint's epoch whenever training (re)starts
+(:meth:`RunDir.trim_log`), which drops a line written after the last checkpoint or torn by a kill.
 """
 from __future__ import annotations
 

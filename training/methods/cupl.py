@@ -60,7 +60,8 @@ class CuPL(PromptMethod):
         return list(self.config.templates)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return encode_text_embeddings(self.clip, self.clip.token_embedding(tokens), eot_positions(tokens, self.backbone.eot_token_id))
+        return encode_text_embeddings(self.clip, self.clip.token_embedding(tokens), eot_positions(tokens, self.backbone.eot_token_id),
+                                      share_prefix=True)  # lookups of one embedding table
 
     def class_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         """[S, C, L] prompt rows (padding rows empty) -> [C, D]: the re-normalised mean over each class's rows."""

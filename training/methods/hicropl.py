@@ -290,7 +290,7 @@ class HiCroPL(DeepPromptMethod):
         ctx, deep = self.text_prompts()
         eot = eot_positions(tokens, self.backbone.eot_token_id)
         emb = place_context(self.clip.token_embedding(tokens), tokens, eot, ctx.unsqueeze(0).expand(tokens.shape[0], -1, -1))
-        return encode_text_deep(self.clip, emb, eot, deep, start=1)
+        return encode_text_deep(self.clip, emb, eot, deep, start=1, share_prefix=True)  # one context for every class
 
     # -- text: the prompted class feature fused with the description embedding
     def _descriptions(self, rows: torch.Tensor) -> torch.Tensor:

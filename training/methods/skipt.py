@@ -141,7 +141,8 @@ class SkipT(PromptMethod):
     # -- the towers, split at the first tuned block
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         eot = eot_positions(tokens, self.backbone.eot_token_id)
-        return encode_text_embeddings(self.clip, self.clip.token_embedding(tokens), eot)
+        return encode_text_embeddings(self.clip, self.clip.token_embedding(tokens), eot,
+                                      share_prefix=True)  # lookups of one embedding table
 
     def _text_lower_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """[C, L, W] text hidden states after the frozen blocks (no grad)."""

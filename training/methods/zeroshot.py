@@ -84,4 +84,5 @@ class ZeroShotCLIP(PromptMethod):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         emb = self.clip.token_embedding(tokens)
-        return encode_text_embeddings(self.clip, emb, eot_positions(tokens, self.backbone.eot_token_id))
+        return encode_text_embeddings(self.clip, emb, eot_positions(tokens, self.backbone.eot_token_id),
+                                      share_prefix=True)  # lookups of one embedding table

@@ -180,4 +180,6 @@ class ContextPromptMethod(PromptMethod):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         emb, eot = self.prompt_embeddings(tokens)
-        return encode_text_embeddings(self.clip, emb, eot)
+        # one context broadcast to every class: its prefix may run once (not class-specific contexts,
+        # which start out equal but are different parameters)
+        return encode_text_embeddings(self.clip, emb, eot, share_prefix=self.ctx.dim() == 2)

@@ -150,15 +150,18 @@ def run_blocks_inserting(
 # -- the two towers --------------------------------------------------------------------------------
 
 def encode_text_deep(
-    clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Tensor, deep_prompts: Sequence[torch.Tensor] = (), start: int = 1
+    clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Tensor, deep_prompts: Sequence[torch.Tensor] = (), start: int = 1,
+    share_prefix: bool = False,
 ) -> torch.Tensor:
     """open_clip's text tower from token embeddings [C, L, W], with deep prompts -> [C, D].
 
-    Where every deep prompt lies inside the prefix all rows share (the start token and the context),
-    that prefix runs once (:func:`training.prompts.text.transformer_shared_prefix`; exact, as there).
+    With ``share_prefix`` (the caller's promise, as for :func:`training.prompts.text.encode_text_embeddings`:
+    one context broadcast to every row), where every deep prompt lies inside the prefix all rows
+    share (the start token and the context), that prefix runs once
+    (:func:`training.prompts.text.transformer_shared_prefix`; exact, as there).
     """
     pos, mask = text_position_inputs(clip, embeddings.shape[1], embeddings.dtype)
-    prefix = shared_prefix_length(clip, embeddings, eot_idx, mask)
+    prefix = shared_prefix_length(clip, embeddings, eot_idx, mask) if share_prefix else 0
     if prefix and len(deep_prompts) < len(clip.transformer.resblocks) and all(
             start + p.shape[0] <= prefix for p in deep_prompts):
         def replace_in_prefix(i: int, head: torch.Tensor) -> torch.Tensor:
@@ -341,7 +344,8 @@ class DeepPromptMethod(PromptMethod):
         emb, eot = self.prompt_embeddings(tokens)
         _, deep = self.text_prompts()
         # deep prompts replace the context's own slots, after any prefix
-        return encode_text_deep(self.clip, emb, eot, deep, start=1 + self._prefix_length())
+        # the context and deep prompts are one set broadcast to every class: the prefix may run once
+        return encode_text_deep(self.clip, emb, eot, deep, start=1 + self._prefix_length(), share_prefix=True)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         prompts, deep = self.vision_prompts()

@@ -57,14 +57,15 @@ def pad_tokens(tokens: torch.Tensor, context_length: int) -> torch.Tensor:
 
 
 def encode_text_embeddings(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Tensor,
-                           share_prefix: bool = True) -> torch.Tensor:
+                           share_prefix: bool = False) -> torch.Tensor:
     """Run the text transformer on token embeddings [C, L, W] and pool at ``eot_idx`` -> [C, D].
 
-    With ``share_prefix`` (the default), the leading positions every row has in common (the start
-    token and a learned context shared by all classes, CoOp's 16 vectors) run through the tower
-    once instead of once per class: see :func:`shared_prefix_length`. The result is the same
-    computation up to float rounding; never while tracing or exporting (the graph must not depend
-    on the example's prefix).
+    ``share_prefix``: the caller vouches that equal leading positions of the rows are *the same
+    tensors* (one context broadcast to every class, lookups of one embedding table), not merely
+    equal values from different parameters (class-specific contexts that start out equal, per-image
+    biases): then the common prefix runs through the tower once instead of once per class (see
+    :func:`shared_prefix_length`), the same computation and the same gradients up to float rounding.
+    Off by default; never while tracing or exporting (the graph must not depend on the example's prefix).
     """
     pos, mask = text_position_inputs(clip, embeddings.shape[1], embeddings.dtype)
     x = embeddings + pos
@@ -101,7 +102,9 @@ def shared_prefix_length(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Te
     every row's end-of-text token, and the tower is open_clip's plain causal one.
 
     Exact because the tower is causal: a position's hidden states depend only on the positions up to
-    it, so the common prefix has the same states in every row. Anything that could break that is
+    it, so the common prefix has the same states in every row. Its gradient flows into the first
+    row's prefix only: exact when every row's prefix is the same tensor (the caller's promise, see
+    :func:`encode_text_embeddings`), wrong for equal values of different parameters. Anything that could break that is
     refused: a mask other than the causal one, a block that is not open_clip's plain
     ``ResidualAttentionBlock`` (an adapter that replaced or hooked a module may mix positions),
     attention dropout, gradient checkpointing; and tracing or export.
