@@ -112,7 +112,11 @@ def test_the_image_holds_onnxruntime_gpu_no_torch_and_runs_as_bentoml(image):
 def test_the_image_refuses_to_start_without_a_gpu_by_default(image):
     """No variable at all: PROMPTBAKE_DEVICE=cuda, no CPU fallback (the image's defaults), on a machine
     without a GPU: the container stops at once with one line that says why (not a slow CPU replica)."""
-    proc = _podman("run", "--rm", image, timeout=180, check=False)
+    name = f"promptbake-test-nogpu-{os.getpid()}"
+    try:
+        proc = _podman("run", "--rm", "--name", name, image, timeout=180, check=False)
+    finally:
+        _podman("rm", "-f", "-t", "0", name, check=False)  # gone already unless the run timed out
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "CUDAExecutionProvider" in out or "PROMPTBAKE_DEVICE" in out, out[-3000:]
