@@ -51,7 +51,14 @@ def test_shared_prefix_is_refused_where_it_would_not_be_exact(coop):
         assert shared_prefix_length(clip, emb, torch.full_like(eot, 6), mask) == 6  # capped before every end of text
         assert shared_prefix_length(clip, emb, eot, torch.zeros_like(mask)) == 0  # not causal
         assert shared_prefix_length(clip, emb, eot, None) == 0
-    hook = clip.transformer.resblocks[0].mlp.register_forward_hook(lambda *a: None)  # an adapter's hook
+    for module in (clip.transformer.resblocks[0].mlp, clip.transformer):  # an adapter's hook, on a block or the tower
+        for register in (module.register_forward_hook, module.register_full_backward_hook):
+            hook = register(lambda *a: None)
+            try:
+                assert shared_prefix_length(clip, emb, eot, mask) == 0
+            finally:
+                hook.remove()
+    hook = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)  # a global one
     try:
         assert shared_prefix_length(clip, emb, eot, mask) == 0
     finally:

@@ -22,6 +22,10 @@ TRAIN_CROP_SCALE = (0.08, 1.0)
 #: decoded training images kept in memory at most (:meth:`SampleDataset.keep_decoded`): 16 shots of
 #: 1,000 ImageNet classes at ~500x375 RGB are ~9 GB, the emoji benchmarks' 1,632 images 11 MB
 MAX_IN_MEMORY_BYTES = 2 * 2**30
+#: decoded bytes per pixel of Pillow's modes (anything else counts 4)
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16B": 2, "I;16L": 2,
+                    "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4,
+                    "I": 4, "F": 4}
 _INTERPOLATION = {
     "bicubic": T.InterpolationMode.BICUBIC,
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -160,7 +164,7 @@ class SampleDataset(torch.utils.data.Dataset):
         for sample in self.samples:
             try:
                 with Image.open(sample.path) as image:  # the header only
-                    need += image.width * image.height * len(image.getbands())
+                    need += image.width * image.height * _BYTES_PER_PIXEL.get(image.mode, 4)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
                 raise DatasetError(f"cannot read image {sample.path}: {exc}") from exc
         if need > max_bytes:

@@ -125,22 +125,33 @@ def shared_prefix_length(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Te
 _PLAIN_MLP = (torch.nn.Linear, torch.nn.GELU, QuickGELU)
 
 
+def _hooked(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in vars(module))
+
+
 def _plain_causal_tower(tower: torch.nn.Module, mask: torch.Tensor) -> bool:
-    if type(tower) is not Transformer or tower.grad_checkpointing or not tower.batch_first or "forward" in vars(tower):
+    from torch.nn.modules import module as nn_module
+
+    if type(tower) is not Transformer or tower.grad_checkpointing or not tower.batch_first or _hooked(tower):
+        return False
+    if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or nn_module._global_backward_hooks
+            or nn_module._global_backward_pre_hooks):
         return False
     n = mask.shape[-1]
     causal = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
     if mask.dim() != 2 or not torch.equal(torch.isneginf(mask), causal) or bool(mask[~causal].any()):
         return False
     for block in tower.resblocks:
-        if (type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv") or "forward" in vars(block)
+        if (type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv")
                 or type(block.attn) is not torch.nn.MultiheadAttention or not block.attn.batch_first
-                or block.attn.dropout or not block.attn._qkv_same_embed_dim
+                or block.attn.dropout or not block.attn._qkv_same_embed_dim or block.attn.add_zero_attn
+                or block.attn.bias_k is not None or block.attn.bias_v is not None
                 or not all(isinstance(n, torch.nn.LayerNorm) for n in (block.ln_1, block.ln_2))
                 or not all(type(ls) in (torch.nn.Identity, LayerScale) for ls in (block.ls_1, block.ls_2))
                 or type(block.mlp) is not torch.nn.Sequential or not all(type(m) in _PLAIN_MLP for m in block.mlp)):
             return False
-        if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
+        if any(_hooked(m) for m in block.modules()):
             return False
     return True
 
