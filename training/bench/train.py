@@ -27,7 +27,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any, Mapping, Sequence
 
-from training.bench.train_cost import _run_child
+from training.bench.train_cost import _run_child, train_argv
 
 #: (label, train options) of the rows; the first is the reference-style loop every ratio is to
 LOOPS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -57,22 +57,17 @@ def bench_train(method: str, backbone: str, dataset: str, *, epochs: int = 2, sh
     with tempfile.TemporaryDirectory(prefix="promptbake-bench-train-", dir=workdir) as tmp:
         for i, (label, options) in enumerate(loops):
             run = Path(tmp) / f"loop{i}"
-            argv = ["train", "--method", method, "--backbone", backbone, "--dataset", dataset, "--shots", str(shots),
-                    "--seed", str(seed), "--epochs", str(epochs), "--out", str(run), "--no-progress"]
-            for key, value in {**(train_options or {}), **options}.items():
-                flag = "--" + key.replace("_", "-")
-                argv += ([flag] if value is True else [f"--no-{key.replace('_', '-')}"] if value is False
-                         else [flag, str(value)])
+            argv = train_argv(method, backbone, dataset, shots, seed, epochs, run, {**(train_options or {}), **options})
             rc, wall, peak, err = _run_child(argv, threads)
             if rc != 0:
                 raise RuntimeError(f"promptbake train ({label}) failed ({rc}): {err.strip().splitlines()[-1] if err.strip() else ''}")
             log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
             recorded = json.loads((run / "run.json").read_text())["train"]  # what the child trained with
             metrics = eval_job(run, progress=False, test_per_class=test_per_class)
+            cache_seconds = sum(r.get("cache_seconds", 0.0) for r in log)
             rows.append({"loop": label, "train_config": {k: recorded[k] for k in options}, "epochs": len(log),
-                         "cache_seconds": sum(r.get("cache_seconds", 0.0) for r in log),
-                         "epoch_seconds": median(r["seconds"] for r in log),
-                         "train_seconds": sum(r["seconds"] for r in log) + sum(r.get("cache_seconds", 0.0) for r in log),
+                         "cache_seconds": cache_seconds, "epoch_seconds": median(r["seconds"] for r in log),
+                         "train_seconds": sum(r["seconds"] for r in log) + cache_seconds,
                          "peak_rss_mb": peak / 2**20, "wall_seconds": wall, "threads": threads,
                          "base_acc": metrics["base_acc"], "novel_acc": metrics["novel_acc"], "hm": metrics["hm"]})
     return rows

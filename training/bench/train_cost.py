@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 from statistics import median
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 _CHILD = "import sys; from training.cli import main; raise SystemExit(main(sys.argv[1:]))"
 
@@ -36,6 +36,17 @@ def _run_child(argv: Sequence[str], threads: int) -> tuple[int, float, int, str]
     return proc.returncode, time.perf_counter() - t0, int(usage.ru_maxrss) * 1024, tail  # ru_maxrss is in KiB on Linux
 
 
+def train_argv(method: str, backbone: str, dataset: str, shots: int, seed: int, epochs: int, out: Path,
+               train_options: Mapping[str, Any] | None = None) -> list[str]:
+    """``promptbake train`` arguments for a bench child; a boolean option becomes ``--name`` / ``--no-name``."""
+    argv = ["train", "--method", method, "--backbone", backbone, "--dataset", dataset, "--shots", str(shots),
+            "--seed", str(seed), "--epochs", str(epochs), "--out", str(out), "--no-progress"]
+    for key, value in (train_options or {}).items():
+        flag = key.replace("_", "-")
+        argv += [f"--{flag}"] if value is True else [f"--no-{flag}"] if value is False else [f"--{flag}", str(value)]
+    return argv
+
+
 def bench_train_cost(methods: Sequence[str], backbone: str, dataset: str, *, epochs: int = 2, shots: int = 16,
                      seed: int = 1, threads: int = 1, train_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per method: median seconds per epoch, peak RSS, wall time; each in its own process.
@@ -51,10 +62,7 @@ def bench_train_cost(methods: Sequence[str], backbone: str, dataset: str, *, epo
             if spec.method_cls.needs_init_run:
                 raise ValueError(f"{name} starts from another run; measure its host and itself with promptbake train")
             run = Path(tmp) / name
-            argv = ["train", "--method", name, "--backbone", backbone, "--dataset", dataset, "--shots", str(shots),
-                    "--seed", str(seed), "--epochs", str(epochs), "--out", str(run), "--no-progress"]
-            for key, value in (train_options or {}).items():
-                argv += [f"--{key.replace('_', '-')}", str(value)]
+            argv = train_argv(name, backbone, dataset, shots, seed, epochs, run, train_options)
             rc, wall, peak, err = _run_child(argv, threads)
             if rc != 0:
                 raise RuntimeError(f"promptbake train --method {name} failed ({rc}): {err.strip().splitlines()[-1] if err.strip() else ''}")

@@ -104,10 +104,10 @@ def shared_prefix_length(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.Te
     Exact because the tower is causal: a position's hidden states depend only on the positions up to
     it, so the common prefix has the same states in every row. Its gradient flows into the first
     row's prefix only: exact when every row's prefix is the same tensor (the caller's promise, see
-    :func:`encode_text_embeddings`), wrong for equal values of different parameters. Anything that could break that is
-    refused: a mask other than the causal one, a block that is not open_clip's plain
-    ``ResidualAttentionBlock`` (an adapter that replaced or hooked a module may mix positions),
-    attention dropout, gradient checkpointing; and tracing or export.
+    :func:`encode_text_embeddings`), wrong for equal values of different parameters. Anything that
+    could break the states' equality is refused: a mask other than the causal one, a block that is
+    not open_clip's plain ``ResidualAttentionBlock`` (an adapter that replaced or hooked a module may
+    mix positions), attention dropout, gradient checkpointing; and tracing or export.
     """
     if (not _SHARE_PREFIX.get() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
             or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
