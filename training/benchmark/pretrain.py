@@ -39,6 +39,7 @@ from training.benchmark.emoji_backbone import (
 )
 from training.benchmark.scenes import SceneConfig, SceneInfo, render_scene, scene_rng
 from training.benchmark.suite import BENCHMARKS, novel_codepoints, universe
+from training.prompts.text import pool_text_features
 
 logger = logging.getLogger(__name__)
 
@@ -252,10 +253,8 @@ def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
     length = int(tokens.argmax(dim=-1).max()) + 1
     tokens = tokens[:, :length]
     x = model.token_embedding(tokens) + model.positional_embedding[:length]
-    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
-    x = model.ln_final(x)
-    x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]  # [B, width]
-    return x @ model.text_projection
+    return pool_text_features(model, model.transformer(x, attn_mask=model.attn_mask[:length, :length]),
+                              tokens.argmax(dim=-1))
 
 
 @torch.no_grad()

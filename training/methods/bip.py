@@ -64,7 +64,7 @@ from training.prompts.context import context_template, init_context, place_conte
 from training.prompts.deep import check_vision_tower, run_blocks_injecting, tower_block, vision_input_tokens
 from training.prompts.knowledge import HANDCRAFTED_TEMPLATE, cached_frozen_text_features, check_template, frozen_text_features
 from training.prompts.templates import template_option
-from training.prompts.text import eot_positions, text_position_inputs
+from training.prompts.text import eot_positions, pool_text_features, text_position_inputs
 
 
 def default_inject_layer(layers: int) -> int:
@@ -179,9 +179,7 @@ class BIP(PromptMethod):
         pos, mask = text_position_inputs(clip, x.shape[1], x.dtype)
         generated = self.meta_net(t0.to(x.dtype)).reshape(tokens.shape[0], self.config.n_ctx, -1)
         x = run_blocks_injecting(clip.transformer, x + pos, generated, self.text_layer, 1, self.config.text_mix, mask)
-        x = clip.ln_final(x)[torch.arange(x.shape[0], device=x.device), eot]
-        proj = clip.text_projection
-        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return pool_text_features(clip, x, eot)
 
     def _text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         learned, hand = self._split(tokens)

@@ -72,7 +72,7 @@ from training.protocol import (
 from training.prompts.deep import check_vision_tower, run_blocks_inserting, tower_block, vision_input_tokens
 from training.prompts.knowledge import check_template, handcrafted_train_features
 from training.prompts.templates import template_option
-from training.prompts.text import eot_positions, text_position_inputs
+from training.prompts.text import eot_positions, pool_text_features, text_position_inputs
 
 IMAGE_REP = "image_embeddings_rep"
 
@@ -182,10 +182,7 @@ class MMRL(PromptMethod):
         pos, mask = text_position_inputs(clip, x.shape[1], x.dtype)
         inserted = [proj(self.rep_tokens) for proj in self.r2t]
         x = run_blocks_inserting(clip.transformer, x + pos, inserted, self.text_start, attn_mask=mask, causal=True)
-        x = clip.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot + self.config.n_rep_tokens]  # [C, W]
-        proj = clip.text_projection
-        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return pool_text_features(clip, x, eot + self.config.n_rep_tokens)
 
     def encode_image_both(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 3, H, W] -> (f_cls, f_rep), each [B, D] and not normalised."""

@@ -56,7 +56,7 @@ from training.backbones import Backbone
 from training.protocol import Capabilities, MethodConfig, PromptMethod, register_method
 from training.prompts.deep import check_vision_tower, tower_block, vision_input_tokens
 from training.prompts.knowledge import check_template
-from training.prompts.text import encode_text_embeddings, eot_positions, text_position_inputs
+from training.prompts.text import encode_text_embeddings, eot_positions, pool_text_features, text_position_inputs
 
 
 @dataclass(frozen=True)
@@ -160,10 +160,7 @@ class SkipT(PromptMethod):
         _, mask = text_position_inputs(clip, x.shape[1], x.dtype)
         for block in clip.transformer.resblocks[self.text_start:]:
             x = block(x, attn_mask=mask)
-        x = clip.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot_positions(tokens, self.backbone.eot_token_id)]
-        proj = clip.text_projection
-        return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+        return pool_text_features(clip, x, eot_positions(tokens, self.backbone.eot_token_id))
 
     def _image_skipping_lower(self, images: torch.Tensor) -> torch.Tensor:
         visual = self.clip.visual

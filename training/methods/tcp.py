@@ -66,7 +66,7 @@ from training.prompts.knowledge import (
     knowledge_distance,
 )
 from training.prompts.templates import template_option
-from training.prompts.text import eot_positions, text_position_inputs
+from training.prompts.text import eot_positions, pool_text_features, text_position_inputs
 
 
 def default_inject_layer(layers: int) -> int:
@@ -172,10 +172,7 @@ class TCP(PromptMethod):
         x = x + pos
         class_tokens = self.class_tokens(handcrafted.to(x.dtype))  # [C, n_ctx, W]
         x = run_blocks_injecting(clip.transformer, x, class_tokens, self.inject_layer, 1, self.config.inject_weight, mask)
-        x = clip.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot]  # [C, W]
-        proj = clip.text_projection
-        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        return pool_text_features(clip, x, eot)
 
     def handcrafted_embeddings(self, hand_tokens: torch.Tensor) -> torch.Tensor:
         """[C, L] hand-crafted prompt tokens -> [C, D] normalised frozen-CLIP embeddings (no grad)."""

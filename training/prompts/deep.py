@@ -35,7 +35,8 @@ from torch import nn
 from training.backbones import Backbone
 from training.protocol import MethodConfig, PromptMethod
 from training.prompts.context import PLACEHOLDER, init_context, place_context, prepend_prefix, register_text_prefix
-from training.prompts.text import eot_positions, shared_prefix_length, text_position_inputs, transformer_shared_prefix
+from training.prompts.text import (eot_positions, pool_text_features, shared_prefix_length, text_position_inputs,
+                                   transformer_shared_prefix)
 
 logger = logging.getLogger(__name__)
 
@@ -167,15 +168,9 @@ def encode_text_deep(
         def replace_in_prefix(i: int, head: torch.Tensor) -> torch.Tensor:
             return replace_prompts(head, deep_prompts[i - 1], start) if 1 <= i <= len(deep_prompts) else head
 
-        x = clip.ln_final(transformer_shared_prefix(clip.transformer, embeddings + pos, prefix, replace_in_prefix))
-        eot_idx = eot_idx - prefix
-    else:
-        x = clip.ln_final(run_blocks(clip.transformer, embeddings + pos, deep_prompts, start, attn_mask=mask))  # [C, L, W]
-    x = x[torch.arange(x.shape[0], device=x.device), eot_idx]  # [C, W]
-    proj = clip.text_projection
-    if proj is None:
-        return x
-    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        hidden = transformer_shared_prefix(clip.transformer, embeddings + pos, prefix, replace_in_prefix)
+        return pool_text_features(clip, hidden, eot_idx - prefix)
+    return pool_text_features(clip, run_blocks(clip.transformer, embeddings + pos, deep_prompts, start, attn_mask=mask), eot_idx)
 
 
 def check_vision_tower(visual: nn.Module) -> VisionTransformer:

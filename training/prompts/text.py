@@ -71,12 +71,19 @@ def encode_text_embeddings(clip: CLIP, embeddings: torch.Tensor, eot_idx: torch.
     x = embeddings + pos
     prefix = shared_prefix_length(clip, embeddings, eot_idx, mask) if share_prefix else 0
     if prefix:
-        x = clip.ln_final(transformer_shared_prefix(clip.transformer, x, prefix))  # [C, L - prefix, W]
-        eot_idx = eot_idx - prefix
-    else:
-        x = clip.ln_final(clip.transformer(x, attn_mask=mask))  # [C, L, W]
+        return pool_text_features(clip, transformer_shared_prefix(clip.transformer, x, prefix), eot_idx - prefix)
+    return pool_text_features(clip, clip.transformer(x, attn_mask=mask), eot_idx)
+
+
+def pool_text_features(clip: CLIP, hidden: torch.Tensor, eot_idx: torch.Tensor) -> torch.Tensor:
+    """The text tower's head: ``ln_final`` on the transformer's output [C, L, W], the hidden state at
+    each row's end-of-text position ``eot_idx`` [C], then ``text_projection`` (a matrix, a Linear, or
+    none) -> [C, D], not normalised. Every text path ends here, so all of them pool as open_clip does."""
+    x = clip.ln_final(hidden)
     x = x[torch.arange(x.shape[0], device=x.device), eot_idx]  # [C, W]
     proj = clip.text_projection
+    if proj is None:
+        return x
     return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
 
 
