@@ -154,3 +154,36 @@ def test_class_specific_contexts_that_start_equal_do_not_share_their_prefix(tiny
     (feats * torch.linspace(-1, 1, feats.shape[-1])).sum().backward()
     assert calls == []
     assert (m.ctx.grad.flatten(1).norm(dim=1) > 0).all()  # every class's context learns
+
+
+def test_cocoop_shares_one_images_prefix_exactly(tiny_backbone, monkeypatch):
+    """CoCoOp at its reference batch of 1: the image-shifted context is one tensor broadcast to every
+    class, so it runs once, with the full tower's features and gradients (context and meta-net); a
+    batch of several images does not share (each image's prefix differs)."""
+    import training.prompts.text as text
+
+    calls = []
+    real = text.transformer_shared_prefix
+    monkeypatch.setattr(text, "transformer_shared_prefix", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    m = create_method("cocoop", tiny_backbone, {"ctx_init": "a photo of a"}, NAMES)
+    tokens = m.tokenize(NAMES)
+    images = torch.randn(2, 3, 32, 32)
+    params = [p for p in m.parameters() if p.requires_grad]
+    results = []
+    for full in (True, False):
+        for p in params:
+            p.grad = None
+        with every_row_in_full() if full else torch.enable_grad():
+            logits = m.logits_from_features(m.encode_image(images[:1]), tokens)
+            (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in params]))
+    assert calls == [1]
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-4, rtol=1e-5), (l0 - l1).abs().max()
+    assert len(g0) >= 2  # the context and the meta-net
+    for a, b in zip(g0, g1):
+        assert a.abs().max() > 0
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (a - b).abs().max()  # float rounding only
+    m.logits_from_features(m.encode_image(images), tokens)
+    assert calls == [1]  # two images: every row in full

@@ -107,7 +107,9 @@ class CoCoOp(PromptMethod):
         full = torch.cat([emb.unsqueeze(0).expand(B, -1, -1, -1),
                           ctx.to(emb.dtype).unsqueeze(1).expand(-1, C, -1, -1)], dim=2)  # [B, C, L + n_ctx, W]
         prompts = full.gather(2, index[None, :, :, None].expand(B, -1, -1, W))  # [B, C, L, W]
-        feats = encode_text_embeddings(self.clip, prompts.reshape(B * C, L, W), eot.repeat(B))  # [B*C, D]
+        # one image (the reference's batch of 1): its shifted context is one tensor broadcast to every
+        # class, so the prefix it forms with the start token runs through the tower once
+        feats = encode_text_embeddings(self.clip, prompts.reshape(B * C, L, W), eot.repeat(B), share_prefix=B == 1)  # [B*C, D]
         return feats.reshape(B, C, -1)
 
     def image_bias(self, image_features: torch.Tensor) -> torch.Tensor:
