@@ -217,3 +217,23 @@ def test_method_rows_with_options_split_parse_and_train_as_their_own_rows(colour
     assert info["method_config"]["hsic_weight"] == 2 and info["train"]["optimizer"] == "adamw"
     assert info["train"]["epochs"] == 2  # the row's own schedule over the grid's
     assert "| atprompt[host=cocoop;attributes=color] |" in (tmp_path / "results.md").read_text()
+
+
+def test_every_published_average_is_consistent_and_cites_its_source():
+    """A typo in a method's published 11-dataset average would silently flip a direction in the
+    benchmark tables: each HM must be the harmonic mean of its base and novel (papers round each
+    figure, so within 0.02) and each figure must say where it comes from."""
+    import training.methods  # noqa: F401  (registers the methods)
+    from training.protocol import list_methods
+
+    checked = []
+    for spec in list_methods():
+        published = spec.method_cls.published_b2n
+        if published is None:
+            continue
+        base, novel, hm = published
+        assert 0 < novel <= 100 and 0 < base <= 100, spec.name
+        assert abs(2 * base * novel / (base + novel) - hm) <= 0.02, (spec.name, published)
+        assert spec.method_cls.published_source.strip(), f"{spec.name}: published_b2n without published_source"
+        checked.append(spec.name)
+    assert {"zeroshot", "coop", "mmrl"} <= set(checked)  # the two references every direction is measured from

@@ -132,6 +132,9 @@ def _copies(module: nn.Module, n: int) -> nn.ModuleList:
 class MMRL(PromptMethod):
     config_cls = MMRLConfig
     train_defaults = {"epochs": 10, "batch_size": 4, "lr": 0.001, "optimizer": "adamw", "min_crop_scale": 0.5}
+    published_b2n = (85.68, 77.16, 81.20)
+    published_source = ("the paper's 11-dataset ViT-B/16 average (Table 1), as later papers' tables repeat it "
+                        "(the repository's README has no results)")
 
     @classmethod
     def options_for_dataset(cls, dataset: str) -> dict:
