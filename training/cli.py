@@ -368,6 +368,16 @@ def _add_artifact_commands(sub: argparse._SubParsersAction) -> None:
     add_serve_command(sub, _add_command)
 
 
+def _add_timed_training_args(c: argparse.ArgumentParser) -> None:
+    """The training job both training benchmarks time: backbone, data, schedule, seed and threads."""
+    c.add_argument("--backbone", default="emoji-vit-s")
+    c.add_argument("--dataset", default="emoji-nature")
+    c.add_argument("--epochs", type=int, default=2)
+    c.add_argument("--shots", type=int, default=16)
+    c.add_argument("--seed", type=int, default=1)
+    c.add_argument("--threads", type=int, default=1, help="torch threads per training process (default 1)")
+
+
 def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     s = _add_command(sub, "bench", "measurements: `bench train` (the training loop vs a reference-style one), "
                       "`bench serve` (HTTP service), `bench classify` (cost per method), `bench train-cost` (training "
@@ -379,12 +389,7 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
                      "process on the same method, data, seed, epochs and threads, then is evaluated.")
     c.set_defaults(handler=cmd_bench_train)
     c.add_argument("--method", default="coop")
-    c.add_argument("--backbone", default="emoji-vit-s")
-    c.add_argument("--dataset", default="emoji-nature")
-    c.add_argument("--epochs", type=int, default=2)
-    c.add_argument("--shots", type=int, default=16)
-    c.add_argument("--seed", type=int, default=1)
-    c.add_argument("--threads", type=int, default=1, help="torch threads per training process (default 1)")
+    _add_timed_training_args(c)
     c.add_argument("--cache-views", type=int, default=0, metavar="N",
                    help="add a row with the image-feature cache of N views (methods that leave the image graph alone)")
     c.add_argument("--min-crop-scale", type=float, help="RandomResizedCrop's smallest area (default: the method's)")
@@ -407,12 +412,7 @@ def _add_bench_commands(sub: argparse._SubParsersAction) -> None:
     c = _add_command(bench, "train-cost", doc, description=f"`promptbake bench train-cost`: {doc}.")
     c.set_defaults(handler=cmd_bench_train_cost)
     c.add_argument("--methods", default="coop,skipt", help="comma-separated methods; ratios are to the first (default coop,skipt)")
-    c.add_argument("--backbone", default="emoji-vit-s")
-    c.add_argument("--dataset", default="emoji-nature")
-    c.add_argument("--epochs", type=int, default=2)
-    c.add_argument("--shots", type=int, default=16)
-    c.add_argument("--seed", type=int, default=1)
-    c.add_argument("--threads", type=int, default=1, help="torch threads per training process (default 1)")
+    _add_timed_training_args(c)
     c.add_argument("--batch-size", type=int, help="one batch size for every method (default: each method's reference)")
     c.add_argument("--json", action="store_true", help="print the raw figures as JSON too")
 
