@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from training.grid import run_grid
 
@@ -149,8 +150,6 @@ def test_grid_trains_cells_in_worker_processes_and_leaves_locked_cells_to_their_
 
 
 def test_collect_only_reports_finished_cells_and_trains_nothing(colour_root, tmp_path, caplog):
-    import os
-
     ds = f"folder:{colour_root}"
     kw = dict(shots=2, train_options={"epochs": 1, "batch_size": 4}, test_per_class=2, progress=False)
     done = run_grid(["zeroshot"], [ds], [1], tmp_path, "test-tiny", **kw)
@@ -184,6 +183,21 @@ def test_grid_starts_dpc_cells_from_their_host_cells(colour_root, tmp_path):
     again = run_grid(["dpc", "coop"], [ds], [1], tmp_path, "test-tiny", shots=2, train_options=opts,
                      test_per_class=2, progress=False)  # the finished cells check out against their run.json
     assert again == rows
+    # a results folder moved elsewhere (a clone) still checks out: the host run is known by its tensors' sha256
+    import shutil
+
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path / "runs", moved / "runs")
+    assert run_grid(["dpc", "coop"], [ds], [1], moved, "test-tiny", shots=2, train_options=opts,
+                    test_per_class=2, progress=False) == rows
+    # a DPC cell whose host cell another running benchmark is training is left out, not failed
+    other = tmp_path.parent / f"{tmp_path.name}-other"
+    host = other / "runs" / "coop" / ds.replace("/", "_").replace(":", "_") / "seed1"
+    host.mkdir(parents=True)
+    (host / ".grid-lock").write_text(str(os.getppid()))
+    assert run_grid(["dpc", "coop"], [ds], [1], other, "test-tiny", shots=2, train_options=opts,
+                    test_per_class=2, progress=False) == []
+    assert not list((other / "runs").rglob("run.json"))
 
 
 def test_method_rows_with_options_split_parse_and_train_as_their_own_rows(colour_root, tmp_path):
@@ -237,3 +251,116 @@ def test_every_published_average_is_consistent_and_cites_its_source():
         assert spec.method_cls.published_source.strip(), f"{spec.name}: published_b2n without published_source"
         checked.append(spec.name)
     assert {"zeroshot", "coop", "mmrl"} <= set(checked)  # the two references every direction is measured from
+
+
+def test_cell_locks_are_taken_by_one_process_and_only_stale_ones_are_cleared(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from training.grid import _CellLock
+
+    run, mutex = tmp_path / "runs" / "coop" / "d" / "seed1", tmp_path / _CellLock.MUTEX
+    # four processes race for one cell at the same instant: exactly one takes it
+    start = time.time() + 4
+    code = ("import sys, time; from pathlib import Path; from training.grid import _CellLock; "
+            f"time.sleep(max(0, {start} - time.time())); "
+            f"lock = _CellLock.take(Path({str(run)!r}), Path({str(mutex)!r})); "
+            "print('took' if lock else 'refused', flush=True); time.sleep(3 if lock else 0)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outcomes = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert outcomes == ["refused", "refused", "refused", "took"]
+    # its holder is gone: the lock is stale, and taken; the lock file names this process and host
+    lock = _CellLock.take(run, mutex)
+    assert lock is not None and (run / _CellLock.NAME).read_text() == f"{os.getpid()} {socket.gethostname()}"
+    lock.release()
+    assert not (run / _CellLock.NAME).exists()
+    # a lock that cannot be told stale from here is left alone: another host's, an empty or a garbled one
+    for text in (f"{os.getpid() + 10**6} another-host.example", "", "not a pid"):
+        (run / _CellLock.NAME).write_text(text)
+        assert _CellLock.claimed(run) and _CellLock.take(run, mutex) is None
+        assert (run / _CellLock.NAME).read_text() == text
+
+
+def test_a_local_worker_ends_with_the_benchmark_process_that_started_it(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if not sys.platform.startswith("linux"):
+        import pytest
+
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    pid_file = tmp_path / "worker.pid"
+    # a stand-in benchmark process: starts one worker through the local engine's initializer, then waits
+    parent = ("import multiprocessing as mp, os, sys, time\n"
+              "def work(path):\n"
+              "    from training.grid import _local_worker_init\n"
+              "    _local_worker_init(1, 30, int(os.environ['PARENT']))\n"
+              "    open(path, 'w').write(str(os.getpid()))\n"
+              "    time.sleep(120)\n"
+              "if __name__ == '__main__':\n"
+              "    os.environ['PARENT'] = str(os.getpid())\n"
+              f"    mp.get_context('spawn').Process(target=work, args=({str(pid_file)!r},)).start()\n"
+              "    time.sleep(120)\n")
+    script = tmp_path / "parent.py"
+    script.write_text(parent)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=os.getcwd())
+    try:
+        deadline = time.time() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.time() < deadline, "the worker did not start"
+            time.sleep(0.2)
+        worker = int(pid_file.read_text())
+        os.kill(proc.pid, signal.SIGKILL)  # the benchmark process dies without cleaning up
+        proc.wait()
+        deadline = time.time() + 20
+        while _alive(worker):
+            assert time.time() < deadline, "the worker outlived the benchmark process"
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def test_each_row_has_its_own_cells(colour_root, tmp_path):
+    import pytest
+
+    ds = f"folder:{colour_root}"
+    for methods in (["zeroshot", "zeroshot"], ["atprompt[attributes=a b]", "atprompt[attributes=a-b]"]):
+        with pytest.raises(ValueError, match="would share the cells of runs/"):
+            run_grid(methods, [ds], [1], tmp_path, "test-tiny", shots=2, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_finished_cells_are_refused_when_their_test_set_or_base_classes_changed(colour_root, tmp_path):
+    import shutil
+
+    import pytest
+
+    from training.runs import RunError
+
+    root = tmp_path / "data"
+    shutil.copytree(colour_root, root)
+    ds, out = f"folder:{root}", tmp_path / "out"
+    rows = run_grid(["zeroshot"], [ds], [1], out, "test-tiny", shots=2, test_per_class=2, progress=False)
+    with pytest.raises(RunError, match="evaluated on 2 test images per class, this benchmark asks for every test image"):
+        run_grid(["zeroshot"], [ds], [1], out, "test-tiny", shots=2, progress=False)
+    with pytest.raises(RunError, match="2 test images per class.*asks for 3 test images per class"):
+        run_grid(["zeroshot"], [ds], [1], out, "test-tiny", shots=2, test_per_class=3, collect_only=True,
+                 progress=False)
+    assert run_grid(["zeroshot"], [ds], [1], out, "test-tiny", shots=2, test_per_class=2, progress=False) == rows
+    base = json.loads(next(out.rglob("run.json")).read_text())["base_classnames"]
+    for split in ("train", "test"):  # the dataset's first base class is renamed: the finished cell is stale
+        (root / split / base[0]).rename(root / split / "aaa-renamed")
+    with pytest.raises(RunError, match="differs in base_classnames"):
+        run_grid(["zeroshot"], [ds], [1], out, "test-tiny", shots=2, test_per_class=2, progress=False)

@@ -15,10 +15,14 @@ leave it; 3 epochs train two after it). Options counted in epochs follow the met
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,13 +165,19 @@ def run_grid(
     def cell_dir(method: str, dataset: str, seed: int) -> Path:
         return out / "runs" / _dir_name(method) / dataset.replace("/", "_").replace(":", "_") / f"seed{seed}"
 
-    base_counts: dict[str, int] = {}
+    base_classes: dict[str, list[str]] = {}
 
-    def n_base(dataset: str) -> int:  # for methods whose reference budget is tied to the data (2SFS)
-        if dataset not in base_counts:
-            base_counts[dataset] = len(split_base_novel(load_dataset(dataset))[0].classnames)
-        return base_counts[dataset]
+    def base_classnames(dataset: str) -> list[str]:  # a finished cell must have the dataset's base classes still
+        if dataset not in base_classes:
+            base_classes[dataset] = list(split_base_novel(load_dataset(dataset))[0].classnames)
+        return base_classes[dataset]
 
+    folders: dict[str, str] = {}
+    for label in methods:  # one folder per row: `coop,coop` or `x[a=b c],x[a=b-c]` would train one cell twice
+        other = folders.setdefault(_dir_name(label), label)
+        if other != label or methods.count(label) > 1:
+            raise ValueError(f"methods {other!r} and {label!r} would share the cells of runs/{_dir_name(label)}: "
+                             "list each row once")
     parsed = {label: parse_method_spec(label) for label in methods}
     for label, dataset, seed in ((m, d, s) for d in datasets for m in methods for s in seeds):
         method, row = parsed[label]
@@ -175,7 +185,7 @@ def run_grid(
         run = cell_dir(label, dataset, seed)
         method_options, opts = _options_for(method, {**(train_options or {}), **row_train},
                                             _row_scale(label, row, epochs_scale), extra,
-                                            shots=shots, n_classes=n_base(dataset))
+                                            shots=shots, n_classes=len(base_classnames(dataset)))
         init_run = None
         if get_method(method).method_cls.needs_init_run:  # DPC: stage 2 of the host's cell in this grid
             host = method_options.get("host", get_method(method).config_cls().host)
@@ -185,7 +195,7 @@ def run_grid(
         if (run / RUN_FILE).is_file():  # every finished or started cell is checked before anything trains
             recorded = recorded_info(run)
             _check_cell(run, recorded, job_info(method, backbone, dataset, shots, seed, method_options, opts,
-                                                base_classnames=recorded.base_classnames, init_run=init_run))
+                                                base_classnames=base_classnames(dataset), init_run=init_run))
         cells.append(_Cell(label, dataset, seed, run, backbone, shots, method_options, opts, test_per_class, init_run,
                            name=method))
     rows: dict[int, dict[str, Any]] = {}
@@ -201,7 +211,7 @@ def run_grid(
     for i, cell in enumerate(cells):
         if (cell.run / METRICS_FILE).is_file():
             logger.info("[%d/%d] %s on %s seed %d: done before", i + 1, len(cells), cell.method, cell.dataset, cell.seed)
-            record(i, json.loads((cell.run / METRICS_FILE).read_text()))
+            record(i, _finished_metrics(cell))
         else:
             todo.append(i)
     if collect_only:
@@ -213,13 +223,23 @@ def run_grid(
     locks = {}
     try:
         for i in todo:
-            lock = _CellLock.take(cells[i].run)
+            lock = _CellLock.take(cells[i].run, out / _CellLock.MUTEX)
             if lock is None:
-                logger.warning("[%d/%d] %s on %s seed %d is claimed by another running benchmark (%s): not in this table",
-                               i + 1, len(cells), cells[i].method, cells[i].dataset, cells[i].seed,
-                               cells[i].run / _CellLock.NAME)
+                logger.warning("[%d/%d] %s on %s seed %d is claimed by another running benchmark (%s; delete it if "
+                               "none is running): not in this table", i + 1, len(cells), cells[i].method,
+                               cells[i].dataset, cells[i].seed, cells[i].run / _CellLock.NAME)
+            elif (cells[i].run / METRICS_FILE).is_file():  # finished by another benchmark since the scan above
+                lock.release()
+                record(i, _finished_metrics(cells[i]))
             else:
                 locks[i] = lock
+        for i in [i for i in locks if cells[i].init_run is not None]:
+            if not (cells[i].init_run / METRICS_FILE).is_file() and not any(
+                    cells[j].run == cells[i].init_run for j in locks):  # its host cell is another benchmark's
+                logger.warning("[%d/%d] %s on %s seed %d starts from %s, which another running benchmark is training: "
+                               "not in this table", i + 1, len(cells), cells[i].method, cells[i].dataset,
+                               cells[i].seed, cells[i].init_run)
+                locks.pop(i).release()
         # cells that start from another cell (DPC from its host's) run in a second wave, after all others
         waves = [[i for i in locks if cells[i].init_run is None], [i for i in locks if cells[i].init_run is not None]]
         level = logging.getLogger("training").getEffectiveLevel()  # DEBUG under -v (training.logs)
@@ -278,6 +298,18 @@ def _train_and_eval(cell: _Cell, progress: bool) -> dict[str, Any]:
     return eval_job(cell.run, progress=progress, test_per_class=cell.test_per_class, extra={"train_seconds": seconds})
 
 
+def _finished_metrics(cell: _Cell) -> dict[str, Any]:
+    """A finished cell's metrics, refused if they were evaluated on another test set (``test_per_class``)."""
+    metrics = json.loads((cell.run / METRICS_FILE).read_text())
+    if metrics.get("test_per_class") != cell.test_per_class:
+        def which(n: int | None) -> str:
+            return "every test image" if n is None else f"{n} test images per class"
+        raise RunError(f"{cell.run} was evaluated on {which(metrics.get('test_per_class'))}, this benchmark asks for "
+                       f"{which(cell.test_per_class)}: a table cannot mix them. Pass the same --test-per-class, "
+                       "or another --out")
+    return metrics
+
+
 def _row(run: Path, metrics: Mapping[str, Any]) -> dict[str, Any]:
     row = {k: metrics.get(k) for k in ROW_KEYS}
     epoch_seconds = _epoch_seconds(run)
@@ -294,8 +326,8 @@ class _LocalPool:
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn: a forked child would inherit torch's thread pools and locks from this process
-        self.pool = ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                        initargs=(threads, level))
+        self.pool = ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn"), initializer=_local_worker_init,
+                                        initargs=(threads, level, os.getpid()))
 
     def submit(self, cell: _Cell, label: str):
         return self.pool.submit(_worker_cell, cell, label)
@@ -347,51 +379,90 @@ def _worker_init(threads: int, level: int) -> None:
     configure_logging(level <= logging.DEBUG, "%(asctime)s %(levelname)s [pid %(process)d] %(name)s: %(message)s")
 
 
+def _local_worker_init(threads: int, level: int, parent: int) -> None:
+    """A local worker ends with the benchmark process that started it (Linux): the cell locks hold that
+    process's pid, so a worker left training after it died would share its cell with the next run."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the signal was armed
+            os._exit(1)
+    _worker_init(threads, level)
+
+
 def _worker_cell(cell: _Cell, label: str) -> dict[str, Any]:
     logger.info("%s", label)
     return _train_and_eval(cell, progress=False)
 
 
 class _CellLock:
-    """``RUN/.grid-lock`` holding the pid of the benchmark process that claimed the cell (from its start
-    until the cell is done); a dead pid's lock is stale."""
+    """``RUN/.grid-lock`` holding ``PID HOST`` of the benchmark process that claimed the cell (from its
+    start until the cell is done); the lock of a process of this host that is gone is stale. A lock
+    of another host, or one that cannot be read, counts as held: only its owner (or a person) can
+    tell it is stale.
+
+    Taking a lock is serialised across processes by an advisory lock on ``mutex`` (a file of the grid's
+    folder): two benchmarks sharing the folder never both take a cell, nor both clear its stale lock.
+    """
 
     NAME = ".grid-lock"
+    MUTEX = ".grid-lock.mutex"
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.held = True
 
     @classmethod
-    def take(cls, run: Path) -> "_CellLock | None":
+    def take(cls, run: Path, mutex: Path) -> "_CellLock | None":
         run.mkdir(parents=True, exist_ok=True)
         path = run / cls.NAME
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+        with _exclusive(mutex):
+            if path.exists():
                 if cls.claimed(run):
                     return None
-                path.unlink(missing_ok=True)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return cls(path)
-        return None
+                path.unlink()  # stale: its process is gone
+            # written whole, then renamed: a reader never sees an empty lock
+            tmp = run / f"{cls.NAME}.{os.getpid()}.tmp"
+            tmp.write_text(f"{os.getpid()} {socket.gethostname()}")
+            os.replace(tmp, path)
+        return cls(path)
 
     @classmethod
     def claimed(cls, run: Path) -> bool:
-        """Whether another live process holds the cell's lock."""
+        """Whether another process may hold the cell's lock (another host's, or an unreadable one, may)."""
         try:
-            pid = int((run / cls.NAME).read_text().strip() or 0)
-        except (OSError, ValueError):
+            fields = (run / cls.NAME).read_text().split()
+        except FileNotFoundError:
             return False
-        return bool(pid) and pid != os.getpid() and pid_alive(pid)
+        except OSError:
+            return True
+        if not fields or not fields[0].isdigit():
+            return True
+        pid, host = int(fields[0]), (fields[1] if len(fields) > 1 else socket.gethostname())
+        if host != socket.gethostname():
+            return True
+        return pid != os.getpid() and pid_alive(pid)
 
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """An exclusive advisory lock on ``path`` (created if missing) for the ``with`` block; released by
+    the kernel if the process dies inside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _check_cell(run: Path, recorded: RunInfo, wanted: RunInfo) -> None:

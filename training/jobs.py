@@ -355,7 +355,7 @@ def recorded_info(run: RunDir | str | Path) -> RunInfo:
 
 def describe_difference(recorded: RunInfo, wanted: RunInfo) -> str:
     """One line on how a recorded run differs from the wanted one: which fields, and their values."""
-    a, b = recorded.to_dict(), wanted.to_dict()
+    a, b = recorded.job(), wanted.job()
     parts = []
     for key in recorded.differences(wanted):
         if isinstance(a[key], dict) and isinstance(b.get(key), dict):
@@ -433,6 +433,7 @@ def eval_job(
         "novel_acc": results["novel"]["acc"],
         "hm": harmonic_mean(results["base"]["acc"], results["novel"]["acc"]),
         "n_test": {"base": results["base"]["n"], "novel": results["novel"]["n"]},
+        "test_per_class": test_per_class,  # None: every test image
         "per_class": {"base": results["base"]["per_class"], "novel": results["novel"]["per_class"]},
         **(extra or {}),
     }

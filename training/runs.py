@@ -136,13 +136,21 @@ class RunInfo:
         except TypeError as e:
             raise RunError(f"{source}: {e}") from e
 
+    def job(self) -> dict[str, Any]:
+        """What identifies the training job: ``to_dict`` without where the start run lay (its method and
+        the sha256 of its learned tensors identify it, so a moved or cloned results folder still matches)."""
+        data = self.to_dict()
+        if data.get("init_run"):
+            data["init_run"] = {k: v for k, v in data["init_run"].items() if k != "path"}
+        return data
+
     def same_job(self, other: "RunInfo") -> bool:
         """Whether two run.json describe the same training job (resume is only allowed then)."""
-        return self.to_dict() == other.to_dict()
+        return self.job() == other.job()
 
     def differences(self, other: "RunInfo") -> list[str]:
-        """The run.json fields in which two runs differ."""
-        a, b = self.to_dict(), other.to_dict()
+        """The run.json fields in which two runs' jobs differ."""
+        a, b = self.job(), other.job()
         return [k for k in a if a[k] != b.get(k)]
 
 
