@@ -425,9 +425,7 @@ class _CellLock:
                     return None
                 path.unlink()  # stale: its process is gone
             # written whole, then renamed: a reader never sees an empty lock
-            tmp = run / f"{cls.NAME}.{os.getpid()}.tmp"
-            tmp.write_text(f"{os.getpid()} {socket.gethostname()}")
-            os.replace(tmp, path)
+            atomic_write_bytes(path, f"{os.getpid()} {socket.gethostname()}".encode())
         return cls(path)
 
     @classmethod
