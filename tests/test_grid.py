@@ -5,6 +5,8 @@ import json
 import os
 
 from training.grid import run_grid
+from training.jobs import trained_on
+from training.runs import RunDir
 
 
 def test_grid_runs_every_cell_once_and_resumes(colour_root, tmp_path):
@@ -18,7 +20,13 @@ def test_grid_runs_every_cell_once_and_resumes(colour_root, tmp_path):
     for r in rows:
         assert 0 <= r["base_acc"] <= 100 and 0 <= r["novel_acc"] <= 100 and r["train_seconds"] >= 0
     metrics = tmp_path / "runs" / "coop" / ds.replace("/", "_").replace(":", "_") / "seed1" / "metrics.json"
-    assert json.loads(metrics.read_text())["n_test"] == {"base": 6, "novel": 6}  # 2 per class x 3 classes
+    recorded = json.loads(metrics.read_text())
+    assert recorded["n_test"] == {"base": 6, "novel": 6}  # 2 per class x 3 classes
+    # what "auto" resolved to, which run.json (the options as asked) cannot say
+    assert recorded["trained_on"] == ["cpu fp32"] and recorded["eval_device"] == "cpu"
+    assert json.loads((metrics.parent / "run.json").read_text())["train"]["device"] == "auto"
+    zeroshot = json.loads((tmp_path / "runs" / "zeroshot" / metrics.parent.parent.name / "seed1" / "metrics.json").read_text())
+    assert zeroshot["trained_on"] == []  # nothing trained
     log = [json.loads(line) for line in (metrics.parent / "train_log.jsonl").read_text().splitlines()]
     assert rows[2]["train_seconds"] == round(sum(r["seconds"] for r in log), 1)  # epochs' time, not wall time
     stamp = metrics.stat().st_mtime_ns
@@ -27,6 +35,17 @@ def test_grid_runs_every_cell_once_and_resumes(colour_root, tmp_path):
     assert again == rows and metrics.stat().st_mtime_ns == stamp
     table = (tmp_path / "results.md").read_text()
     assert "**average** | coop" in table and "± " in table
+
+
+def test_trained_on_lists_each_device_a_resumed_run_moved_across(tmp_path):
+    (tmp_path / "train_log.jsonl").write_text(
+        '{"epoch": 1, "device": "cuda:0", "precision": "amp"}\n'
+        '{"epoch": 2, "device": "cuda:0", "precision": "amp"}\n'
+        '{"epoch": 3}\n'  # a log line written before devices were recorded
+        '{"epoch": 4, "device": "cpu", "precision": "fp32"}\n'
+        '{"epoch": 5, "dev')  # torn by a kill
+    assert trained_on(RunDir(tmp_path)) == ["cuda:0 amp", "cpu fp32"]
+    assert trained_on(RunDir(tmp_path / "absent")) == []
 
 
 def test_grid_trains_visual_methods_without_the_feature_cache(colour_root, tmp_path):

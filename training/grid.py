@@ -35,7 +35,7 @@ from training.data import load_dataset, split_base_novel
 from training.jobs import describe_difference, eval_job, job_info, mean_std, recorded_info, train_job
 from training.methods import get_method
 from training.backbones import resolve_backbone_spec
-from training.runs import LOG_FILE, METRICS_FILE, RUN_FILE, RunError, RunInfo, atomic_write_bytes, atomic_write_json
+from training.runs import LOG_FILE, METRICS_FILE, RUN_FILE, RunDir, RunError, RunInfo, atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -480,10 +480,9 @@ def _check_cell(run: Path, recorded: RunInfo, wanted: RunInfo) -> None:
 
 def _epoch_seconds(run: Path) -> float | None:
     """Training time of a run: the sum of its epochs' times from the train log (None: no log)."""
-    log = run / LOG_FILE
-    if not log.is_file():
+    records = RunDir(run).log_records()
+    if not records and not (run / LOG_FILE).is_file():
         return None
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     return round(sum(r.get("seconds", 0.0) for r in records), 1)
 
 

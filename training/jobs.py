@@ -435,10 +435,20 @@ def eval_job(
         "n_test": {"base": results["base"]["n"], "novel": results["novel"]["n"]},
         "test_per_class": test_per_class,  # None: every test image
         "per_class": {"base": results["base"]["per_class"], "novel": results["novel"]["per_class"]},
+        "eval_device": str(dev),
+        "trained_on": trained_on(rd),
         **(extra or {}),
     }
     atomic_write_json(rd.file(METRICS_FILE), metrics)
     return metrics
+
+
+def trained_on(run: RunDir) -> list[str]:
+    """The devices and precisions a run's epochs ran on (``["cpu fp32"]``; more than one when a
+    resume moved it; [] for zero-shot or a log written before they were recorded), from its train log:
+    run.json keeps the options as asked (``device: auto``), not what they resolved to."""
+    seen = [f"{r['device']} {r['precision']}" for r in run.log_records() if "device" in r and "precision" in r]
+    return list(dict.fromkeys(seen))
 
 
 #: run.json fields in which the seeds of one job may differ

@@ -268,6 +268,8 @@ def train(
             "loss": tot_loss / max(tot_n, 1),
             "acc": 100.0 * tot_correct / n_scored if n_scored else None,  # None: the method reports no logits
             "seconds": round(time.perf_counter() - t0, 3),
+            "device": str(device),  # what the epoch ran on ("auto" in the config resolved)
+            "precision": "amp" if use_amp else "fp32",
         }
         acc = "" if record["acc"] is None else f" acc {record['acc']:.1f}%"
         logger.info("epoch %d/%d loss %.4f%s lr %.2e (%.1fs)", epoch + 1, cfg.epochs, record["loss"], acc, lr, record["seconds"])

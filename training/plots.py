@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from training.runs import LOG_FILE, RUN_FILE, RunError, atomic_write_bytes
+from training.runs import LOG_FILE, RUN_FILE, RunDir, RunError, atomic_write_bytes
 
 METRICS = (("base_acc", "base"), ("novel_acc", "novel"), ("hm", "HM"))
 BASELINE = "zeroshot"
@@ -46,13 +46,7 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / LOG_FILE
     if not path.is_file():
         raise RunError(f"{run_dir}: no {LOG_FILE} (not a training run, or not started)")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    records = [r for r in records if isinstance(r, dict) and "epoch" in r]
+    records = RunDir(run_dir).log_records()
     if not records:
         raise RunError(f"{path}: no finished epoch yet")
     return records

@@ -191,6 +191,21 @@ class RunDir:
         with open(self.file(LOG_FILE), "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
+    def log_records(self) -> list[dict[str, Any]]:
+        """The epoch records of the train log, in order ([] when there is none; a torn line is left out)."""
+        path = self.file(LOG_FILE)
+        if not path.is_file():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and "epoch" in record:
+                records.append(record)
+        return records
+
     def trim_log(self, epoch: int) -> int:
         """Keep the log's records of epochs 1..``epoch`` (a resumed run's checkpoint), once each:
         drops what a killed run logged past its last checkpoint and a line torn by the kill (the loop
