@@ -80,7 +80,10 @@ class RayCells:
     def shutdown(self, cancel_futures: bool = False, timeout_s: float = 60.0) -> None:
         """Stop; with ``cancel_futures`` the cells not finished are stopped first, and waited for, so
         the driver releases their claims only once nothing writes to them (their last finished
-        epoch's checkpoint stays for a resume)."""
+        epoch's checkpoint stays for a resume). ``force=True`` kills a task's worker process at once,
+        so the wait is for the kill to be seen; should one outlast ``timeout_s`` (an unreachable
+        node), disconnecting a Ray connection this engine opened ends the job, and Ray kills every
+        task of a job whose driver has gone, before the grid releases the locks."""
         if cancel_futures and self._refs:
             for ref in self._refs:
                 self._ray.cancel(ref, force=True)
