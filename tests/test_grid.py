@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 
-from training.grid import run_grid
+from training.grid import _epoch_seconds, run_grid
 from training.jobs import trained_on
+from training.loop import resolve_device
 from training.runs import RunDir
 
 
@@ -23,7 +24,9 @@ def test_grid_runs_every_cell_once_and_resumes(colour_root, tmp_path):
     recorded = json.loads(metrics.read_text())
     assert recorded["n_test"] == {"base": 6, "novel": 6}  # 2 per class x 3 classes
     # what "auto" resolved to, which run.json (the options as asked) cannot say
-    assert recorded["trained_on"] == ["cpu fp32"] and recorded["eval_device"] == "cpu"
+    device = resolve_device("auto")  # the grid trains and evaluates on "auto"
+    assert recorded["trained_on"] == [f"{device} {'amp' if device.type == 'cuda' else 'fp32'}"]
+    assert recorded["eval_device"] == str(device)
     assert json.loads((metrics.parent / "run.json").read_text())["train"]["device"] == "auto"
     zeroshot = json.loads((tmp_path / "runs" / "zeroshot" / metrics.parent.parent.name / "seed1" / "metrics.json").read_text())
     assert zeroshot["trained_on"] == []  # nothing trained
@@ -41,11 +44,19 @@ def test_trained_on_lists_each_device_a_resumed_run_moved_across(tmp_path):
     (tmp_path / "train_log.jsonl").write_text(
         '{"epoch": 1, "device": "cuda:0", "precision": "amp"}\n'
         '{"epoch": 2, "device": "cuda:0", "precision": "amp"}\n'
-        '{"epoch": 3}\n'  # a log line written before devices were recorded
-        '{"epoch": 4, "device": "cpu", "precision": "fp32"}\n'
-        '{"epoch": 5, "dev')  # torn by a kill
+        '[3]\n'  # not an epoch record
+        '{"epoch": 3, "device": "cpu", "precision": "fp32"}\n'
+        '{"epoch": 4, "dev')  # torn by a kill
     assert trained_on(RunDir(tmp_path)) == ["cuda:0 amp", "cpu fp32"]
     assert trained_on(RunDir(tmp_path / "absent")) == []
+    (tmp_path / "train_log.jsonl").write_text('{"epoch": 1, "seconds": 2.5}\n')  # logged before devices were
+    assert trained_on(RunDir(tmp_path)) is None  # unknown, not "nothing trained"
+
+
+def test_training_time_sums_the_logged_epochs_and_skips_a_torn_line(tmp_path):
+    assert _epoch_seconds(tmp_path) is None  # no log: the grid uses the set-up time (zero-shot)
+    (tmp_path / "train_log.jsonl").write_text('{"epoch": 1, "seconds": 2.5}\n{"epoch": 2, "seconds": 1.25}\n{"epo')
+    assert _epoch_seconds(tmp_path) == 3.8
 
 
 def test_grid_trains_visual_methods_without_the_feature_cache(colour_root, tmp_path):

@@ -480,10 +480,9 @@ def _check_cell(run: Path, recorded: RunInfo, wanted: RunInfo) -> None:
 
 def _epoch_seconds(run: Path) -> float | None:
     """Training time of a run: the sum of its epochs' times from the train log (None: no log)."""
-    records = RunDir(run).log_records()
-    if not records and not (run / LOG_FILE).is_file():
+    if not (run / LOG_FILE).is_file():
         return None
-    return round(sum(r.get("seconds", 0.0) for r in records), 1)
+    return round(sum(r.get("seconds", 0.0) for r in RunDir(run).log_records()), 1)
 
 
 def scaled_epochs(method: str, scale: float, options: Mapping[str, Any] | None = None, *,

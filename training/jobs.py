@@ -443,12 +443,15 @@ def eval_job(
     return metrics
 
 
-def trained_on(run: RunDir) -> list[str]:
-    """The devices and precisions a run's epochs ran on (``["cpu fp32"]``; more than one when a
-    resume moved it; [] for zero-shot or a log written before they were recorded), from its train log:
-    run.json keeps the options as asked (``device: auto``), not what they resolved to."""
-    seen = [f"{r['device']} {r['precision']}" for r in run.log_records() if "device" in r and "precision" in r]
-    return list(dict.fromkeys(seen))
+def trained_on(run: RunDir) -> list[str] | None:
+    """The devices and precisions a run's epochs ran on, from its train log (``["cpu fp32"]``; two
+    entries when a resume moved it; [] when no epoch was trained, as for zero-shot; None when an
+    epoch was logged before they were recorded: unknown). run.json keeps the options as asked
+    (``device: auto``), not what they resolved to."""
+    records = run.log_records()
+    if any("device" not in r or "precision" not in r for r in records):
+        return None
+    return list(dict.fromkeys(f"{r['device']} {r['precision']}" for r in records))
 
 
 #: run.json fields in which the seeds of one job may differ

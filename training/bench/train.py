@@ -42,6 +42,7 @@ def bench_train(method: str, backbone: str, dataset: str, *, epochs: int = 2, sh
     """One row per loop (see :data:`LOOPS`; plus the feature cache with ``cache_views`` > 0)."""
     from training.jobs import eval_job
     from training.methods import get_method
+    from training.runs import RunDir
 
     spec = get_method(method)
     if spec.method_cls.needs_init_run:
@@ -61,7 +62,7 @@ def bench_train(method: str, backbone: str, dataset: str, *, epochs: int = 2, sh
             rc, wall, peak, err = _run_child(argv, threads)
             if rc != 0:
                 raise RuntimeError(f"promptbake train ({label}) failed ({rc}): {err.strip().splitlines()[-1] if err.strip() else ''}")
-            log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+            log = RunDir(run).log_records()
             recorded = json.loads((run / "run.json").read_text())["train"]  # what the child trained with
             metrics = eval_job(run, progress=False, test_per_class=test_per_class)
             cache_seconds = sum(r.get("cache_seconds", 0.0) for r in log)

@@ -10,7 +10,6 @@ CoOp's 1,186 s and 3,204 MB on a GPU) is the motivating comparison.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -54,6 +53,7 @@ def bench_train_cost(methods: Sequence[str], backbone: str, dataset: str, *, epo
     Methods that start from another run (DPC) are not measured here (their cost includes the host's).
     """
     from training.methods import get_method
+    from training.runs import RunDir
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="promptbake-train-cost-") as tmp:
@@ -66,7 +66,7 @@ def bench_train_cost(methods: Sequence[str], backbone: str, dataset: str, *, epo
             rc, wall, peak, err = _run_child(argv, threads)
             if rc != 0:
                 raise RuntimeError(f"promptbake train --method {name} failed ({rc}): {err.strip().splitlines()[-1] if err.strip() else ''}")
-            log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+            log = RunDir(run).log_records()
             epoch_seconds = median(r["seconds"] for r in log)
             reference_epochs = int(spec.method_cls.train_defaults.get("epochs", 0))
             rows.append({"method": name, "epochs": len(log), "epoch_seconds": epoch_seconds,
